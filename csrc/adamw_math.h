@@ -1,0 +1,112 @@
+// The AdamW update rule, written once for host and device.
+//
+// The CPU kernel (csrc/cpu/) and the CUDA kernels (csrc/cuda/) both call these functions, so
+// the CPU tests exercise the very arithmetic the GPU runs. Everything here is plain scalar
+// fp32 code: the callers load and convert storage dtypes, and handle vectors and tails.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTOPT_HD __host__ __device__ __forceinline__
+#else
+#define FASTOPT_HD inline
+#endif
+
+namespace fastopt {
+
+FASTOPT_HD bool finite(float x) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(x);
+#else
+  return std::isfinite(x);
+#endif
+}
+
+// torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); kept so clipped steps match it.
+constexpr float kClipEps = 1e-6f;
+
+// Per-step constants of one tensor's update, computed once per tensor (CPU) or per block
+// (CUDA) rather than per element.
+struct AdamWCoeffs {
+  float decay;            // 1 - lr * weight_decay: decoupled weight decay
+  float one_minus_beta1;  // exp_avg moves this far toward the gradient
+  float beta2;
+  float one_minus_beta2;
+  float step_size;        // lr / (1 - beta1^step)
+  float bc2_sqrt;         // sqrt(1 - beta2^step)
+  float eps;
+  float grad_coef;        // unscale * clip * accumulation factor, negated for maximize
+};
+
+// The factor every stored gradient is multiplied by: grad_factor / grad_scale, times the
+// clip factor when clipping is on. grad_norm is the norm of the gradients as stored (still
+// scaled), so the true norm is grad_norm * coef. Null pointers mean "absent".
+FASTOPT_HD float grad_coefficient(const float* grad_scale, const float* grad_norm,
+                                  float max_grad_norm, float grad_factor) {
+  float coef = grad_factor;
+  if (grad_scale != nullptr) coef = coef / *grad_scale;
+  if (grad_norm != nullptr && max_grad_norm > 0.f) {
+    const float clip = max_grad_norm / (*grad_norm * coef + kClipEps);
+    if (clip < 1.f) coef = coef * clip;
+  }
+  return coef;
+}
+
+// Bias corrections in double, as torch computes them from a Python float: in fp32,
+// 1 - 0.999f^1 is off by 1.3e-5 relative because 0.999f itself is inexact.
+FASTOPT_HD AdamWCoeffs adamw_coeffs(double lr, double beta1, double beta2, double weight_decay,
+                                    double eps, double step, float grad_coef, bool maximize) {
+  AdamWCoeffs c;
+  c.decay = static_cast<float>(1.0 - lr * weight_decay);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
+  c.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
+  c.eps = static_cast<float>(eps);
+  // -(g * c) == g * (-c) exactly in IEEE arithmetic, so maximize costs nothing per element.
+  c.grad_coef = maximize ? -grad_coef : grad_coef;
+  return c;
+}
+
+// One element's update, in the order of torch.optim.AdamW's for-loop implementation so fp32
+// results agree with it to rounding. vmax is read and written only when kAmsgrad.
+template <bool kAmsgrad>
+FASTOPT_HD void adamw_math(float& p, float grad, float& m, float& v, float& vmax,
+                           const AdamWCoeffs& c) {
+  const float g = grad * c.grad_coef;
+  p = p * c.decay;
+  m = m + c.one_minus_beta1 * (g - m);  // torch's lerp(m, g, 1 - beta1) for weights < 0.5
+  v = v * c.beta2 + c.one_minus_beta2 * (g * g);
+  float second = v;
+  if (kAmsgrad) {
+    vmax = vmax > v ? vmax : v;
+    second = vmax;
+  }
+  const float denom = sqrtf(second) / c.bc2_sqrt + c.eps;
+  p = p - c.step_size * (m / denom);
+}
+
+// Dynamic loss-scale update: torch._amp_update_scale_'s rule. The scale never grows past the
+// fp32 range into inf.
+FASTOPT_HD void update_scale(float* scale, int32_t* growth_tracker, float found_inf,
+                             float growth_factor, float backoff_factor,
+                             int64_t growth_interval) {
+  if (found_inf != 0.f) {
+    *scale = *scale * backoff_factor;
+    *growth_tracker = 0;
+    return;
+  }
+  const int32_t successful = *growth_tracker + 1;
+  if (successful >= growth_interval) {
+    const float grown = *scale * growth_factor;
+    if (finite(grown)) *scale = grown;
+    *growth_tracker = 0;
+  } else {
+    *growth_tracker = successful;
+  }
+}
+
+}  // namespace fastopt

@@ -1,0 +1,194 @@
+// Multi-tensor global norm with a non-finite flag, fp32 gradient accumulation and the
+// loss-scale update, on the CPU.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <cmath>
+#include <limits>
+
+#include "../adamw_math.h"
+#include "cpu_common.h"
+
+namespace fastopt::cpu {
+namespace {
+
+// Independent partial sums per chunk: the compiler keeps them in one vector register, and the
+// fixed lane count makes the summation order independent of the instruction set.
+constexpr int kLanes = 16;
+
+enum class NormKind { kL2, kL1, kInf, kP };
+
+struct Partial {
+  double value;  // sum of |x|^p (or max |x| for the inf-norm) over the chunk
+  bool nonfinite;
+};
+
+template <NormKind kKind, typename T>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+Partial norm_chunk(const T* __restrict__ x, int64_t begin, int64_t end, float p) {
+  float acc[kLanes] = {};
+  float bad[kLanes] = {};  // > 0 where a lane saw inf or NaN
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = std::fabs(load(x, i + l));
+      bad[l] = (a <= FLT_MAX) ? bad[l] : 1.f;  // false for inf and for NaN
+      if constexpr (kKind == NormKind::kL2) acc[l] += a * a;
+      if constexpr (kKind == NormKind::kL1) acc[l] += a;
+      if constexpr (kKind == NormKind::kInf) acc[l] = a > acc[l] ? a : acc[l];
+      if constexpr (kKind == NormKind::kP) acc[l] += std::pow(a, p);
+    }
+  }
+  for (; i < end; ++i) {  // tail into lane 0
+    const float a = std::fabs(load(x, i));
+    bad[0] = (a <= FLT_MAX) ? bad[0] : 1.f;
+    if constexpr (kKind == NormKind::kL2) acc[0] += a * a;
+    if constexpr (kKind == NormKind::kL1) acc[0] += a;
+    if constexpr (kKind == NormKind::kInf) acc[0] = a > acc[0] ? a : acc[0];
+    if constexpr (kKind == NormKind::kP) acc[0] += std::pow(a, p);
+  }
+  Partial out{0.0, false};
+  for (int l = 0; l < kLanes; ++l) {
+    out.value = kKind == NormKind::kInf ? std::max(out.value, double(acc[l])) : out.value + acc[l];
+    out.nonfinite = out.nonfinite || bad[l] > 0.f;
+  }
+  return out;
+}
+
+template <NormKind kKind>
+Partial norm_chunk_any(const at::Tensor& t, const Chunk& ch, float p) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return norm_chunk<kKind>(t.const_data_ptr<float>(), ch.begin, ch.end, p);
+    case at::kBFloat16:
+      return norm_chunk<kKind>(t.const_data_ptr<c10::BFloat16>(), ch.begin, ch.end, p);
+    default: return norm_chunk<kKind>(t.const_data_ptr<c10::Half>(), ch.begin, ch.end, p);
+  }
+}
+
+void check_floating(at::TensorList list, const char* op, const char* name) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const auto& t = list[i];
+    const auto dt = t.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "fastopt.", op, ": ",
+                name, "[", i, "] must be float32, bfloat16 or float16, got ", dt);
+    TORCH_CHECK(t.device().is_cpu(), "fastopt.", op, ": ", name, "[", i, "] is on ", t.device(),
+                ", expected cpu");
+    TORCH_CHECK(t.is_contiguous(), "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
+                                                         double norm_type) {
+  check_floating(tensors, "multi_tensor_norm", "tensors");
+  TORCH_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
+              norm_type);
+  NormKind kind = NormKind::kP;
+  if (std::isinf(norm_type)) kind = NormKind::kInf;
+  else if (norm_type == 2.0) kind = NormKind::kL2;
+  else if (norm_type == 1.0) kind = NormKind::kL1;
+  const float p = static_cast<float>(norm_type);
+
+  const std::vector<Chunk> chunks = make_chunks(tensors);
+  std::vector<Partial> partials(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const auto& t = tensors[chunks[k].tensor];
+      switch (kind) {
+        case NormKind::kL2: partials[k] = norm_chunk_any<NormKind::kL2>(t, chunks[k], p); break;
+        case NormKind::kL1: partials[k] = norm_chunk_any<NormKind::kL1>(t, chunks[k], p); break;
+        case NormKind::kInf: partials[k] = norm_chunk_any<NormKind::kInf>(t, chunks[k], p); break;
+        case NormKind::kP: partials[k] = norm_chunk_any<NormKind::kP>(t, chunks[k], p); break;
+      }
+    }
+  });
+
+  // Combine in chunk order: the result does not depend on the thread count.
+  double total = 0.0;
+  bool nonfinite = false;
+  for (const auto& part : partials) {
+    total = kind == NormKind::kInf ? std::max(total, part.value) : total + part.value;
+    nonfinite = nonfinite || part.nonfinite;
+  }
+  double norm = total;
+  if (kind == NormKind::kL2) norm = std::sqrt(total);
+  if (kind == NormKind::kP) norm = std::pow(total, 1.0 / norm_type);
+  // A NaN never wins a max, so the inf-norm of data with NaN would come out finite: make it NaN
+  // as torch's does. For the other norms NaN and inf propagate through the sums by themselves.
+  if (kind == NormKind::kInf && nonfinite && !std::isinf(norm)) {
+    norm = std::numeric_limits<double>::quiet_NaN();
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto norm_t = at::empty({}, opts);
+  auto inf_t = at::empty({}, opts);
+  *norm_t.data_ptr<float>() = static_cast<float>(norm);
+  *inf_t.data_ptr<float>() = nonfinite ? 1.f : 0.f;
+  return {norm_t, inf_t};
+}
+
+template <typename G>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void accumulate_chunk(float* __restrict__ acc, const G* __restrict__ grad, int64_t begin,
+                      int64_t end, float alpha, bool overwrite) {
+  if (overwrite) {
+    for (int64_t i = begin; i < end; ++i) acc[i] = alpha * load(grad, i);
+  } else {
+    for (int64_t i = begin; i < end; ++i) acc[i] += alpha * load(grad, i);
+  }
+}
+
+void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha, bool overwrite) {
+  TORCH_CHECK(accs.size() == grads.size(), "fastopt.accumulate_: accs has ", accs.size(),
+              " tensors and grads ", grads.size());
+  check_floating(grads, "accumulate_", "grads");
+  for (size_t i = 0; i < accs.size(); ++i) {
+    TORCH_CHECK(accs[i].scalar_type() == at::kFloat && accs[i].device().is_cpu() &&
+                    accs[i].is_contiguous(),
+                "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 CPU tensor");
+    TORCH_CHECK(accs[i].numel() == grads[i].numel(), "fastopt.accumulate_: accs[", i, "] has ",
+                accs[i].numel(), " elements and grads[", i, "] ", grads[i].numel());
+  }
+  const std::vector<Chunk> chunks = make_chunks(accs);
+  const float a = static_cast<float>(alpha);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Chunk& ch = chunks[k];
+      float* acc = accs[ch.tensor].data_ptr<float>();
+      const auto& g = grads[ch.tensor];
+      switch (g.scalar_type()) {
+        case at::kFloat:
+          accumulate_chunk(acc, g.const_data_ptr<float>(), ch.begin, ch.end, a, overwrite);
+          break;
+        case at::kBFloat16:
+          accumulate_chunk(acc, g.const_data_ptr<c10::BFloat16>(), ch.begin, ch.end, a, overwrite);
+          break;
+        default:
+          accumulate_chunk(acc, g.const_data_ptr<c10::Half>(), ch.begin, ch.end, a, overwrite);
+      }
+    }
+  });
+}
+
+void update_scale_cpu(at::Tensor& scale, at::Tensor& growth_tracker, const at::Tensor& found_inf,
+                      double growth_factor, double backoff_factor, int64_t growth_interval) {
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat,
+              "fastopt.update_scale_: scale must be a one-element float32 tensor");
+  TORCH_CHECK(growth_tracker.numel() == 1 && growth_tracker.scalar_type() == at::kInt,
+              "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor");
+  TORCH_CHECK(found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat,
+              "fastopt.update_scale_: found_inf must be a one-element float32 tensor");
+  update_scale(scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(),
+               *found_inf.const_data_ptr<float>(), static_cast<float>(growth_factor),
+               static_cast<float>(backoff_factor), growth_interval);
+}
+
+}  // namespace
+}  // namespace fastopt::cpu
+
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("multi_tensor_norm", &fastopt::cpu::multi_tensor_norm_cpu);
+  m.impl("accumulate_", &fastopt::cpu::accumulate_cpu);
+  m.impl("update_scale_", &fastopt::cpu::update_scale_cpu);
+}

@@ -1,0 +1,33 @@
+// Schemas of every fastopt op, in one place. Implementations register per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) implementations live in fastopt/_ops.py so
+// torch.compile can trace around the ops.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastopt, m) {
+  // AdamW update of many tensors at once. grads may be the params' dtype or fp32. state_steps
+  // already hold this step's count. lr_tensor, when given, overrides lr (read on device).
+  m.def(
+      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, "
+      "float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, "
+      "bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+      "float max_grad_norm, float grad_factor) -> ()");
+  // Global norm of many tensors with fp32 accumulation in a fixed order, and a non-finite
+  // flag: returns (norm, found_inf), both fp32 0-dim.
+  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> (Tensor, Tensor)");
+  // acc = alpha * grad (overwrite) or acc += alpha * grad, fp32 accumulators.
+  m.def("accumulate_(Tensor(a!)[] accs, Tensor[] grads, float alpha, bool overwrite) -> ()");
+  // torch._amp_update_scale_'s rule.
+  m.def(
+      "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor found_inf, "
+      "float growth_factor, float backoff_factor, int growth_interval) -> ()");
+}
+
+// `import fastopt._C` loads this library (and so runs the registrations above). The module
+// itself is empty: every op is reached through torch.ops.fastopt.
+#include <Python.h>
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,70 @@
+"""Command line: ``python -m fastopt {info,bench,train,plot}`` (also the ``fastopt`` script)."""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+USAGE = """usage: python -m fastopt COMMAND [options]
+
+commands:
+  info    torch and CUDA versions, and which backends are available and why not
+  bench   time fastopt's AdamW against torch's for-loop, foreach and fused AdamW
+  train   run the trainer (the default job unless --config says otherwise)
+  plot    redraw the loss and learning-rate plots of a run directory
+"""
+
+
+def info() -> int:
+    import platform
+
+    import torch
+
+    import fastopt
+    from fastopt.backends import BACKENDS, availability
+
+    print(f"fastopt {fastopt.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"CUDA build {torch.version.cuda or 'none'}")  # fmt: skip
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()} (capability "
+              f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")  # fmt: skip
+    else:
+        print("GPU: none visible")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    print("\nbackend     device  available  why")
+    for device in ("cpu", "cuda"):
+        for name in BACKENDS:
+            ok, why = availability(name, device)
+            print(f"{name:<11} {device:<7} {'yes' if ok else 'no':<10} {why}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "info":
+        return info()
+    if command == "bench":
+        from fastopt.bench_cli import main as bench_main
+
+        return bench_main(rest)
+    if command in ("train", "plot"):
+        from fastopt.train.cli import main as train_main
+
+        return train_main([command, *rest])
+    print(f"fastopt: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Gradient accumulation into fp32 buffers, with the averaging folded into the optimizer step.
+
+    acc = fastopt.GradAccumulator(opt)
+    for micro_batch in micro_batches:
+        loss_fn(model(x), y).backward()
+        acc.accumulate()            # buffers += grads (fp32), .grad freed
+    opt.step()                      # uses the buffers, scaled by 1 / number of micro-batches
+    opt.zero_grad()
+
+Low-precision models (bf16/fp16 params) accumulate in fp32 instead of in their own dtype, and
+the 1/N (or 1/token-count) factor costs no pass of its own: it is part of the step's gradient
+coefficient.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from .backends import backend_ops, select_backend
+
+__all__ = ["GradAccumulator"]
+
+
+class GradAccumulator:
+    """Accumulates the gradients of ``optimizer``'s params in fp32 between optimizer steps.
+
+    ``accumulate(weight)`` after each backward adds ``weight * grad`` to the buffers and frees
+    ``.grad``. The next ``optimizer.step()`` (directly or through a loss scaler) uses the
+    buffers with the factor ``1 / normalizer``, where the normalizer is the sum of the weights
+    unless :meth:`set_normalizer` gave one (e.g. the number of tokens when each micro-batch's
+    loss is a sum), then resets. Needs a fastopt optimizer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, backend: str = "auto") -> None:
+        if not hasattr(optimizer, "_accumulator"):
+            raise TypeError(
+                f"GradAccumulator needs a fastopt optimizer, got {type(optimizer).__name__}; with "
+                "other optimizers let .grad accumulate and divide the loss by the micro-batch count"
+            )
+        if optimizer._accumulator is not None:
+            raise RuntimeError("this optimizer already has a GradAccumulator")
+        optimizer._accumulator = self
+        self.optimizer = optimizer
+        self.backend = backend
+        self._buffers: dict[Tensor, Tensor] = {}
+        self._fresh: set[Tensor] = set()  # params whose buffer holds this cycle's sum
+        self._weight_sum = 0.0
+        self._normalizer: float | None = None
+        self.count = 0  # micro-batches accumulated since the last step
+
+    @property
+    def pending(self) -> bool:
+        return self.count > 0
+
+    @torch.no_grad()
+    def accumulate(self, weight: float = 1.0) -> None:
+        """Adds ``weight * p.grad`` of every param with a gradient into its fp32 buffer."""
+        weight = float(weight)
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        first, rest = defaultdict(lambda: ([], [])), defaultdict(lambda: ([], []))
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GradAccumulator does not support sparse gradients")
+                buf = self._buffers.get(p)
+                if buf is None:
+                    buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    self._buffers[p] = buf
+                grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+                target = rest if p in self._fresh else first
+                target[p.device][0].append(buf)
+                target[p.device][1].append(grad.reshape(buf.shape))
+                self._fresh.add(p)
+                p.grad = None
+        for overwrite, lists in ((True, first), (False, rest)):
+            for device, (bufs, grads) in lists.items():
+                ops = backend_ops(select_backend(self.backend, device))
+                ops.accumulate_(bufs, grads, weight, overwrite)
+        self._weight_sum += weight
+        self.count += 1
+
+    def set_normalizer(self, value: float) -> None:
+        """Divide the accumulated sum by ``value`` instead of by the sum of the weights."""
+        value = float(value)
+        if not value > 0:
+            raise ValueError(f"normalizer must be positive, got {value}")
+        self._normalizer = value
+
+    def gradients(self) -> dict[Tensor, Tensor]:
+        """The accumulated (not yet normalised) gradient of each param that received one."""
+        return {p: self._buffers[p] for p in self._fresh}
+
+    def factor(self) -> float:
+        """The factor the step multiplies the accumulated gradients by."""
+        return 1.0 / (self._normalizer if self._normalizer is not None else self._weight_sum)
+
+    def reset(self) -> None:
+        """Forget this cycle's sums (the buffers are kept and overwritten next time)."""
+        self._fresh.clear()
+        self._weight_sum = 0.0
+        self._normalizer = None
+        self.count = 0

@@ -1,0 +1,254 @@
+"""fastopt.AdamW: a drop-in for torch.optim.AdamW whose step is one fused kernel per param
+group and dtype, with optional global-norm clipping and loss-scale handling folded in.
+
+A step with clipping or loss scaling reads the gradients twice in total: once for the global
+norm and non-finite check (:func:`multi_tensor_norm`), once in the update, which applies the
+unscale and clip factors in registers and never writes gradients back. Decisions (skip the
+step, clip or not) stay on the device as tensors, so a CUDA step never waits for the host.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .backends import BACKENDS, backend_ops, select_backend
+from .norm import global_norm
+
+__all__ = ["AdamW"]
+
+
+class AdamW(Optimizer):
+    """AdamW with decoupled weight decay; same signature, defaults, state and ``state_dict``
+    as :class:`torch.optim.AdamW`.
+
+    Keyword-only extras:
+        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``;
+            see :mod:`fastopt.backends`.
+        max_grad_norm: clip the global L2 norm of all gradients to this value inside the step
+            (gradients themselves are not modified). A step whose gradients hold inf or NaN is
+            then skipped on the device: params, moments and step counts stay as they were.
+
+    After each step, ``last_grad_norm`` holds the pre-clip, unscaled global gradient norm
+    (a 0-dim tensor, read without a sync) when it was computed, and ``last_found_inf`` a
+    0-dim tensor that is non-zero if the step was skipped (None when nothing was checked).
+
+    ``foreach`` and ``fused`` are accepted for compatibility and change nothing: every
+    backend fuses. ``capturable`` is accepted: on CUDA the step is always capturable (step
+    counts live on the device). ``differentiable=True`` is not supported.
+    """
+
+    # GradScaler (and fastopt.LossScaler) hand this optimizer grad_scale/found_inf instead of
+    # unscaling and checking the gradients in separate passes.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = tuple(float(b) if isinstance(b, Tensor) else b for b in betas)
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if differentiable:
+            raise ValueError(
+                "fastopt.AdamW does not support differentiable=True; use torch.optim.AdamW"
+            )
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"Invalid backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be positive or None)")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+        self.backend = backend
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Tensor | None = None
+        self.last_found_inf: Tensor | None = None
+        self._accumulator = None  # set by fastopt.GradAccumulator
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved by torch.optim.Adam or older versions
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch's non-fused AdamW keeps step counts on the CPU; ours live with the params so
+        # a CUDA step can skip and count without a host sync.
+        for param, state in self.state.items():
+            step = state.get("step")
+            if step is not None:
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
+
+    # ------------------------------------------------------------------------------------
+    def _collect(self, group: dict[str, Any], group_index: int, acc_grads: dict | None):
+        """The group's params with gradients, their gradients and state, initialising state."""
+        params, grads = [], []
+        for p in group["params"]:
+            grad = p.grad
+            if acc_grads is not None:
+                if grad is not None:
+                    raise RuntimeError(
+                        "fastopt.AdamW: a parameter has a .grad while a GradAccumulator holds "
+                        "accumulated gradients; call accumulate() after every backward()"
+                    )
+                grad = acc_grads.get(p)
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            params.append(p)
+            grads.append(grad)
+        if len({p.device for p in params}) > 1:
+            devices = sorted({str(p.device) for p in params})
+            raise ValueError(
+                f"fastopt.AdamW: param group {group_index} has params on several devices "
+                f"({', '.join(devices)}); put each group's params on one device"
+            )
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            elif group["amsgrad"] and "max_exp_avg_sq" not in state:
+                raise RuntimeError(
+                    "fastopt.AdamW: amsgrad was turned on after the first step; the state has "
+                    "no max_exp_avg_sq"
+                )
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs a single optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        acc = self._accumulator
+        acc_grads = acc.gradients() if acc is not None and acc.pending else None
+        grad_factor = acc.factor() if acc_grads is not None else 1.0
+
+        collected = [self._collect(g, i, acc_grads) for i, g in enumerate(self.param_groups)]
+        all_grads = [g for _, grads in collected for g in grads]
+
+        # One read of every gradient gives the global norm and the non-finite flag together.
+        # It runs only when needed: for clipping, or for the inf check a loss scaler did not
+        # already do. Plain AdamW stays a single pass over memory.
+        grad_norm = None
+        needs_check = grad_scale is not None and found_inf is None
+        if all_grads and (self.max_grad_norm is not None or needs_check):
+            grad_norm, nonfinite = global_norm(all_grads, 2.0, backend=self.backend)
+            found_inf = nonfinite if found_inf is None else found_inf + nonfinite.to(found_inf)
+            coef = grad_factor / grad_scale.to(grad_norm) if grad_scale is not None else grad_factor
+            self.last_grad_norm = grad_norm * coef
+        self.last_found_inf = found_inf
+
+        for group, (params, grads) in zip(self.param_groups, collected):
+            self._update_group(group, params, grads, grad_scale, found_inf, grad_norm, grad_factor)
+        if acc_grads is not None:
+            acc.reset()
+        return loss
+
+    def _update_group(self, group, params, grads, grad_scale, found_inf, grad_norm, grad_factor):
+        if not params:
+            return
+        device = params[0].device
+        ops = backend_ops(select_backend(self.backend, device))
+        beta1, beta2 = group["betas"]
+
+        # One kernel call per (param dtype, grad dtype): the kernels take uniform lists.
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            buckets[(p.dtype, g.dtype)].append(i)
+        for indices in buckets.values():
+            lists = _Lists(self.state, [params[i] for i in indices], [grads[i] for i in indices],
+                           group["amsgrad"])  # fmt: skip
+            if found_inf is None:
+                torch._foreach_add_(lists.steps, 1.0)
+            else:  # a skipped step is not counted, decided on the device
+                torch._foreach_add_(lists.steps, 1.0 - found_inf.to(device, torch.float32))
+            ops.adamw_step(
+                lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs,
+                lists.max_exp_avg_sqs, lists.steps,
+                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+                max_grad_norm=self.max_grad_norm or 0.0, grad_factor=grad_factor,
+            )  # fmt: skip
+            lists.write_back()
+
+
+class _Lists:
+    """Kernel-ready lists for one bucket: contiguous, real-valued views of params, grads and
+    state. Tensors that are not contiguous are updated through contiguous copies written back
+    afterwards, so any layout is updated correctly; the common case copies nothing."""
+
+    def __init__(self, state, params: list[Tensor], grads: list[Tensor], amsgrad: bool):
+        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
+        self.max_exp_avg_sqs, self.steps = [], []
+        self._copies: list[tuple[Tensor, Tensor]] = []
+        for p, g in zip(params, grads):
+            s = state[p]
+            self.params.append(self._kernel_view(p))
+            self.grads.append(self._kernel_view(g, write=False))
+            self.exp_avgs.append(self._kernel_view(s["exp_avg"]))
+            self.exp_avg_sqs.append(self._kernel_view(s["exp_avg_sq"]))
+            if amsgrad:
+                self.max_exp_avg_sqs.append(self._kernel_view(s["max_exp_avg_sq"]))
+            self.steps.append(s["step"])
+
+    def _kernel_view(self, t: Tensor, write: bool = True) -> Tensor:
+        if t.is_complex():  # complex params update as pairs of reals, as torch's AdamW does
+            t = torch.view_as_real(t)
+        if t.is_contiguous():
+            return t
+        copy = t.contiguous()
+        if write:
+            self._copies.append((t, copy))
+        return copy
+
+    def write_back(self) -> None:
+        for original, copy in self._copies:
+            original.copy_(copy)

@@ -1,0 +1,88 @@
+"""Global gradient norms: the multi-tensor norm kernel behind a device- and dtype-aware call,
+and the drop-in :func:`clip_grad_norm_`."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import backend_ops, select_backend
+
+__all__ = ["clip_grad_norm_", "global_norm"]
+
+
+def _kernel_supports(norm_type: float) -> bool:
+    return norm_type > 0  # 2, 1, other positive p and inf; 0 and -inf use torch's norm
+
+
+def global_norm(
+    tensors: list[Tensor], norm_type: float = 2.0, *, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """The ``norm_type``-norm of all ``tensors`` together, and a non-finite flag.
+
+    Returns fp32 0-dim tensors on the first tensor's device: the norm (accumulated in fp32
+    whatever the dtype) and 1.0 if any element is inf or NaN. No host sync.
+    """
+    if not tensors:
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, zero.clone()
+    buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        buckets[(t.device, t.dtype)].append(t if t.is_contiguous() else t.contiguous())
+    first = tensors[0].device
+    norms, flags = [], []
+    for (device, _), group in buckets.items():
+        ops = backend_ops(select_backend(backend, device))
+        if not _kernel_supports(norm_type):
+            ops = reference
+        norm, flag = ops.multi_tensor_norm(group, norm_type)
+        norms.append(norm.to(first, non_blocking=True))
+        flags.append(flag.to(first, non_blocking=True))
+    if len(norms) == 1:
+        return norms[0], flags[0]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return total, torch.stack(flags).amax()
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Drop-in for :func:`torch.nn.utils.clip_grad_norm_`: same arguments, result and errors.
+
+    The norm comes from fastopt's multi-tensor kernel with fp32 accumulation, so the returned
+    total norm is fp32 whatever the gradient dtype. ``foreach`` is accepted and ignored.
+    """
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    max_norm = float(max_norm)
+    norm_type = float(norm_type)
+    if len(grads) == 0:
+        return torch.tensor(0.0)
+    total_norm, _ = global_norm(grads, norm_type)
+    if error_if_nonfinite and not math.isfinite(total_norm.item()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+            "so it cannot be clipped. To disable this error and scale the gradients by the "
+            "non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+    clip_coef = max_norm / (total_norm + reference.CLIP_EPS)
+    clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
+    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for g in grads:
+        by_device[g.device].append(g)
+    for device, device_grads in by_device.items():
+        torch._foreach_mul_(device_grads, clip_coef_clamped.to(device))
+    return total_norm

@@ -1,0 +1,182 @@
+"""The reference backend: the fused-step ops written in plain PyTorch.
+
+This module is the oracle. Every other backend (the C++ CPU kernel, the CUDA kernels, the
+Triton kernels) implements exactly these four functions with exactly these signatures, and
+the tests step each one in lockstep against the functions here. It is also the fallback when
+no compiled backend is available, so it must stay correct on any device and dtype.
+
+The arithmetic contract every backend follows:
+
+* Math is fp32 whatever the storage dtype: params, gradients and moments are loaded, upcast
+  to fp32, updated, and rounded back to their own dtype once.
+* The gradient each update sees is ``g = grad * coef`` with one fp32 coefficient per step:
+  ``coef = grad_factor / grad_scale``, multiplied by the clip factor
+  ``min(1, max_grad_norm / (grad_norm * coef + 1e-6))`` when clipping is on
+  (:func:`grad_coefficient`). ``grad_norm`` is the norm of the gradients as stored, so the
+  unscaled norm is ``grad_norm * coef``; the ``1e-6`` is torch's ``clip_grad_norm_``'s.
+* ``found_inf`` non-zero means the whole update is skipped: params and moments are unchanged.
+  The caller advances ``state_steps`` (by ``1 - found_inf``) before the update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CLIP_EPS",
+    "accumulate_",
+    "adamw_step",
+    "grad_coefficient",
+    "multi_tensor_norm",
+    "update_scale_",
+]
+
+# torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6); we keep its constant so a
+# clipped step matches torch's unscale_ -> clip_grad_norm_ -> step recipe.
+CLIP_EPS = 1e-6
+
+
+def grad_coefficient(
+    grad_scale: Tensor | None,
+    grad_norm: Tensor | None,
+    max_grad_norm: float,
+    grad_factor: float,
+    device: torch.device,
+) -> Tensor:
+    """The fp32 factor every stored gradient is multiplied by before the update (0-dim)."""
+    coef = torch.full((), grad_factor, dtype=torch.float32, device=device)
+    if grad_scale is not None:
+        coef = coef / grad_scale.to(device=device, dtype=torch.float32)
+    if grad_norm is not None and max_grad_norm > 0:
+        clip = max_grad_norm / (grad_norm.to(device=device, dtype=torch.float32) * coef + CLIP_EPS)
+        coef = torch.where(clip < 1.0, coef * clip, coef)
+    return coef
+
+
+def _lr_value(lr: float | Tensor) -> float:
+    return lr.item() if isinstance(lr, Tensor) else float(lr)
+
+
+@torch.no_grad()
+def adamw_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    grad_norm: Tensor | None = None,
+    max_grad_norm: float = 0.0,
+    grad_factor: float = 1.0,
+) -> None:
+    """One AdamW update (decoupled weight decay) of every tensor in ``params``, in place.
+
+    ``grads`` may be the params' dtype or fp32 (accumulation buffers). ``state_steps`` hold
+    the step count *after* this step. ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
+    """
+    if not params:
+        return
+    device = params[0].device
+    coef = grad_coefficient(grad_scale, grad_norm, max_grad_norm, grad_factor, device)
+    skip = found_inf is not None and bool(found_inf.item() != 0)
+    if skip:
+        return
+    lr = _lr_value(lr)
+    for i, param in enumerate(params):
+        p = param.float()
+        g = grads[i].float() * coef
+        if maximize:
+            g = -g
+        m = exp_avgs[i].float()
+        v = exp_avg_sqs[i].float()
+        step = _lr_value(state_steps[i])
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+
+        p.mul_(1 - lr * weight_decay)  # decoupled weight decay
+        m.lerp_(g, 1 - beta1)  # m = beta1 * m + (1 - beta1) * g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 * v + (1 - beta2) * g^2
+        if amsgrad:
+            vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            max_exp_avg_sqs[i].copy_(vmax)
+            denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+        else:
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+        param.copy_(p)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+
+
+@torch.no_grad()
+def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    """The global ``norm_type``-norm of all ``tensors`` and a non-finite flag, in fp32.
+
+    Returns two fp32 0-dim tensors on the tensors' device: the norm, and 1.0 if any element is
+    inf or NaN (else 0.0). An empty list gives (0, 0) on the CPU.
+    """
+    if not tensors:
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, zero.clone()
+    device = tensors[0].device
+    flat = [t.detach().reshape(-1).float() for t in tensors]
+    norms = torch.stack([torch.linalg.vector_norm(t, norm_type) for t in flat])
+    total = torch.linalg.vector_norm(norms, norm_type)
+    nonfinite = torch.zeros((), dtype=torch.float32, device=device)
+    for t in flat:
+        nonfinite = torch.maximum(nonfinite, (~torch.isfinite(t)).any().float())
+    return total, nonfinite
+
+
+@torch.no_grad()
+def accumulate_(accs: list[Tensor], grads: list[Tensor], alpha: float, overwrite: bool) -> None:
+    """``acc = alpha * grad`` when ``overwrite`` (first micro-batch), else ``acc += alpha * grad``.
+
+    ``accs`` are fp32; ``grads`` any floating dtype, upcast before the multiply.
+    """
+    for acc, grad in zip(accs, grads, strict=True):
+        g = grad.float() * alpha
+        if overwrite:
+            acc.copy_(g)
+        else:
+            acc.add_(g)
+
+
+@torch.no_grad()
+def update_scale_(
+    scale: Tensor,
+    growth_tracker: Tensor,
+    found_inf: Tensor,
+    growth_factor: float,
+    backoff_factor: float,
+    growth_interval: int,
+) -> None:
+    """Dynamic loss-scale update, the rule of ``torch._amp_update_scale_``, in place.
+
+    On a non-finite step the scale backs off and the tracker resets; otherwise the tracker
+    counts up and the scale grows once it reaches ``growth_interval``. ``scale`` is fp32 and
+    ``growth_tracker`` int32, both 0-dim on the same device as ``found_inf``.
+    """
+    inf = found_inf.to(scale.device) != 0
+    grown = growth_tracker + 1 >= growth_interval
+    grown_scale = scale * growth_factor
+    # Like torch, never grow the scale past the fp32 range into inf.
+    grown_scale = torch.where(torch.isfinite(grown_scale), grown_scale, scale)
+    new_scale = torch.where(inf, scale * backoff_factor, torch.where(grown, grown_scale, scale))
+    new_tracker = torch.where(inf | grown, torch.zeros_like(growth_tracker), growth_tracker + 1)
+    scale.copy_(new_scale)
+    growth_tracker.copy_(new_tracker)

@@ -1,0 +1,88 @@
+"""Builds fastopt and its torch extension fastopt._C.
+
+The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/) are built when torch is a
+CUDA build and a CUDA toolkit is found; FASTOPT_CUDA=1 or 0 forces either way. torch's own
+TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured. Build against the torch already installed:
+    pip install --no-build-isolation -e .
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+
+from setuptools import setup
+
+# Architectures built when TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper machine code, and
+# PTX that newer GPUs compile at load time.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _find_cuda_home():
+    """The toolkit root, for when CUDA_HOME is unset.
+
+    torch guesses it from the nvcc on PATH, which is wrong when that nvcc is a wrapper script
+    outside the toolkit; nvcc itself reports its real root on a dry run (the TOP= line).
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+        return root
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True).stderr
+    except OSError:
+        return None
+    for line in out.splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.normpath(line.split("=", 1)[1].strip())
+    return None
+
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    found = _find_cuda_home()
+    if found:
+        os.environ["CUDA_HOME"] = found
+
+import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    forced = os.environ.get("FASTOPT_CUDA")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"FASTOPT_CUDA must be 0 or 1, got {forced!r}")
+        if forced == "1" and (torch.version.cuda is None or CUDA_HOME is None):
+            raise RuntimeError(
+                "FASTOPT_CUDA=1 but no CUDA build of torch or no CUDA toolkit was found "
+                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+            )
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    cuda = _want_cuda()
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # -fopenmp: at::parallel_for is inline and runs serially unless OpenMP is on here too.
+    # -fno-math-errno: lets GCC vectorise sqrtf in the AdamW loop.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+    if not cuda:
+        return CppExtension("fastopt._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=["-fopenmp"])
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
+    return CUDAExtension(
+        "fastopt._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

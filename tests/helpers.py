@@ -1,0 +1,34 @@
+"""Helpers shared by the test modules: which (backend, device) pairs to run, random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Every backend on every device it runs on. Nothing here is skipped for being unavailable on
+# the CPU: CI builds the extension and has Triton, so a missing backend there is a failure.
+_PAIRS = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
+          ("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]  # fmt: skip
+
+
+def backend_params(pairs=_PAIRS) -> list:
+    out = []
+    for name, device in pairs:
+        marks = []
+        if device == "cuda":
+            marks = [pytest.mark.gpu]
+            if not HAS_CUDA:
+                marks.append(pytest.mark.skip(reason="needs a CUDA GPU"))
+        out.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+    return out
+
+
+BACKENDS = backend_params()
+FAST_BACKENDS = backend_params([p for p in _PAIRS if p != ("reference", "cpu")])
+
+
+def randn(shape, *, dtype=torch.float32, device="cpu", gen: torch.Generator) -> torch.Tensor:
+    """Random normal data (never zeros: zeros hide unwritten outputs)."""
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)

@@ -1,0 +1,199 @@
+"""fastopt.AdamW against torch.optim.AdamW(foreach=False), stepped in lockstep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import BACKENDS, FAST_BACKENDS, randn
+
+import fastopt
+
+# A mix with the awkward cases every backend must handle: 0-dim, empty, prime lengths.
+SHAPES = [(), (0,), (7,), (31, 17), (257,), (3, 5, 7)]
+STEPS = 25
+
+CONFIGS = {
+    "default": dict(),
+    "amsgrad": dict(amsgrad=True),
+    "maximize": dict(maximize=True),
+    "no-weight-decay": dict(weight_decay=0.0),
+    "tensor-lr": dict(lr=torch.tensor(3e-3)),
+    "betas-eps": dict(betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
+}
+
+
+def make_params(shapes, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(randn(s, dtype=dtype, device=device, gen=gen)) for s in shapes]
+
+
+def clone(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def set_grads(param_lists, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    for ps in zip(*param_lists):
+        g = torch.randn(ps[0].shape, generator=gen) * scale
+        for p in ps:
+            p.grad = g.to(device=p.device, dtype=p.dtype)
+
+
+def assert_same_state(ours, theirs, params_ours, params_theirs, rtol=1e-5, atol=1e-6):
+    for po, pt in zip(params_ours, params_theirs):
+        torch.testing.assert_close(po.detach().cpu(), pt.detach().cpu(), rtol=rtol, atol=atol)
+        so, st = ours.state[po], theirs.state[pt]
+        assert set(so) == set(st)
+        for key in st:
+            a, b = so[key], st[key]
+            if key == "step":
+                assert float(a) == float(b)
+            else:
+                torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_lockstep_fp32(backend, device, config):
+    hyper = CONFIGS[config]
+    theirs_p = make_params(SHAPES, device)
+    ours_p = clone(theirs_p)
+    theirs = torch.optim.AdamW(theirs_p, foreach=False, **hyper)
+    ours = fastopt.AdamW(ours_p, backend=backend, **hyper)
+    for step in range(STEPS):
+        set_grads([theirs_p, ours_p], seed=step)
+        theirs.step()
+        ours.step()
+    assert_same_state(ours, theirs, ours_p, theirs_p)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_several_param_groups(backend, device):
+    def groups(ps):
+        return [{"params": ps[:3], "lr": 1e-2, "weight_decay": 0.0},
+                {"params": ps[3:], "lr": 2e-3, "amsgrad": True}]  # fmt: skip
+
+    theirs_p = make_params(SHAPES, device)
+    ours_p = clone(theirs_p)
+    theirs = torch.optim.AdamW(groups(theirs_p), foreach=False)
+    ours = fastopt.AdamW(groups(ours_p), backend=backend)
+    for step in range(10):
+        set_grads([theirs_p, ours_p], seed=step)
+        theirs.step()
+        ours.step()
+    assert_same_state(ours, theirs, ours_p, theirs_p)
+
+
+def _error(params, ref):
+    num = sum(float((p.detach().double() - r).norm() ** 2) for p, r in zip(params, ref))
+    den = sum(float(r.norm() ** 2) for r in ref)
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_low_precision_error_within_twice_torch(backend, device, dtype):
+    """bf16/fp16 params: our error against a float64 AdamW at most twice torch's own."""
+    shapes = [(33, 65), (101,), ()]
+    base = make_params(shapes, device, dtype=dtype, seed=3)
+    exact_p = [torch.nn.Parameter(p.detach().double()) for p in base]
+    torch_p, ours_p = clone(base), clone(base)
+    exact = torch.optim.AdamW(exact_p, lr=1e-2, foreach=False)
+    theirs = torch.optim.AdamW(torch_p, lr=1e-2, foreach=False)
+    ours = fastopt.AdamW(ours_p, lr=1e-2, backend=backend)
+    for step in range(20):
+        set_grads([exact_p, torch_p, ours_p], seed=100 + step)
+        for opt in (exact, theirs, ours):
+            opt.step()
+    ref = [p.detach() for p in exact_p]
+    err_ours, err_torch = _error(ours_p, ref), _error(torch_p, ref)
+    assert err_torch > 0
+    assert err_ours <= 2 * err_torch, (err_ours, err_torch)
+    assert all(ours.state[p]["exp_avg"].dtype == dtype for p in ours_p)  # torch's state layout
+
+
+HOSTILE = {
+    "0-dim": [()],
+    "empty": [(0,), (0, 4)],
+    "prime": [(65521,), (7919,)],
+    "chunk-1": [(65535,)],
+    "chunk": [(65536,)],
+    "chunk+1": [(65537,)],
+    "tiny-beside-large": [(1,), (2,), (3,)] * 100 + [(70001,)],
+}
+
+
+@pytest.mark.parametrize("sizes", list(HOSTILE))
+@pytest.mark.parametrize("backend,device", FAST_BACKENDS)
+def test_hostile_sizes(backend, device, sizes):
+    shapes = HOSTILE[sizes]
+    theirs_p = make_params(shapes, device, seed=5)
+    ours_p = clone(theirs_p)
+    theirs = torch.optim.AdamW(theirs_p, foreach=False, amsgrad=True)
+    ours = fastopt.AdamW(ours_p, backend=backend, amsgrad=True)
+    for step in range(3):
+        set_grads([theirs_p, ours_p], seed=step)
+        theirs.step()
+        ours.step()
+    assert_same_state(ours, theirs, ours_p, theirs_p)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_params(backend, device):
+    gen = torch.Generator().manual_seed(9)
+
+    def layouts():
+        base = randn((12, 20), device=device, gen=gen)
+        return [base.t(), base[:, ::3], randn((4, 6, 2), device=device, gen=gen).permute(2, 0, 1)]
+
+    data = layouts()
+    theirs_p = [torch.nn.Parameter(t.clone()) for t in data]  # clone keeps the strides
+    ours_p = [torch.nn.Parameter(t.clone()) for t in data]
+    assert not all(p.is_contiguous() for p in ours_p)
+    theirs = torch.optim.AdamW(theirs_p, foreach=False)
+    ours = fastopt.AdamW(ours_p, backend=backend)
+    for step in range(5):
+        set_grads([theirs_p, ours_p], seed=step)
+        theirs.step()
+        ours.step()
+    assert_same_state(ours, theirs, ours_p, theirs_p)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_params_without_grads_are_untouched(backend, device):
+    params = make_params([(5,), (6,)], device)
+    before = params[1].detach().clone()
+    opt = fastopt.AdamW(params, backend=backend)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert torch.equal(params[1].detach(), before)
+    assert params[1] not in opt.state
+    assert float(opt.state[params[0]]["step"]) == 1.0
+
+
+def test_complex_params_match_torch():
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randn(8, dtype=torch.complex64, generator=gen)
+    theirs_p, ours_p = [torch.nn.Parameter(data.clone())], [torch.nn.Parameter(data.clone())]
+    theirs, ours = torch.optim.AdamW(theirs_p, foreach=False), fastopt.AdamW(ours_p)
+    for step in range(5):
+        g = torch.randn(8, dtype=torch.complex64, generator=gen)
+        theirs_p[0].grad, ours_p[0].grad = g.clone(), g.clone()
+        theirs.step()
+        ours.step()
+    torch.testing.assert_close(ours_p[0].detach(), theirs_p[0].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_closure_is_called_with_grad_enabled():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = fastopt.AdamW([p])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert float(loss.detach()) == 5.0
+    assert float(opt.state[p]["step"]) == 1.0
