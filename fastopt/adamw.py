@@ -99,7 +99,15 @@ class AdamW(Optimizer):
         self.last_found_inf: Tensor | None = None
         self._accumulator = None  # set by fastopt.GradAccumulator
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(backend=self.backend, max_grad_norm=self.max_grad_norm)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.backend = state.pop("backend", "auto")
+        self.max_grad_norm = state.pop("max_grad_norm", None)
+        self.last_grad_norm = self.last_found_inf = self._accumulator = None
         super().__setstate__(state)
         for group in self.param_groups:  # groups saved by torch.optim.Adam or older versions
             for key, value in self.defaults.items():

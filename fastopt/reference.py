@@ -133,7 +133,11 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, 
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.clone()
     device = tensors[0].device
-    flat = [t.detach().reshape(-1).float() for t in tensors]
+    # Empty tensors contribute nothing (and the inf-norm of an empty tensor is undefined).
+    flat = [t.detach().reshape(-1).float() for t in tensors if t.numel() > 0]
+    if not flat:
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return zero, zero.clone()
     norms = torch.stack([torch.linalg.vector_norm(t, norm_type) for t in flat])
     total = torch.linalg.vector_norm(norms, norm_type)
     nonfinite = torch.zeros((), dtype=torch.float32, device=device)

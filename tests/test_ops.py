@@ -1,0 +1,62 @@
+"""The registered ops: schemas, fake implementations and mutation annotations (opcheck)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastopt  # noqa: F401  (loads fastopt._C)
+from fastopt import _ext
+
+
+def test_extension_is_built_and_loaded():
+    assert _ext.load(), _ext.extension_error()
+    for op in ("adamw_", "multi_tensor_norm", "accumulate_", "update_scale_"):
+        assert _ext.has_kernel(op, "CPU"), op
+
+
+def _adamw_args(amsgrad, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5,), (3, 4)]
+    mk = lambda: [torch.randn(s, generator=gen).to(dtype) for s in shapes]  # noqa: E731
+    return (mk(), mk(), mk(), [t.abs() for t in mk()], [t.abs() for t in mk()] if amsgrad else [],
+            [torch.tensor(3.0) for _ in shapes], 1e-3, None, 0.9, 0.999, 0.01, 1e-8, amsgrad,
+            False, torch.tensor(4.0), torch.tensor(0.0), torch.tensor(2.0), 1.0, 0.5)  # fmt: skip
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_opcheck_adamw(amsgrad):
+    torch.library.opcheck(torch.ops.fastopt.adamw_.default, _adamw_args(amsgrad))
+
+
+def test_opcheck_multi_tensor_norm():
+    ts = [torch.randn(7), torch.randn(2, 3).bfloat16()]
+    torch.library.opcheck(torch.ops.fastopt.multi_tensor_norm.default, (ts, 2.0))
+
+
+def test_opcheck_accumulate():
+    args = ([torch.randn(4), torch.randn(3)], [torch.randn(4).half(), torch.randn(3).half()], 0.5,
+            False)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastopt.accumulate_.default, args)
+
+
+def test_opcheck_update_scale():
+    args = (torch.tensor(8.0), torch.tensor(1, dtype=torch.int32), torch.tensor(0.0), 2.0, 0.5, 2)
+    torch.library.opcheck(torch.ops.fastopt.update_scale_.default, args)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a[1].__setitem__(0, a[1][0][:3]), "differ in size"),
+        (lambda a: a[2].pop(), "exp_avgs has 1 tensors, expected 2"),
+        (lambda a: a.__setitem__(0, [t.double() for t in a[0]]), "params must be"),
+        (lambda a: a.__setitem__(14, torch.ones(2)), "grad_scale must be a one-element"),
+    ],
+    ids=["size", "count", "dtype", "grad_scale"],
+)
+def test_bad_op_input_names_the_argument(mutate, match):
+    args = list(_adamw_args(False))
+    mutate(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastopt.adamw_(*args)
