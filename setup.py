@@ -31,7 +31,8 @@ def _find_cuda_home():
     if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
         return root
     try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True).stderr
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                             capture_output=True, text=True).stderr
     except OSError:
         return None
     for line in out.splitlines():
