@@ -69,7 +69,9 @@ def _extension():
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fopenmp: at::parallel_for is inline and runs serially unless OpenMP is on here too.
     # -fno-math-errno: lets GCC vectorise sqrtf in the AdamW loop.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+    # -ffp-contract=off: GCC fused multiply-adds differently in the vector body and the scalar
+    # peel/tail of one loop, so an element's result depended on its address's alignment.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     if not cuda:
         return CppExtension("fastopt._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"])

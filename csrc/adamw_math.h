@@ -35,7 +35,7 @@ struct AdamWCoeffs {
   float beta2;
   float one_minus_beta2;
   float step_size;        // lr / (1 - beta1^step)
-  float bc2_sqrt;         // sqrt(1 - beta2^step)
+  float inv_bc2_sqrt;     // 1 / sqrt(1 - beta2^step)
   float eps;
   float grad_coef;        // unscale * clip * accumulation factor, negated for maximize
 };
@@ -64,7 +64,7 @@ FASTOPT_HD AdamWCoeffs adamw_coeffs(double lr, double beta1, double beta2, doubl
   c.beta2 = static_cast<float>(beta2);
   c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
-  c.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
+  c.inv_bc2_sqrt = static_cast<float>(1.0 / sqrt(1.0 - pow(beta2, step)));
   c.eps = static_cast<float>(eps);
   // -(g * c) == g * (-c) exactly in IEEE arithmetic, so maximize costs nothing per element.
   c.grad_coef = maximize ? -grad_coef : grad_coef;
@@ -85,7 +85,9 @@ FASTOPT_HD void adamw_math(float& p, float grad, float& m, float& v, float& vmax
     vmax = vmax > v ? vmax : v;
     second = vmax;
   }
-  const float denom = sqrtf(second) / c.bc2_sqrt + c.eps;
+  // A multiply by the reciprocal instead of torch's division: one division per element
+  // instead of two (1 ulp apart), which took the CPU kernel from compute-bound to par.
+  const float denom = sqrtf(second) * c.inv_bc2_sqrt + c.eps;
   p = p - c.step_size * (m / denom);
 }
 

@@ -105,9 +105,12 @@ class AdamW(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.backend = state.pop("backend", "auto")
-        self.max_grad_norm = state.pop("max_grad_norm", None)
-        self.last_grad_norm = self.last_found_inf = self._accumulator = None
+        # Called by unpickling (all keys present) and by Optimizer.load_state_dict (only state
+        # and param_groups): keep this instance's settings when the state does not carry them.
+        self.backend = state.pop("backend", getattr(self, "backend", "auto"))
+        self.max_grad_norm = state.pop("max_grad_norm", getattr(self, "max_grad_norm", None))
+        for attr in ("last_grad_norm", "last_found_inf", "_accumulator"):
+            setattr(self, attr, getattr(self, attr, None))
         super().__setstate__(state)
         for group in self.param_groups:  # groups saved by torch.optim.Adam or older versions
             for key, value in self.defaults.items():

@@ -1,0 +1,69 @@
+"""``python -m fastopt bench``: fastopt against torch's AdamW implementations, one table."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from . import benchmark as B
+
+__all__ = ["main"]
+
+
+def _table(title: str, rows: list[dict], baseline: str) -> str:
+    lines = [f"\n{title}", f"{'implementation':<30}{'ms/step':>10}{'B/param':>9}{'GB/s':>9}"
+             f"{'vs ' + baseline:>24}"]  # fmt: skip
+    for r in rows:
+        lines.append(f"{r['name']:<30}{r['ms']:>10.2f}{r['bytes_per_param']:>9}{r['gbps']:>9.1f}"
+                     f"{r['speedup']:>23.2f}x")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastopt bench", description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--params", type=float, default=None,
+                        help="parameter count (default 30e6 on CPU, 1e9 on GPU)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    parser.add_argument("--suite", choices=["adamw", "pipeline", "all"], default="all")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is visible")
+    n_target = args.params or (1e9 if device == "cuda" else 30e6)
+    repeats = args.repeats or (20 if device == "cuda" else 15)
+
+    shapes = B.transformer_shapes(n_target)
+    params, grads = B.make_params(shapes, device)
+    n = sum(p.numel() for p in params)
+    where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
+    print(f"{n / 1e6:.1f}M fp32 params in {len(shapes)} tensors on {device} ({where}); "
+          f"torch {torch.__version__}, {repeats} repeats, medians")  # fmt: skip
+
+    if args.suite in ("adamw", "all"):
+        for p, g in zip(params, grads):
+            p.grad = g
+        steps = {name: make(params).step for name, make in B.adamw_cases(device).items()}
+        times = B.time_interleaved(steps, device, repeats)
+        rows = B.summarize(times, n, B.BYTES_PER_PARAM, "torch fused")
+        print(_table("AdamW step (28 B/param)", rows, "torch fused"))
+        del steps
+
+    if args.suite in ("pipeline", "all"):
+        scale = 2.0**16
+        scaled = [g * scale for g in grads]
+
+        def restore():  # the torch pipeline unscales and clips the gradients in place
+            for p, g in zip(params, scaled):
+                p.grad.copy_(g)
+
+        for p, g in zip(params, scaled):
+            p.grad = g.clone()
+        steps = {name: make(params) for name, make in B.pipeline_cases(device).items()}
+        times = B.time_interleaved(steps, device, repeats, before_each=restore)
+        rows = B.summarize(times, n, B.PIPELINE_BYTES, "torch unfused (fused AdamW)")
+        print(_table("Mixed-precision step with clipping: unscale, norm, clip, AdamW",
+                     rows, "torch unfused (fused AdamW)"))  # fmt: skip
+    return 0

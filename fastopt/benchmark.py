@@ -1,0 +1,166 @@
+"""Benchmark cases and timing shared by ``python -m fastopt bench`` and bench/.
+
+Speeds are compared side by side in one process: every repeat times each implementation once,
+in turn, so drift in clocks or load hits all of them alike; we report medians and ratios of
+medians. GPU times come from CUDA events, CPU times from perf_counter around a single step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .backends import availability
+
+__all__ = [
+    "BYTES_PER_PARAM",
+    "PIPELINE_BYTES",
+    "adamw_cases",
+    "make_params",
+    "pipeline_cases",
+    "time_interleaved",
+    "transformer_shapes",
+]
+
+# AdamW on fp32 params moves 28 bytes per parameter: reads param, grad, exp_avg, exp_avg_sq
+# (16 B) and writes param, exp_avg, exp_avg_sq (12 B).
+BYTES_PER_PARAM = 28
+# Mixed-precision step with clipping, fp32 gradients, bytes per parameter. torch: unscale_
+# reads and writes the grads (8), clip_grad_norm_ reads them (4) then scales them in place (8),
+# AdamW moves 28: 48. fastopt: one read for the norm and inf check (4) and the update (28): 32.
+PIPELINE_BYTES = {"torch": 48, "fastopt": 32}
+
+
+def transformer_shapes(target_params: float) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-style model near ``target_params``: a few large matrices and
+    many small vectors (biases, layer norms), as real models have."""
+    # GPT-like proportions: about d/64 layers of width d, d a multiple of 128.
+    d = max(128, round((target_params * 64 / 12) ** (1 / 3) / 128) * 128)
+    vocab = 8 * d
+    per_layer = 12 * d * d + 13 * d
+    layers = max(1, round((target_params - vocab * d) / per_layer))
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,),  # attention + its norm
+                   (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]  # MLP + its norm
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+def make_params(shapes, device, dtype=torch.float32, seed=0) -> tuple[list[Tensor], list[Tensor]]:
+    """Params and fixed gradients (random, never zeros) for the shapes."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype, generator=gen))
+              for s in shapes]  # fmt: skip
+    grads = [torch.randn(s, device=device, dtype=dtype, generator=gen) * 1e-2 for s in shapes]
+    return params, grads
+
+
+def _fastopt_backends(device: str) -> list[str]:
+    names = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    return [n for n in names if availability(n, device)[0]]
+
+
+def adamw_cases(device: str) -> dict[str, Callable]:
+    """name -> factory(params) -> optimizer, for the AdamW step alone."""
+    from . import AdamW
+
+    cases: dict[str, Callable] = {
+        "torch for-loop": lambda ps: torch.optim.AdamW(ps, foreach=False),
+        "torch foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
+        "torch fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+    }
+    for name in _fastopt_backends(device):
+        cases[f"fastopt {name}"] = lambda ps, name=name: AdamW(ps, backend=name)
+    return cases
+
+
+def pipeline_cases(device: str, max_norm: float = 1.0) -> dict[str, Callable]:
+    """name -> factory(params) -> step function doing a whole mixed-precision step with
+    clipping on gradients already scaled by the loss scale (2**16)."""
+    from . import AdamW, LossScaler
+
+    def torch_pipeline(ps, fused):
+        opt = torch.optim.AdamW(ps, fused=fused, foreach=None if fused else True)
+        scaler = torch.amp.GradScaler(device)
+        scaler.scale(torch.ones((), device=device))  # initialises the scale on the device
+
+        def step():
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True)
+            scaler.step(opt)
+            scaler.update()
+
+        return step
+
+    def fastopt_pipeline(ps, backend):
+        opt = AdamW(ps, backend=backend, max_grad_norm=max_norm)
+        scaler = LossScaler(backend=backend)
+        scaler.scale(torch.ones((), device=device))
+
+        def step():
+            scaler.step(opt)
+            scaler.update()
+
+        return step
+
+    cases: dict[str, Callable] = {
+        "torch unfused (foreach)": lambda ps: torch_pipeline(ps, fused=False),
+        "torch unfused (fused AdamW)": lambda ps: torch_pipeline(ps, fused=True),
+    }
+    for name in _fastopt_backends(device):
+        cases[f"fastopt {name}"] = lambda ps, name=name: fastopt_pipeline(ps, name)
+    return cases
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]],
+    device: str,
+    repeats: int,
+    warmup: int = 2,
+    before_each: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds of each step function, repeat by repeat, interleaved.
+
+    ``before_each`` (untimed) restores inputs a step consumes, e.g. gradients unscaled in place.
+    """
+    cuda = torch.device(device).type == "cuda"
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(warmup + repeats):
+        for name, step in steps.items():
+            if before_each is not None:
+                before_each()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                step()
+                elapsed = (time.perf_counter() - t0) * 1e3
+            if rep >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def summarize(times: dict[str, list[float]], n_params: int, bytes_per_param: dict[str, int] | int,
+              baseline: str) -> list[dict]:  # fmt: skip
+    """Rows of name, median ms, GB/s at the given bytes per parameter, and speed-up over
+    ``baseline`` (a ratio of medians from the same run)."""
+    base = statistics.median(times[baseline])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        bpp = bytes_per_param if isinstance(bytes_per_param, int) else (
+            bytes_per_param["fastopt" if name.startswith("fastopt") else "torch"])  # fmt: skip
+        rows.append({"name": name, "ms": med, "min_ms": min(ts), "bytes_per_param": bpp,
+                     "gbps": n_params * bpp / med / 1e6, "speedup": base / med})  # fmt: skip
+    return rows
