@@ -14,10 +14,10 @@ __all__ = ["main"]
 
 def _table(title: str, rows: list[dict], baseline: str) -> str:
     lines = [f"\n{title}", f"{'implementation':<30}{'ms/step':>10}{'B/param':>9}{'GB/s':>9}"
-             f"{'vs ' + baseline:>24}"]  # fmt: skip
+             f"  speed-up vs {baseline}"]  # fmt: skip
     for r in rows:
         lines.append(f"{r['name']:<30}{r['ms']:>10.2f}{r['bytes_per_param']:>9}{r['gbps']:>9.1f}"
-                     f"{r['speedup']:>23.2f}x")  # fmt: skip
+                     f"  {r['speedup']:.2f}x")  # fmt: skip
     return "\n".join(lines)
 
 
