@@ -1,0 +1,110 @@
+"""GPU-only checks: CUDA-graph capture of a whole step, tensors past 2**31 elements, and the
+CUDA and Triton backends being really there on a GPU machine. Skipped without a CUDA GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastopt
+from fastopt import reference
+from fastopt.backends import availability
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_backend_available_on_gpu(backend):
+    ok, why = availability(backend, "cuda")
+    assert ok, why
+
+
+def _grads(step, shapes):
+    gen = torch.Generator().manual_seed(step)
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    if step == 4:
+        grads[1].view(-1)[-1] = float("inf")
+    return [g.cuda() for g in grads]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_captures_a_whole_step(backend):
+    """Norm, skip decision, clipped update and scale update, replayed from one graph, match
+    the same steps run eagerly."""
+    shapes = [(300, 17), (5,), (), (65537,)]
+    torch.manual_seed(0)
+    init = [torch.randn(s) for s in shapes]
+
+    def make():
+        ps = [torch.nn.Parameter(t.clone().cuda()) for t in init]
+        opt = fastopt.AdamW(ps, lr=1e-2, backend=backend, max_grad_norm=1.0)
+        scaler = fastopt.LossScaler(init_scale=2.0**8, growth_interval=2, backend=backend)
+        return ps, opt, scaler
+
+    one = torch.ones((), device="cuda")
+    ps_e, opt_e, scaler_e = make()
+    for step in range(8):
+        s = scaler_e.scale(one)
+        for p, g in zip(ps_e, _grads(step, shapes)):
+            p.grad = g * s
+        scaler_e.step(opt_e)
+        scaler_e.update()
+
+    ps_g, opt_g, scaler_g = make()
+    static = [torch.zeros(s, device="cuda") for s in shapes]
+    for p, g in zip(ps_g, static):
+        p.grad = g
+    scaler_g.scale(one)  # creates the scale tensor, which the graph reads and updates in place
+
+    def load(step):  # as a scaled backward would, at the scale of the moment
+        for buf, g in zip(static, _grads(step, shapes)):
+            buf.copy_(g * scaler_g._scale)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up: state, kernel compilation, tables
+        for step in range(2):
+            load(step)
+            scaler_g.step(opt_g)
+            scaler_g.update()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scaler_g.step(opt_g)
+        scaler_g.update()
+    for step in range(2, 8):
+        load(step)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(ps_g, ps_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(opt_g.state[ps_g[0]]["step"]) == float(opt_e.state[ps_e[0]]["step"]) == 7.0
+    assert scaler_g.get_scale() == scaler_e.get_scale()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tensor_past_two_to_the_31_elements_updates_everywhere(backend):
+    n = 2**31 + 1029
+    free, _ = torch.cuda.mem_get_info()
+    if free < 5 * n * 4 + (2 << 30):
+        pytest.skip(f"needs {5 * n * 4 / 2**30:.0f} GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(n, device="cuda", generator=gen))
+    p.grad = torch.randn(n, device="cuda", generator=gen)
+    # The elements around 2**31 and the very end, where 32-bit offsets would wrap.
+    windows = [slice(0, 1024), slice(2**31 - 512, 2**31 + 512), slice(n - 1024, n)]
+    before = [(p.detach()[w].clone(), p.grad[w].clone()) for w in windows]
+    opt = fastopt.AdamW([p], lr=1e-2, backend=backend)
+    opt.step()
+    for w, (p0, g0) in zip(windows, before):
+        ref_p, m, v = [p0.clone()], [torch.zeros_like(p0)], [torch.zeros_like(p0)]
+        reference.adamw_step(ref_p, [g0], m, v, [], [torch.tensor(1.0)], lr=1e-2, beta1=0.9,
+                             beta2=0.999, weight_decay=1e-2, eps=1e-8, amsgrad=False,
+                             maximize=False)  # fmt: skip
+        torch.testing.assert_close(p.detach()[w], ref_p[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["exp_avg"][w], m[0], rtol=1e-5, atol=1e-6)
