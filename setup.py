@@ -31,8 +31,9 @@ def _find_cuda_home():
     if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
         return root
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
-                             capture_output=True, text=True).stderr
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True
+        ).stderr
     except OSError:
         return None
     for line in out.splitlines():
@@ -73,8 +74,9 @@ def _extension():
     # peel/tail of one loop, so an element's result depended on its address's alignment.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     if not cuda:
-        return CppExtension("fastopt._C", sources, extra_compile_args={"cxx": cxx},
-                            extra_link_args=["-fopenmp"])
+        return CppExtension(
+            "fastopt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
     return CUDAExtension(

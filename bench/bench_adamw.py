@@ -47,7 +47,6 @@ def test_adamw_step(benchmark, case, name):
     benchmark.group = "adamw step"
     benchmark.extra_info.update(n_params=n, bytes_per_param=B.BYTES_PER_PARAM, device=DEVICE)
     benchmark.pedantic(step, rounds=10, warmup_rounds=2)
-    del opt
 
 
 @pytest.mark.parametrize("name", list(B.pipeline_cases(DEVICE)))

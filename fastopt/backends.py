@@ -76,7 +76,9 @@ def select_backend(requested: str, device: torch.device | str) -> str:
         return "reference"
     ok, reason = availability(requested, device_type)
     if not ok:
-        raise RuntimeError(f"fastopt backend {requested!r} is unavailable on {device_type}: {reason}")
+        raise RuntimeError(
+            f"fastopt backend {requested!r} is unavailable on {device_type}: {reason}"
+        )
     return requested
 
 

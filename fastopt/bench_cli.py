@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--params", type=float, default=None,
                         help="parameter count (default 30e6 on CPU, 1e9 on GPU)")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per implementation")  # fmt: skip
     parser.add_argument("--suite", choices=["adamw", "pipeline", "all"], default="all")
     args = parser.parse_args(argv)
     device = args.device

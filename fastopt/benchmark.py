@@ -45,8 +45,20 @@ def transformer_shapes(target_params: float) -> list[tuple[int, ...]]:
     layers = max(1, round((target_params - vocab * d) / per_layer))
     shapes: list[tuple[int, ...]] = [(vocab, d)]
     for _ in range(layers):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,),  # attention + its norm
-                   (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]  # MLP + its norm
+        shapes += [
+            (d,),
+            (d,),
+            (3 * d, d),
+            (3 * d,),
+            (d, d),
+            (d,),  # attention + its norm
+            (d,),
+            (d,),
+            (4 * d, d),
+            (4 * d,),
+            (d, 4 * d),
+            (d,),
+        ]  # MLP + its norm
     shapes += [(d,), (d,)]
     return shapes
 
@@ -135,7 +147,8 @@ def time_interleaved(
             if before_each is not None:
                 before_each()
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
                 start.record()
                 step()

@@ -89,7 +89,9 @@ class LossScaler:
 
     def _require_scale(self, method: str) -> Tensor:
         if self._scale is None:
-            raise RuntimeError(f"Attempted {method} but the scale is not initialized: call scale() first")
+            raise RuntimeError(
+                f"Attempted {method} but the scale is not initialized: call scale() first"
+            )
         return self._scale
 
     # -- unscale and step -----------------------------------------------------------------
@@ -101,7 +103,9 @@ class LossScaler:
         scale = self._require_scale("unscale_")
         state = self._state(optimizer)
         if state["stage"] is _Stage.UNSCALED:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+            raise RuntimeError(
+                "unscale_() has already been called on this optimizer since the last update()."
+            )
         if state["stage"] is _Stage.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         inv_scale = scale.double().reciprocal().float()
@@ -229,7 +233,10 @@ class LossScaler:
         if not self._enabled:
             return
         if len(state_dict) == 0:
-            raise RuntimeError("The source state dict is empty, possibly because it was saved from a disabled instance of LossScaler.")
+            raise RuntimeError(
+                "The source state dict is empty, possibly because it was saved from a disabled "
+                "instance of LossScaler."
+            )
         self._init_scale = float(state_dict["scale"])
         self._growth_factor = float(state_dict["growth_factor"])
         self._backoff_factor = float(state_dict["backoff_factor"])

@@ -18,8 +18,12 @@ def backend_params(pairs=_PAIRS) -> list:
     for name, device in pairs:
         marks = []
         if (name, device) == ("triton", "cpu") and HAS_CUDA:
-            marks = [pytest.mark.skip(reason="Triton runs compiled on this machine's GPU; the "
-                                      "interpreter-on-CPU cases run where there is none")]
+            marks = [
+                pytest.mark.skip(
+                    reason="Triton runs compiled on this machine's GPU; the "
+                    "interpreter-on-CPU cases run where there is none"
+                )
+            ]
         if device == "cuda":
             marks = [pytest.mark.gpu]
             if not HAS_CUDA:

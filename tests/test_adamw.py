@@ -176,7 +176,7 @@ def test_complex_params_match_torch():
     data = torch.randn(8, dtype=torch.complex64, generator=gen)
     theirs_p, ours_p = [torch.nn.Parameter(data.clone())], [torch.nn.Parameter(data.clone())]
     theirs, ours = torch.optim.AdamW(theirs_p, foreach=False), fastopt.AdamW(ours_p)
-    for step in range(5):
+    for _ in range(5):
         g = torch.randn(8, dtype=torch.complex64, generator=gen)
         theirs_p[0].grad, ours_p[0].grad = g.clone(), g.clone()
         theirs.step()
