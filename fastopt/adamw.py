@@ -98,6 +98,7 @@ class AdamW(Optimizer):
         self.last_grad_norm: Tensor | None = None
         self.last_found_inf: Tensor | None = None
         self._accumulator = None  # set by fastopt.GradAccumulator
+        self._plans: dict[int, tuple] = {}  # group index -> (key, buckets); see _plan
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -111,6 +112,7 @@ class AdamW(Optimizer):
         self.max_grad_norm = state.pop("max_grad_norm", getattr(self, "max_grad_norm", None))
         for attr in ("last_grad_norm", "last_found_inf", "_accumulator"):
             setattr(self, attr, getattr(self, attr, None))
+        self._plans = {}  # the buckets hold state tensors, which this replaces
         super().__setstate__(state)
         for group in self.param_groups:  # groups saved by torch.optim.Adam or older versions
             for key, value in self.defaults.items():
@@ -126,8 +128,8 @@ class AdamW(Optimizer):
                 state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
 
     # ------------------------------------------------------------------------------------
-    def _collect(self, group: dict[str, Any], group_index: int, acc_grads: dict | None):
-        """The group's params with gradients, their gradients and state, initialising state."""
+    def _collect(self, group: dict[str, Any], acc_grads: dict | None):
+        """The group's params that have gradients, and those gradients."""
         params, grads = [], []
         for p in group["params"]:
             grad = p.grad
@@ -144,28 +146,45 @@ class AdamW(Optimizer):
                 raise RuntimeError("AdamW does not support sparse gradients")
             params.append(p)
             grads.append(grad)
+        return params, grads
+
+    def _plan(self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]):
+        """The group's kernel buckets, rebuilt only when the set of params with gradients, the
+        gradient dtypes or the state change: per-tensor Python work costs milliseconds per
+        step for models with hundreds of tensors, time the GPU would spend idle."""
+        key = (tuple(map(id, params)), tuple(p.dtype for p in params),
+               tuple(g.dtype for g in grads), group["amsgrad"])  # fmt: skip
+        cached = self._plans.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         if len({p.device for p in params}) > 1:
             devices = sorted({str(p.device) for p in params})
             raise ValueError(
-                f"fastopt.AdamW: param group {group_index} has params on several devices "
+                f"fastopt.AdamW: param group {index} has params on several devices "
                 f"({', '.join(devices)}); put each group's params on one device"
             )
         for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-            elif group["amsgrad"] and "max_exp_avg_sq" not in state:
-                raise RuntimeError(
-                    "fastopt.AdamW: amsgrad was turned on after the first step; the state has "
-                    "no max_exp_avg_sq"
-                )
-        return params, grads
+            self._init_state(p, group["amsgrad"])
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            buckets[(p.dtype, g.dtype)].append(i)
+        plan = [_Bucket(self.state, params, idx, group["amsgrad"]) for idx in buckets.values()]
+        self._plans[index] = (key, plan)
+        return plan
+
+    def _init_state(self, p: Tensor, amsgrad: bool) -> None:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif amsgrad and "max_exp_avg_sq" not in state:
+            raise RuntimeError(
+                "fastopt.AdamW: amsgrad was turned on after the first step; the state has "
+                "no max_exp_avg_sq"
+            )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -181,7 +200,7 @@ class AdamW(Optimizer):
         acc_grads = acc.gradients() if acc is not None and acc.pending else None
         grad_factor = acc.factor() if acc_grads is not None else 1.0
 
-        collected = [self._collect(g, i, acc_grads) for i, g in enumerate(self.param_groups)]
+        collected = [self._collect(g, acc_grads) for g in self.param_groups]
         all_grads = [g for _, grads in collected for g in grads]
 
         # One read of every gradient gives the global norm and the non-finite flag together.
@@ -196,70 +215,86 @@ class AdamW(Optimizer):
             self.last_grad_norm = grad_norm * coef
         self.last_found_inf = found_inf
 
-        for group, (params, grads) in zip(self.param_groups, collected):
-            self._update_group(group, params, grads, grad_scale, found_inf, grad_norm, grad_factor)
+        for index, (group, (params, grads)) in enumerate(zip(self.param_groups, collected)):
+            if params:
+                plan = self._plan(index, group, params, grads)
+                self._update_group(
+                    group, plan, grads, grad_scale, found_inf, grad_norm, grad_factor
+                )
         if acc_grads is not None:
             acc.reset()
         return loss
 
-    def _update_group(self, group, params, grads, grad_scale, found_inf, grad_norm, grad_factor):
-        if not params:
-            return
-        device = params[0].device
+    def _update_group(self, group, plan, grads, grad_scale, found_inf, grad_norm, grad_factor):
+        device = plan[0].steps[0].device
         ops = backend_ops(select_backend(self.backend, device))
         beta1, beta2 = group["betas"]
-
-        # One kernel call per (param dtype, grad dtype): the kernels take uniform lists.
-        buckets: dict[tuple, list[int]] = defaultdict(list)
-        for i, (p, g) in enumerate(zip(params, grads)):
-            buckets[(p.dtype, g.dtype)].append(i)
-        for indices in buckets.values():
-            lists = _Lists(self.state, [params[i] for i in indices], [grads[i] for i in indices],
-                           group["amsgrad"])  # fmt: skip
+        if found_inf is not None:  # a skipped step is not counted, decided on the device
+            increment = 1.0 - found_inf.to(device, torch.float32, non_blocking=True)
+        for bucket in plan:
+            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies = bucket.views()
+            bucket_grads = [_readable(grads[i]) for i in bucket.indices]
             if found_inf is None:
-                torch._foreach_add_(lists.steps, 1.0)
-            else:  # a skipped step is not counted, decided on the device
-                torch._foreach_add_(lists.steps, 1.0 - found_inf.to(device, torch.float32))
+                torch._foreach_add_(bucket.steps, 1.0)
+            else:  # the list form: the one-tensor form cannot be captured in a CUDA graph
+                torch._foreach_add_(bucket.steps, [increment] * len(bucket.steps))
             ops.adamw_step(
-                lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs,
-                lists.max_exp_avg_sqs, lists.steps,
+                params, bucket_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bucket.steps,
                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                 eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                 grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
                 max_grad_norm=self.max_grad_norm or 0.0, grad_factor=grad_factor,
             )  # fmt: skip
-            lists.write_back()
+            for original, copy in copies:
+                original.copy_(copy)
 
 
-class _Lists:
-    """Kernel-ready lists for one bucket: contiguous, real-valued views of params, grads and
-    state. Tensors that are not contiguous are updated through contiguous copies written back
-    afterwards, so any layout is updated correctly; the common case copies nothing."""
+def _real(t: Tensor) -> Tensor:
+    """Complex tensors update as pairs of reals, as torch's AdamW does."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
-    def __init__(self, state, params: list[Tensor], grads: list[Tensor], amsgrad: bool):
-        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
-        self.max_exp_avg_sqs, self.steps = [], []
-        self._copies: list[tuple[Tensor, Tensor]] = []
-        for p, g in zip(params, grads):
-            s = state[p]
-            self.params.append(self._kernel_view(p))
-            self.grads.append(self._kernel_view(g, write=False))
-            self.exp_avgs.append(self._kernel_view(s["exp_avg"]))
-            self.exp_avg_sqs.append(self._kernel_view(s["exp_avg_sq"]))
-            if amsgrad:
-                self.max_exp_avg_sqs.append(self._kernel_view(s["max_exp_avg_sq"]))
-            self.steps.append(s["step"])
 
-    def _kernel_view(self, t: Tensor, write: bool = True) -> Tensor:
-        if t.is_complex():  # complex params update as pairs of reals, as torch's AdamW does
-            t = torch.view_as_real(t)
-        if t.is_contiguous():
-            return t
-        copy = t.contiguous()
-        if write:
-            self._copies.append((t, copy))
-        return copy
+def _readable(grad: Tensor) -> Tensor:
+    """A contiguous real view of a gradient (a copy only when it is not contiguous)."""
+    grad = _real(grad)
+    return grad if grad.is_contiguous() else grad.contiguous()
 
-    def write_back(self) -> None:
-        for original, copy in self._copies:
-            original.copy_(copy)
+
+class _Bucket:
+    """The params of one group with one (param dtype, grad dtype), and their state, as the
+    kernels take them: contiguous and real. Params or state that are not contiguous are
+    updated through contiguous copies written back after the kernel, so any layout updates
+    correctly; the common case keeps the lists from step to step and copies nothing."""
+
+    def __init__(self, state, params: list[Tensor], indices: list[int], amsgrad: bool):
+        self.indices = indices
+        states = [state[params[i]] for i in indices]
+        self.steps = [s["step"] for s in states]
+        self._tensors = [
+            [params[i] for i in indices],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+        ]
+        self._direct = all(
+            not t.is_complex() and t.is_contiguous() for ts in self._tensors for t in ts
+        )
+
+    def views(self):
+        """(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies to write back)."""
+        if self._direct:
+            return (*self._tensors, [])
+        copies: list[tuple[Tensor, Tensor]] = []
+        lists = []
+        for ts in self._tensors:
+            out = []
+            for t in ts:
+                real = _real(t)
+                if real.is_contiguous():
+                    out.append(real)
+                else:
+                    copy = real.contiguous()
+                    copies.append((real, copy))
+                    out.append(copy)
+            lists.append(out)
+        return (*lists, copies)

@@ -20,6 +20,7 @@ __all__ = [
     "BYTES_PER_PARAM",
     "PIPELINE_BYTES",
     "adamw_cases",
+    "copy_bandwidth",
     "make_params",
     "pipeline_cases",
     "time_interleaved",
@@ -162,6 +163,15 @@ def time_interleaved(
             if rep >= warmup:
                 times[name].append(elapsed)
     return times
+
+
+def copy_bandwidth(device: str, n_bytes: int, repeats: int) -> float:
+    """GB/s of a large device-to-device copy, counting bytes read plus bytes written: the
+    ceiling a memory-bound step is measured against."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = time_interleaved({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e6
 
 
 def summarize(times: dict[str, list[float]], n_params: int, bytes_per_param: dict[str, int] | int,

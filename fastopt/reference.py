@@ -108,13 +108,13 @@ def adamw_step(
 
         p.mul_(1 - lr * weight_decay)  # decoupled weight decay
         m.lerp_(g, 1 - beta1)  # m = beta1 * m + (1 - beta1) * g
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 * v + (1 - beta2) * g^2
+        v.mul_(beta2).add_((g * g).mul_(1 - beta2))  # v = beta2 * v + (1 - beta2) * g^2
+        second = v
         if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
-            max_exp_avg_sqs[i].copy_(vmax)
-            denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
-        else:
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+            second = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            max_exp_avg_sqs[i].copy_(second)
+        # Times the reciprocal where torch divides: one division per element in the kernels.
+        denom = (second.sqrt() * (1 / bias_correction2_sqrt)).add_(eps)
         p.addcdiv_(m, denom, value=-lr / bias_correction1)
 
         param.copy_(p)

@@ -1,0 +1,74 @@
+"""fastopt.train: a small trainer around fastopt's fused AdamW.
+
+One linear loop (:func:`fit`): forward, backward with accumulation, fused step, schedule,
+evaluate, log, checkpoint. Schedules are pure functions of the step wrapped as a torch LR
+scheduler; early stopping is a small object with a pure decision; checkpoints are atomic and
+resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
+
+    from fastopt.train import TrainConfig, fit, make_loader
+    result = fit(model, torch.nn.functional.cross_entropy,
+                 make_loader(train_set, 64, train=True), make_loader(val_set, 256, train=False),
+                 TrainConfig(out="runs/mine", max_steps=2000))
+"""
+
+from .checkpoint import CheckpointManager, load_checkpoint, save_atomic
+from .config import (
+    ConfigError,
+    DataConfig,
+    EarlyStoppingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+    build_schedule,
+    config_from_dict,
+    load_config,
+)
+from .data import BatchStream, ResumableDistributedSampler, make_loader
+from .default_job import run_default_job
+from .early_stopping import EarlyStopping
+from .loop import FitResult, fit
+from .metrics import MetricsLogger, read_metrics
+from .plots import plot_run
+from .schedules import (
+    ConstantWarmup,
+    Cyclical,
+    ExponentialDecay,
+    ReduceOnPlateau,
+    ScheduleLR,
+    StepDecay,
+    WarmupCosine,
+    WarmupLinear,
+)
+
+__all__ = [
+    "BatchStream",
+    "CheckpointManager",
+    "ConfigError",
+    "ConstantWarmup",
+    "Cyclical",
+    "DataConfig",
+    "EarlyStopping",
+    "EarlyStoppingConfig",
+    "ExponentialDecay",
+    "FitResult",
+    "MetricsLogger",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ReduceOnPlateau",
+    "ResumableDistributedSampler",
+    "ScheduleLR",
+    "StepDecay",
+    "TrainConfig",
+    "WarmupCosine",
+    "WarmupLinear",
+    "build_schedule",
+    "config_from_dict",
+    "fit",
+    "load_checkpoint",
+    "load_config",
+    "make_loader",
+    "plot_run",
+    "read_metrics",
+    "run_default_job",
+    "save_atomic",
+]

@@ -1,0 +1,167 @@
+"""Checkpoints: atomic writes, the last ``k`` kept plus the best, and RNG state capture.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then
+renamed over its final name with ``os.replace`` (atomic on POSIX) and the folder fsync'ed: a
+crash at any point leaves either the previous file or the new one, never a torn one. Files are
+``step_XXXXXXXX.pt`` (the newest ``keep_last`` are kept) and ``best.pt``. Everything in them is
+tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointManager", "capture_rng", "load_checkpoint", "restore_rng", "save_atomic"]
+
+_STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+_TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is only durable once the directory entry is on disk.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` so that ``path`` is never seen half written."""
+    path = Path(path)
+    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _link_atomic(src: Path, dst: Path) -> None:
+    """Makes ``dst`` the same file as ``src`` atomically: a hard link when the file system has
+    them (no second write), else a full fsync'ed copy."""
+    tmp = dst.with_name(f"{_TMP_PREFIX}{os.getpid()}-{dst.name}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Loads a checkpoint onto the CPU (tensors and plain values only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class CheckpointManager:
+    """``step_*.pt`` files in ``directory``: the newest ``keep_last`` are kept, and ``best.pt``."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 2) -> None:
+        if not (isinstance(keep_last, int) and keep_last >= 1):
+            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def _ensure_dir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(f"{_TMP_PREFIX}*"):  # left by a crash mid-write
+            stale.unlink(missing_ok=True)
+
+    def step_path(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.pt"
+
+    def steps(self) -> list[int]:
+        """The steps that have a checkpoint, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = (_STEP_FILE.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.step_path(steps[-1]) if steps else None
+
+    def save(self, state: dict[str, Any], step: int, *, is_best: bool = False) -> Path:
+        """Writes the checkpoint of ``step`` (and makes it ``best.pt`` too when ``is_best``),
+        then removes step files beyond the newest ``keep_last``."""
+        self._ensure_dir()
+        path = save_atomic(state, self.step_path(step))
+        if is_best:
+            _link_atomic(path, self.best_path)
+        for old in self.steps()[: -self.keep_last]:
+            self.step_path(old).unlink(missing_ok=True)
+        return path
+
+    def save_best(self, state: dict[str, Any]) -> Path:
+        """Writes ``best.pt`` alone (a new best between regular checkpoints)."""
+        self._ensure_dir()
+        return save_atomic(state, self.best_path)
+
+
+# -- random number generator states -------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """torch, CUDA (when initialised), numpy and Python RNG states, as checkpointable values."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Restores what :func:`capture_rng` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

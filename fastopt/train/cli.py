@@ -1,0 +1,144 @@
+"""``python -m fastopt train`` and ``python -m fastopt plot``.
+
+Exit codes: 0 done; 2 bad input (unknown config key, wrong type, missing file, an ``--out``
+holding another run); 128 + the signal number when SIGTERM or SIGINT stopped training after a
+checkpoint was written (resume with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError
+
+__all__ = ["main"]
+
+DEFAULT_OUT = "runs/default"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastopt",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,plot}")
+
+    train = sub.add_parser("train", help="train (the default job: an MLP on generated data)")
+    train.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or TOML file with any TrainConfig keys (see fastopt.train.config)",
+    )
+    train.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"run folder: metrics.jsonl, plots, checkpoints/ (default {DEFAULT_OUT})",
+    )
+    train.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--device", help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
+    train.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    train.add_argument("--seed", type=int)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--print-config", action="store_true", help="print the full config as YAML and exit"
+    )
+
+    plot = sub.add_parser("plot", help="redraw loss.png and lr.png of a run folder")
+    plot.add_argument(
+        "--out",
+        metavar="DIR",
+        default=DEFAULT_OUT,
+        help=f"run folder holding metrics.jsonl (default {DEFAULT_OUT})",
+    )
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    import signal
+
+    from . import distributed as D
+    from .config import load_config
+    from .default_job import run_default_job
+
+    config = load_config(
+        args.config,
+        out=args.out,
+        max_steps=args.max_steps,
+        device=args.device,
+        precision=args.precision,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+    )
+    if args.print_config:
+        import yaml
+
+        from .config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        return 0
+    D.init_from_env()
+    rank = D.rank()
+    try:
+        result = run_default_job(config, resume=args.resume)
+    finally:
+        if D.is_distributed():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0 if result.interrupted is None else 128 + _signum(result.interrupted, signal)
+    if result.interrupted is not None:
+        print(
+            f"interrupted by {result.interrupted} at step {result.step}; checkpoint written. "
+            f"Continue with: python -m fastopt train --resume --out {result.out}",
+            file=sys.stderr,
+        )
+        return 128 + _signum(result.interrupted, signal)
+    val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    best = "" if result.best is None else f", best {result.best:.4f} at step {result.best_step}"
+    print(f"step {result.step}: train loss {result.train_loss:.4f}, val loss {val}{best}")
+    if result.stop_reason:
+        print(f"stopped early: {result.stop_reason}")
+    if result.skipped_steps:
+        print(f"{result.skipped_steps} steps skipped for inf/NaN gradients")
+    print(f"wrote {result.out}/metrics.jsonl, loss.png, lr.png and checkpoints/")
+    return 0
+
+
+def _signum(name: str, signal) -> int:
+    try:
+        return int(signal.Signals[name])
+    except KeyError:  # the signal reached another rank
+        return int(signal.SIGTERM)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    try:
+        paths = plot_run(args.out)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs ``train`` or ``plot``; returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # argparse already printed the usage error or the help
+        return int(e.code or 0)
+    try:
+        return _train(args) if args.command == "train" else _plot(args)
+    except ConfigError as e:
+        print(f"python -m fastopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

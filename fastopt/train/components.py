@@ -1,0 +1,234 @@
+"""The pieces :func:`fastopt.train.fit` is assembled from, each small enough to read alone:
+optimizer construction, the optimizer step for fastopt and for other optimizers, evaluation,
+the signal guard and the run folder's identity check."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as D
+from .config import (
+    NOT_FINGERPRINTED,
+    ConfigError,
+    OptimizerConfig,
+    TrainConfig,
+    config_to_dict,
+    fingerprint,
+)
+from .data import sample_count
+
+__all__ = [
+    "SignalGuard",
+    "autocast",
+    "build_optimizer",
+    "claim_run_dir",
+    "evaluate",
+    "is_fastopt",
+    "optimizer_step",
+    "resolve_device",
+    "to_device",
+]
+
+RUN_FILE = "run.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"config key 'device': {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' is {name!r} but no CUDA GPU is available")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 or fp16 autocast for the forward pass and loss; nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def is_fastopt(optimizer: torch.optim.Optimizer) -> bool:
+    """A fastopt optimizer clips, unscales and skips inside its step and takes a
+    GradAccumulator."""
+    return hasattr(optimizer, "_accumulator") and hasattr(optimizer, "last_grad_norm")
+
+
+def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+    if cfg.name == "fastopt.AdamW":
+        import fastopt
+
+        return fastopt.AdamW(
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+        )
+    if cfg.name == "torch.optim.AdamW":
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    if cfg.name == "torch.optim.SGD":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    raise ConfigError(f"config key 'optimizer.name': unknown optimizer {cfg.name!r}")
+
+
+def optimizer_step(
+    optimizer, scaler, params: list[torch.Tensor], max_grad_norm: float | None
+) -> tuple[bool, torch.Tensor | None]:
+    """One optimizer step in nanoGPT's order (unscale, clip, step, update, zero_grad).
+
+    Returns (applied, grad_norm): ``applied`` is False when the step was skipped for inf/NaN
+    gradients; ``grad_norm`` is the pre-clip, unscaled global norm when it was computed.
+    """
+    if is_fastopt(optimizer):
+        # Unscale, non-finite check, clip and skip all happen inside the fused step.
+        scaler.step(optimizer)
+        found_inf = scaler.last_found_inf if scaler.is_enabled() else optimizer.last_found_inf
+        grad_norm = optimizer.last_grad_norm
+    else:
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if max_grad_norm is not None and grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
+        if scaler.is_enabled():
+            scaler.step(optimizer)  # skips by itself when unscale_ found inf/NaN
+            found_inf = scaler.last_found_inf
+        else:
+            found_inf = None if grad_norm is None else (~torch.isfinite(grad_norm)).float()
+            if found_inf is None or not found_inf.item():
+                optimizer.step()
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    applied = found_inf is None or not bool(found_inf.item())
+    return applied, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn, loader, device: torch.device, precision: str) -> float:
+    """The sample-weighted mean loss over ``loader``, summed over all ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for inputs, targets in loader:
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
+        with autocast(device, precision):
+            loss = loss_fn(model(inputs), targets)
+        n = sample_count(targets)
+        sums[0] += loss.double() * n
+        sums[1] += n
+    D.all_reduce_sum(sums)
+    model.train(was_training)
+    if sums[1].item() == 0:
+        raise ValueError("the validation loader yields no samples")
+    return float(sums[0] / sums[1])
+
+
+class SignalGuard:
+    """Turns SIGTERM and SIGINT into a flag the loop reads between steps (a second signal gets
+    the previous handler: a second Ctrl-C interrupts at once). Only in the main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous.clear()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "schedule":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def claim_run_dir(out: Path, config: TrainConfig, identity: dict[str, Any], resume: bool) -> str:
+    """Checks that ``out`` is free (fresh run) or holds this same run (``resume``), and records
+    the run's identity in ``out/run.json``. Returns the fingerprint."""
+    fp = fingerprint(config, identity)
+    record = {"fingerprint": fp, "config": config_to_dict(config), **identity}
+    run_file = out / RUN_FILE
+    if resume:
+        if not run_file.is_file():
+            raise ConfigError(f"nothing to resume: {out} holds no run ({RUN_FILE} is missing)")
+        saved = json.loads(run_file.read_text())
+        if saved.get("fingerprint") != fp:
+            old = _flatten({**saved.get("config", {}), **{k: saved.get(k) for k in identity}})
+            new = _flatten({**record["config"], **identity})
+            diff = [
+                f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                for k in sorted(set(old) | set(new))
+                if k not in NOT_FINGERPRINTED and old.get(k) != new.get(k)
+            ]
+            raise ConfigError(
+                f"{out} holds a different run (fingerprint {saved.get('fingerprint')} "
+                f"there, {fp} now); differences: {'; '.join(diff) or 'unknown'}"
+            )
+    else:
+        taken = [n for n in (RUN_FILE, "metrics.jsonl", "checkpoints") if (out / n).exists()]
+        if taken:
+            raise ConfigError(
+                f"{out} already holds a run ({', '.join(taken)}); resume it "
+                "(--resume) or choose another --out"
+            )
+    D.barrier()  # every rank has checked before rank 0 writes
+    if D.rank() == 0 and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(record, indent=2) + "\n")
+    return fp
+
+
+def model_signature(model: nn.Module) -> list[str]:
+    return [f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.state_dict().items()]
+
+
+def lr_of(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])

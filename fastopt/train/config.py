@@ -1,0 +1,316 @@
+"""The trainer's configuration: dataclasses with typed fields, read from YAML or TOML.
+
+Every key is checked: an unknown key is named with the valid ones listed, a value of the wrong
+type is named with the type it should have, and nothing falls back silently. Errors are
+:class:`ConfigError`, a ``ValueError`` (the CLI turns them into exit code 2).
+
+The ``data`` and ``model`` sections configure the default job (``python -m fastopt train``);
+:func:`fastopt.train.fit` with your own model and loaders ignores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .early_stopping import EarlyStopping
+from .schedules import SCHEDULES
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "build_schedule",
+    "config_from_dict",
+    "config_to_dict",
+    "fingerprint",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """Bad input: an unknown key, a wrong type or value, a missing file, a run folder that holds
+    another run. The CLI reports it and exits with code 2."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["fastopt.AdamW", "torch.optim.AdamW", "torch.optim.SGD"] = "fastopt.AdamW"
+    lr: float = 3e-3  # the peak: schedules multiply it
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9  # SGD only
+    max_grad_norm: float | None = 1.0  # global-norm clipping; None: no clipping
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = True
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 5  # evaluations
+    min_delta: float = 0.0
+    restore_best: bool = True
+    stop_on_nonfinite: bool = True
+    divergence_threshold: float | None = None
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # .pt or .npz holding x (N, features) and y (N,) int; None: generated
+    n_train: int = 131072
+    n_val: int = 8192
+    n_features: int = 32
+    n_classes: int = 8
+    val_fraction: float = 0.2  # with path: the share of samples held out
+    batch_size: int = 128  # per micro-batch and per process
+    val_batch_size: int = 1024
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 512
+    depth: int = 3
+    dropout: float = 0.1
+
+
+DEFAULT_WARMUP_STEPS = 50
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"
+    max_steps: int = 3000  # optimizer steps (attempted; a skipped step counts)
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu; or any torch device string
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: + loss scaling
+    grad_accum_steps: int = 2  # micro-batches per optimizer step
+    eval_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 500  # 0: only at the end, on a signal and on a new best
+    keep_last: int = 2
+    progress: bool | None = None  # tqdm bar; None: when stderr is a terminal
+    tensorboard: bool = False  # also write TensorBoard events to out/tensorboard
+    plots: bool = True  # loss and lr PNGs at the end of the run
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # {"name": ..., fields of that schedule}; null: warmup_cosine with a floor of 0.05 and
+    # min(50, max_steps // 10) warm-up steps. total_steps defaults to max_steps.
+    schedule: dict[str, Any] | None = None
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "grad_accum_steps", "eval_every", "log_every", "keep_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                f"config key 'checkpoint_every' must be >= 0, got {self.checkpoint_every}"
+            )
+        if self.optimizer.max_grad_norm is not None and not self.optimizer.max_grad_norm > 0:
+            raise ConfigError("config key 'optimizer.max_grad_norm' must be > 0 or null")
+        for name in ("batch_size", "val_batch_size", "n_features", "n_classes"):
+            if getattr(self.data, name) < 1:
+                raise ConfigError(f"config key 'data.{name}' must be >= 1")
+        if self.schedule is None:
+            warmup = min(DEFAULT_WARMUP_STEPS, self.max_steps // 10)
+            self.schedule = {"name": "warmup_cosine", "warmup_steps": warmup, "min_ratio": 0.05}
+        build_schedule(self.schedule, self.max_steps)  # fails here, not mid-run
+        es = self.early_stopping
+        try:
+            EarlyStopping(
+                es.monitor,
+                es.mode,
+                es.patience,
+                es.min_delta,
+                es.restore_best,
+                es.stop_on_nonfinite,
+                es.divergence_threshold,
+            )
+        except ValueError as e:
+            raise ConfigError(f"config section 'early_stopping': {e}") from None
+
+
+# -- checking values against annotations ---------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(
+            "null" if a is type(None) else _type_name(a) for a in typing.get_args(tp)
+        )
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {type(value).__name__}")
+        return config_from_dict(value, tp, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    hint = ""
+    if isinstance(value, str) and "float" in _type_name(tp):
+        try:
+            float(value)
+            hint = " (YAML 1.1 reads 3e-3 as a string: write 3.0e-3)"
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"config key {key!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}"
+    )
+
+
+def config_from_dict(data: dict[str, Any], cls: type = None, *, prefix: str = ""):
+    """Builds ``cls`` (default :class:`TrainConfig`) from a mapping, checking every key."""
+    cls = TrainConfig if cls is None else cls
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"config key {prefix + missing[0]!r} is required")
+    kwargs = {}
+    for key, value in data.items():
+        if key not in valid:
+            where = f" in section {prefix[:-1]!r}" if prefix else ""
+            raise ConfigError(
+                f"unknown config key {prefix + str(key)!r}{where}; valid keys: {', '.join(valid)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    """A plain, JSON-ready mapping (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
+    """Reads a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; ``overrides`` (top-level
+    keys such as ``out`` or ``max_steps``) win over the file."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        elif suffix == ".toml":
+            import tomllib
+
+            try:
+                data = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        else:
+            raise ConfigError(f"config file {str(path)!r}: expected .yaml, .yml or .toml")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(data)
+
+
+# -- schedules from the config -------------------------------------------------------------
+def build_schedule(spec: dict[str, Any], max_steps: int):
+    """The schedule named by ``spec["name"]`` with the other keys as its fields, checked.
+    ``total_steps`` defaults to ``max_steps`` for the schedules that have one."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in SCHEDULES:
+        raise ConfigError(
+            f"config key 'schedule.name' must be one of {', '.join(SCHEDULES)}, got {name!r}"
+        )
+    cls = SCHEDULES[name]
+    if "total_steps" in {f.name for f in dataclasses.fields(cls)}:
+        spec.setdefault("total_steps", max_steps)
+    try:
+        return config_from_dict(spec, cls, prefix="schedule.")
+    except ConfigError as e:
+        if "valid keys" in str(e):
+            raise ConfigError(f"{e} (and name) for schedule {name!r}") from None
+        if "is required" in str(e):
+            raise ConfigError(f"{e} by schedule {name!r}") from None
+        raise
+    except ValueError as e:  # the schedule's own range checks
+        raise ConfigError(f"config key 'schedule' ({name}): {e}") from None
+
+
+# -- run identity -------------------------------------------------------------------------
+# Keys that change how a run is shown or where it goes, not what it computes.
+NOT_FINGERPRINTED = ("out", "progress", "tensorboard", "plots")
+
+
+def fingerprint(config: TrainConfig, extra: dict[str, Any] | None = None) -> str:
+    """A hash of everything that determines the run's result (config, model and optimizer
+    signatures in ``extra``), to refuse resuming a different run."""
+    data = {k: v for k, v in config_to_dict(config).items() if k not in NOT_FINGERPRINTED}
+    blob = json.dumps({"config": data, "extra": extra or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

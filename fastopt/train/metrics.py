@@ -1,0 +1,106 @@
+"""Run metrics: one JSON object per line in ``metrics.jsonl``, optionally TensorBoard too.
+
+Rows carry ``step`` and whatever was measured at that step: ``train_loss``, ``lr``,
+``grad_norm``, ``skipped_steps``, ``samples_per_sec``, ``step_time`` on logging steps and
+``val_loss`` on evaluation steps. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import _fsync_dir
+from .config import ConfigError
+
+__all__ = ["MetricsLogger", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no inf/NaN: write them as strings so every line stays valid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` file, or of ``DIR/metrics.jsonl`` for a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut short by a crash: everything before it is intact
+    return rows
+
+
+class MetricsLogger:
+    """Appends rows to ``out/metrics.jsonl`` (and TensorBoard scalars when asked)."""
+
+    def __init__(
+        self, out: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = False
+    ) -> None:
+        self.path = Path(out) / METRICS_FILE
+        self.enabled = enabled
+        self._file = None
+        self._writer = None
+        self._summary_writer = None
+        if enabled and tensorboard:  # checked now, before the run starts; the writer is lazy
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError(
+                    "config key 'tensorboard' is true but TensorBoard is not installed "
+                    f"({e}); pip install tensorboard, or set tensorboard: false"
+                ) from None
+            self._summary_writer = SummaryWriter
+
+    def truncate_after(self, step: int) -> None:
+        """Drops rows past ``step`` (logged after the checkpoint a run resumes from)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")
+            if self._summary_writer is not None:
+                self._writer = self._summary_writer(log_dir=str(self.path.parent / "tensorboard"))
+        row = {k: _clean(v) for k, v in row.items() if v is not None}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,83 @@
+"""PNG plots of a run from its ``metrics.jsonl``: losses and the learning-rate schedule.
+
+Drawn with matplotlib's object API on the Agg canvas: no pyplot, no display, no global
+backend switch, so it is safe in a headless job and inside a program that uses matplotlib.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .metrics import read_metrics
+
+__all__ = ["plot_run"]
+
+LOSS_PNG = "loss.png"
+LR_PNG = "lr.png"
+EMA_WEIGHT = 0.9  # smoothing of the noisy per-step training loss line
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            steps.append(row["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def _ema(values: list[float]) -> list[float]:
+    # Debiased (as Adam's moments): the first points are not dragged toward the first value.
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = EMA_WEIGHT * avg + (1 - EMA_WEIGHT) * v
+        out.append(avg / (1 - EMA_WEIGHT**i))
+    return out
+
+
+def plot_run(out: str | os.PathLike) -> list[Path]:
+    """Writes ``loss.png`` (training and validation loss vs step) and ``lr.png`` (learning
+    rate vs step) into the run folder ``out``; returns their paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out)
+    rows = read_metrics(out)
+    if not rows:
+        raise ValueError(f"{out / 'metrics.jsonl'} has no rows to plot")
+    written = []
+
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps, train = _series(rows, "train_loss")
+    if steps:
+        ax.plot(steps, train, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _ema(train), color="tab:blue", label="train loss (EMA)")
+    steps, val = _series(rows, "val_loss")
+    if steps:
+        ax.plot(steps, val, "o-", color="tab:orange", markersize=3.5, label="validation loss")
+    ax.set(xlabel="step", ylabel="loss", title="Loss")
+    if all(v > 0 for v in train + val) and train + val:
+        ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / LOSS_PNG)
+    written.append(out / LOSS_PNG)
+
+    fig = Figure(figsize=(7, 3.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps, lr = _series(rows, "lr")
+    ax.plot(steps, lr, color="tab:green")
+    ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / LR_PNG)
+    written.append(out / LR_PNG)
+    return written

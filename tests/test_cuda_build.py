@@ -1,0 +1,146 @@
+"""The CUDA build of fastopt._C: what machine code it carries, read with cuobjdump.
+
+Runs without a GPU (it reads the shared library, it launches nothing). Skipped only when the
+extension was built without CUDA kernels; a missing cuobjdump is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastopt import _ext
+
+# Mangled-name fragments of the kernels (template arguments P, G, amsgrad):
+# adamw_kernel<float, float, false> is the fp32 fast path.
+FP32_ADAMW = "adamw_kernelIffLb0E"
+ADAMW = "adamw_kernel"
+MULTI_TENSOR_KERNELS = ("adamw_kernel", "norm_chunk_kernel", "accumulate_kernel")
+ARCH = "sm_90"
+
+
+def _built_with_cuda() -> bool:
+    return _ext.has_kernel("adamw_", "CUDA")
+
+
+pytestmark = pytest.mark.skipif(
+    _ext.load() and not _built_with_cuda(),
+    reason="fastopt._C was built without CUDA kernels (no CUDA registration of fastopt::adamw_)",
+)
+
+
+def _cuobjdump() -> str:
+    candidates = [shutil.which("cuobjdump")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "bin", "cuobjdump"))
+    candidates.append("/usr/local/cuda/bin/cuobjdump")
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    pytest.fail("cuobjdump not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, Triton's bin)")
+
+
+@pytest.fixture(scope="module")
+def so_path() -> str:
+    assert _ext.load(), _ext.extension_error()
+    import fastopt._C
+
+    path = fastopt._C.__file__
+    assert path and Path(path).is_file(), path
+    return path
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([_cuobjdump(), *args], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, f"cuobjdump {' '.join(args)} failed:\n{out.stderr}"
+    return out.stdout
+
+
+def _sass_by_function(so: str) -> dict[str, str]:
+    """Mangled kernel name -> its sm_90 SASS."""
+    text = _run("--dump-sass", "--gpu-architecture", ARCH, so)
+    functions: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            functions[name] = ""
+        elif name is not None:
+            functions[name] += line + "\n"
+    return functions
+
+
+def _resources(so: str) -> dict[str, dict[str, int]]:
+    """Mangled kernel name -> {'REG': .., 'STACK': .., 'LOCAL': .., ...} for sm_90."""
+    text = _run("--dump-resource-usage", "--gpu-architecture", ARCH, so)
+    usage: dict[str, dict[str, int]] = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):\s*$", line)
+        if m:
+            name = m.group(1)
+            continue
+        if name is not None and "REG:" in line:
+            usage[name] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+            name = None
+    return usage
+
+
+def test_carries_sm90_machine_code(so_path):
+    elves = _run("--list-elf", so_path)
+    assert re.search(r"\bsm_90a?\b", elves), f"no sm_90 ELF in {so_path}:\n{elves}"
+
+
+def test_every_kernel_is_built(so_path):
+    names = list(_sass_by_function(so_path))
+    for kernel in MULTI_TENSOR_KERNELS + ("norm_finalize_kernel", "update_scale_kernel"):
+        assert any(kernel in n for n in names), f"{kernel} missing from the sm_90 SASS: {names}"
+    adamw = [n for n in names if ADAMW in n]
+    # float, bfloat16, half params x (same or fp32 grads; float has one) x amsgrad
+    assert len(adamw) == 10, adamw
+
+
+def test_adamw_fp32_uses_128_bit_loads_and_stores(so_path):
+    sass = _sass_by_function(so_path)
+    fp32 = [n for n in sass if FP32_ADAMW in n]
+    assert len(fp32) == 1, list(sass)
+    body = sass[fp32[0]]
+    loads = re.findall(r"\bLDG\.E(?:\.[A-Z0-9_]+)*\.128\b", body)
+    stores = re.findall(r"\bSTG\.E(?:\.[A-Z0-9_]+)*\.128\b", body)
+    # The full-chunk fp32 body: 4 vectors x (param, grad, exp_avg, exp_avg_sq) per thread.
+    assert len(loads) >= 16, f"{len(loads)} 128-bit loads in {fp32[0]}"
+    assert len(stores) >= 12, f"{len(stores)} 128-bit stores in {fp32[0]}"
+    # Every AdamW variant has a 16-byte path.
+    for name, body in sass.items():
+        if ADAMW in name:
+            assert re.search(r"\bLDG\.E(?:\.[A-Z0-9_]+)*\.128\b", body), name
+
+
+def test_multi_tensor_kernels_do_not_spill(so_path):
+    usage = _resources(so_path)
+    sass = _sass_by_function(so_path)
+    kernels = [n for n in usage if any(k in n for k in MULTI_TENSOR_KERNELS)]
+    assert len([n for n in kernels if ADAMW in n]) == 10, list(usage)
+    for name in kernels:
+        res = usage[name]
+        assert res.get("STACK", -1) == 0, f"{name} uses a stack frame (spills?): {res}"
+        assert res.get("LOCAL", -1) == 0, f"{name} uses local memory: {res}"
+        assert not re.search(r"\b(?:STL|LDL)\b", sass[name]), f"{name} spills to local memory"
+
+
+def test_cuda_registrations_match_cpu():
+    for op in ("adamw_", "multi_tensor_norm", "accumulate_", "update_scale_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CUDA"), op

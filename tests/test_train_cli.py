@@ -1,0 +1,255 @@
+"""``python -m fastopt train`` / ``plot``: the default job, bad input (exit code 2), and a run
+stopped by a real SIGTERM that resumes to the same result as a run never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastopt.train import ConfigError, config_from_dict, load_checkpoint, load_config, read_metrics
+from fastopt.train.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The default job shrunk to a second or two.
+SMALL = """\
+device: cpu
+max_steps: {steps}
+eval_every: 20
+log_every: 5
+checkpoint_every: 50
+schedule: {{name: warmup_cosine, warmup_steps: 10, min_ratio: 0.1}}
+data: {{n_train: 4096, n_val: 1024, batch_size: 64}}
+model: {{hidden: {hidden}, depth: 2}}
+"""
+
+
+def _small(tmp_path, steps=60, hidden=64, extra=""):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL.format(steps=steps, hidden=hidden) + extra)
+    return str(path)
+
+
+def _rows(out):
+    timing = ("samples_per_sec", "step_time")
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out)]
+
+
+def test_train_writes_metrics_plots_and_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", _small(tmp_path), "--out", str(out), "--no-progress"]) == 0
+    rows = read_metrics(out)
+    assert rows[-1]["step"] == 60 and "val_loss" in rows[-1]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert vals[-1] < 0.8 * vals[0]
+    assert sorted(os.listdir(out / "checkpoints")) == [
+        "best.pt",
+        "step_00000050.pt",
+        "step_00000060.pt",
+    ]
+    for png in ("loss.png", "lr.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "step 60: train loss" in capsys.readouterr().out
+    (out / "loss.png").unlink()
+    assert main(["plot", "--out", str(out)]) == 0 and (out / "loss.png").is_file()
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    assert main(["train", "--config", _small(tmp_path), "--max-steps", "77", "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    config = load_config(printed)
+    assert config.max_steps == 77 and config.model.hidden == 64 and config.device == "cpu"
+    assert config == load_config(_small(tmp_path), max_steps=77)
+
+
+def test_max_steps_option_and_toml_config(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        "max_steps = 1000\neval_every = 5\nplots = false\n"
+        "[data]\nn_train = 1024\nn_val = 256\n[model]\nhidden = 16\ndepth = 1\n"
+    )
+    out = tmp_path / "t"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(toml),
+                "--out",
+                str(out),
+                "--max-steps",
+                "12",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert read_metrics(out)[-1]["step"] == 12
+    assert not (out / "loss.png").exists()
+
+
+def test_data_path(tmp_path):
+    g = np.random.default_rng(0)
+    x = g.standard_normal((600, 32)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"max_steps: 20\neval_every: 10\nplots: false\nmodel: {{hidden: 16, depth: 1}}\n"
+        f"data: {{path: {tmp_path / 'd.npz'}, n_classes: 2, batch_size: 32}}\n"
+    )
+    out = tmp_path / "f"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert read_metrics(out)[-1]["step"] == 20
+
+
+def test_data_file_that_does_not_fit_the_config(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x=np.zeros((50, 16), np.float32), y=np.zeros(50, np.int64))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{path: {tmp_path / 'd.npz'}}}\n")  # n_features is 32
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "g")]) == 2
+    assert "has 16 features" in capsys.readouterr().err
+    np.savez(tmp_path / "e.npz", inputs=np.zeros((50, 32), np.float32))
+    cfg.write_text(f"data: {{path: {tmp_path / 'e.npz'}}}\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "h")]) == 2
+    assert "arrays named 'x' and 'y'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("max_step: 10\n", "unknown config key 'max_step'; valid keys: out, max_steps, seed"),
+        (
+            "optimizer: {lrate: 0.1}\n",
+            "unknown config key 'optimizer.lrate' in section 'optimizer'; valid keys: name, lr",
+        ),
+        ("max_steps: ten\n", "'max_steps' must be int, got str 'ten'"),
+        (
+            "optimizer: {lr: 3e-3}\n",
+            "'optimizer.lr' must be float, got str '3e-3' (YAML 1.1 reads 3e-3 as a string",
+        ),
+        ("precision: fp8\n", "'precision' must be 'fp32' or 'bf16' or 'fp16'"),
+        ("early_stopping: {patience: 0}\n", "patience must be an int >= 1"),
+        ("schedule: {name: step}\n", "'schedule.step_size' is required by schedule 'step'"),
+        ("data: {path: /no/such/file.npz}\n", "'data.path': no file at '/no/such/file.npz'"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+    ],
+)
+def test_bad_config_exits_2_with_a_clear_message(tmp_path, capsys, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+
+def test_bad_command_line(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--max-steps", "x"]) == 2
+    assert main(["train", "--precision", "fp8"]) == 2
+    assert main(["plot", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no metrics file" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_run_and_an_empty_folder(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    cfg = _small(tmp_path, steps=12)
+    assert main(["train", "--config", cfg, "--out", out, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", cfg, "--out", out, "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--out", out, "--resume", "--seed", "1"]) == 2
+    assert (
+        "holds a different run" in (err := capsys.readouterr().err)
+        and "seed: 0 there, 1 now" in err
+    )
+    assert main(["train", "--config", cfg, "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    # resuming a finished run changes nothing and succeeds
+    before = read_metrics(out)
+    assert main(["train", "--config", cfg, "--out", out, "--resume", "--no-progress"]) == 0
+    assert read_metrics(out) == before
+
+
+def test_config_api_raises_value_error():
+    with pytest.raises(ValueError, match="unknown config key 'model.width'"):
+        config_from_dict({"model": {"width": 3}})
+    with pytest.raises(ConfigError, match="'grad_accum_steps' must be >= 1"):
+        load_config(None, grad_accum_steps=0)
+    assert load_config(None, max_steps=7).max_steps == 7
+
+
+def _start(args, log):
+    # One thread each: the two runs go side by side on two cores without fighting (OpenMP
+    # threads spin), and all three runs reduce in the same order.
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastopt", "train", "--no-progress", *args],
+        cwd=log.parent,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for_step(out: Path, step: int, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return
+        try:
+            if any(r["step"] >= step for r in read_metrics(out)):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"no step {step} in {out} after {timeout} s")
+
+
+def test_sigterm_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    """Real processes, a real SIGTERM mid-epoch: the run writes a checkpoint and exits with
+    128 + SIGTERM; ``--resume`` then ends with the same losses, bit for bit, as a run never
+    stopped (started at the same time, on the other core)."""
+    steps = 400
+    cfg = _small(tmp_path, steps=steps, hidden=128)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    p_full = _start(["--config", cfg, "--out", str(full)], tmp_path / "full.log")
+    p_cut = _start(["--config", cfg, "--out", str(cut)], tmp_path / "cut.log")
+    try:
+        _wait_for_step(cut, 70, p_cut)
+        p_cut.send_signal(signal.SIGTERM)
+        assert p_cut.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "cut.log").read_text()
+        assert p_full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
+    finally:
+        for p in (p_full, p_cut):
+            if p.poll() is None:
+                p.kill()
+    assert "interrupted by SIGTERM" in (tmp_path / "cut.log").read_text()
+    stopped_at = max(int(p.stem[5:]) for p in (cut / "checkpoints").glob("step_*.pt"))
+    assert 70 <= stopped_at < steps
+
+    p_resume = _start(["--config", cfg, "--out", str(cut), "--resume"], tmp_path / "resume.log")
+    assert p_resume.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
+    rows = _rows(cut)
+    assert rows == _rows(full)
+    last = rows[-1]["step"]  # max_steps, or earlier if early stopping ended both runs
+    assert last > stopped_at and "val_loss" in rows[-1]
+    a = load_checkpoint(full / "checkpoints" / f"step_{last:08d}.pt")
+    b = load_checkpoint(cut / "checkpoints" / f"step_{last:08d}.pt")
+    assert a["val_loss"] == b["val_loss"] == rows[-1]["val_loss"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert json.loads((cut / "run.json").read_text())["fingerprint"] == b["fingerprint"]
