@@ -1,0 +1,273 @@
+// AdamW on CUDA: every tensor of a param group in a few multi-tensor launches, with
+// unscaling, clipping, the accumulation factor and the skip on non-finite gradients all
+// decided on the device. The per-element math is csrc/adamw_math.h, shared with the CPU kernel.
+//
+// No host synchronisation: found_inf, grad_scale, grad_norm, lr_tensor and the step counts
+// are read by the kernel from device memory, so the launch can be captured in a CUDA graph.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../adamw_math.h"
+#include "multi_tensor.cuh"
+
+namespace fastopt::cuda {
+namespace {
+
+// Everything but the tensor table, by value.
+struct AdamWScalars {
+  const float* lr_tensor;   // overrides lr when not null
+  const float* grad_scale;  // nullable
+  const float* found_inf;   // nullable; non-zero skips the whole update
+  const float* grad_norm;   // nullable
+  double lr;
+  double beta1;
+  double beta2;
+  double weight_decay;
+  double eps;
+  float max_grad_norm;
+  float grad_factor;
+  bool maximize;
+};
+
+template <bool kAmsgrad>
+using AdamWMeta = TensorListMeta<kAmsgrad ? 5 : 4, /*kWithStep=*/true>;
+
+static_assert(sizeof(AdamWMeta<false>) + sizeof(AdamWScalars) <= kMaxKernelParamBytes);
+static_assert(sizeof(AdamWMeta<true>) + sizeof(AdamWScalars) <= kMaxKernelParamBytes);
+
+// One chunk of one tensor: P the storage dtype of params and moments, G the grads'.
+template <typename P, typename G, bool kAmsgrad>
+struct AdamWOp {
+  static constexpr int kVec = vector_elems<P, G>();
+  static constexpr int kUnroll = unroll_for(kVec, kAmsgrad ? 5 : 4);
+
+  struct Frag {
+    float p[kVec], g[kVec], m[kVec], v[kVec], vmax[kAmsgrad ? kVec : 1];
+  };
+
+  P* __restrict__ param;
+  const G* __restrict__ grad;
+  P* __restrict__ exp_avg;
+  P* __restrict__ exp_avg_sq;
+  P* __restrict__ max_exp_avg_sq;
+  AdamWCoeffs c;
+
+  template <bool kAligned>
+  __device__ __forceinline__ void load(int e, Frag& f) const {
+    load_n<kVec, kAligned>(param + e, f.p);
+    load_n<kVec, kAligned>(grad + e, f.g);
+    load_n<kVec, kAligned>(exp_avg + e, f.m);
+    load_n<kVec, kAligned>(exp_avg_sq + e, f.v);
+    if constexpr (kAmsgrad) load_n<kVec, kAligned>(max_exp_avg_sq + e, f.vmax);
+  }
+  __device__ __forceinline__ void load_partial(int e, int count, Frag& f) const {
+    load_n_partial<kVec>(param + e, count, f.p);
+    load_n_partial<kVec>(grad + e, count, f.g);
+    load_n_partial<kVec>(exp_avg + e, count, f.m);
+    load_n_partial<kVec>(exp_avg_sq + e, count, f.v);
+    if constexpr (kAmsgrad) load_n_partial<kVec>(max_exp_avg_sq + e, count, f.vmax);
+  }
+  __device__ __forceinline__ void compute(Frag& f, int /*u*/) const {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      float unused = 0.f;
+      adamw_math<kAmsgrad>(f.p[j], f.g[j], f.m[j], f.v[j], kAmsgrad ? f.vmax[j] : unused, c);
+    }
+  }
+  template <bool kAligned>
+  __device__ __forceinline__ void store(int e, const Frag& f) const {
+    store_n<kVec, kAligned>(param + e, f.p);
+    store_n<kVec, kAligned>(exp_avg + e, f.m);
+    store_n<kVec, kAligned>(exp_avg_sq + e, f.v);
+    if constexpr (kAmsgrad) store_n<kVec, kAligned>(max_exp_avg_sq + e, f.vmax);
+  }
+  __device__ __forceinline__ void store_partial(int e, int count, const Frag& f) const {
+    store_n_partial<kVec>(param + e, count, f.p);
+    store_n_partial<kVec>(exp_avg + e, count, f.m);
+    store_n_partial<kVec>(exp_avg_sq + e, count, f.v);
+    if constexpr (kAmsgrad) store_n_partial<kVec>(max_exp_avg_sq + e, count, f.vmax);
+  }
+};
+
+// What thread 0 hands the block for one chunk.
+struct ChunkPlan {
+  AdamWCoeffs c;
+  int tensor;
+  int64_t local_chunk;  // the chunk's number within its tensor
+};
+
+template <typename P, typename G, bool kAmsgrad>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
+    adamw_kernel(const AdamWMeta<kAmsgrad> meta, const AdamWScalars s) {
+  // A skipped step returns before touching params or moments.
+  if (s.found_inf != nullptr && *s.found_inf != 0.f) return;
+
+  // Thread 0 computes the tensor and the coefficients (bias corrections in double) of each
+  // chunk, once per tensor, and hands them over through shared memory. Two slots, alternated
+  // per iteration, need one barrier per chunk: a slot is rewritten two iterations later, after
+  // every thread has passed the barrier of the iteration in between.
+  __shared__ ChunkPlan plan[2];
+  float coef = 0.f;
+  double lr = 0.0;
+  int cached_tensor = -1;
+  AdamWCoeffs cached{};
+  if (threadIdx.x == 0) {
+    coef = grad_coefficient(s.grad_scale, s.grad_norm, s.max_grad_norm, s.grad_factor);
+    lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
+  }
+
+  int slot = 0;
+  for (int64_t chunk = blockIdx.x; chunk < meta.num_chunks; chunk += gridDim.x, slot ^= 1) {
+    if (threadIdx.x == 0) {
+      const int t = find_tensor(meta, chunk);
+      if (t != cached_tensor) {
+        cached = adamw_coeffs(lr, s.beta1, s.beta2, s.weight_decay, s.eps,
+                              static_cast<double>(*meta.step[t]), coef, s.maximize);
+        cached_tensor = t;
+      }
+      plan[slot].c = cached;
+      plan[slot].tensor = t;
+      plan[slot].local_chunk = chunk - chunk_start(meta, t);
+    }
+    __syncthreads();
+    const int t = plan[slot].tensor;
+    const int64_t begin = plan[slot].local_chunk * kChunk;
+    const int len = static_cast<int>(std::min<int64_t>(kChunk, meta.numel[t] - begin));
+
+    AdamWOp<P, G, kAmsgrad> op;
+    op.param = static_cast<P*>(meta.ptr[0][t]) + begin;
+    op.grad = static_cast<const G*>(meta.ptr[1][t]) + begin;
+    op.exp_avg = static_cast<P*>(meta.ptr[2][t]) + begin;
+    op.exp_avg_sq = static_cast<P*>(meta.ptr[3][t]) + begin;
+    op.max_exp_avg_sq = nullptr;
+    op.c = plan[slot].c;
+    // Chunk starts are multiples of kChunk elements, so the base pointers decide alignment.
+    bool aligned = aligned16(meta.ptr[0][t]) && aligned16(meta.ptr[1][t]) &&
+                   aligned16(meta.ptr[2][t]) && aligned16(meta.ptr[3][t]);
+    if constexpr (kAmsgrad) {
+      op.max_exp_avg_sq = static_cast<P*>(meta.ptr[4][t]) + begin;
+      aligned = aligned && aligned16(meta.ptr[4][t]);
+    }
+    process_chunk<AdamWOp<P, G, kAmsgrad>::kVec, AdamWOp<P, G, kAmsgrad>::kUnroll>(op, len,
+                                                                                   aligned);
+  }
+}
+
+template <typename P, typename G, bool kAmsgrad>
+void launch_adamw(const std::array<at::TensorList, kAmsgrad ? 5 : 4>& lists,
+                  at::TensorList state_steps, const AdamWScalars& s, cudaStream_t stream) {
+  std::vector<int64_t> all(lists[0].size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+  constexpr auto kernel = adamw_kernel<P, G, kAmsgrad>;
+  multi_tensor_apply<kAmsgrad ? 5 : 4, true>(
+      lists, state_steps, all, [&](const AdamWMeta<kAmsgrad>& meta, int64_t /*first_chunk*/) {
+        const int grid = persistent_grid<kernel>(meta.num_chunks);
+        kernel<<<grid, kBlockThreads, 0, stream>>>(meta, s);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+// Input validation: every message names the argument.
+void check_list(at::TensorList list, const at::Tensor& first, size_t n, at::ScalarType dtype,
+                const char* name) {
+  TORCH_CHECK(list.size() == n, "fastopt.adamw_: ", name, " has ", list.size(),
+              " tensors, expected ", n);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& t = list[i];
+    TORCH_CHECK(t.device() == first.device(), "fastopt.adamw_: ", name, "[", i, "] is on ",
+                t.device(), ", params[0] on ", first.device());
+    TORCH_CHECK(t.scalar_type() == dtype, "fastopt.adamw_: ", name, "[", i, "] is ",
+                t.scalar_type(), ", expected ", dtype);
+    TORCH_CHECK(t.is_contiguous(), "fastopt.adamw_: ", name, "[", i, "] must be contiguous");
+  }
+}
+
+void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                bool maximize, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+                double grad_factor) {
+  const size_t n = params.size();
+  if (n == 0) return;
+  const auto& first = params[0];
+  TORCH_CHECK(first.is_cuda(), "fastopt.adamw_: params[0] is on ", first.device(),
+              ", expected a CUDA device");
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(is_floating(dtype), "fastopt.adamw_: params must be float32, bfloat16 or float16, got ",
+              dtype);
+  check_list(params, first, n, dtype, "params");
+  TORCH_CHECK(grads.size() == n, "fastopt.adamw_: grads has ", grads.size(),
+              " tensors, expected ", n);
+  const auto grad_dtype = grads[0].scalar_type();
+  TORCH_CHECK(grad_dtype == dtype || grad_dtype == at::kFloat, "fastopt.adamw_: grads must be ",
+              dtype, " or float32, got ", grad_dtype);
+  check_list(grads, first, n, grad_dtype, "grads");
+  check_list(exp_avgs, first, n, dtype, "exp_avgs");
+  check_list(exp_avg_sqs, first, n, dtype, "exp_avg_sqs");
+  if (amsgrad) check_list(max_exp_avg_sqs, first, n, dtype, "max_exp_avg_sqs");
+  TORCH_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
+              " tensors, expected ", n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = params[i].numel();
+    TORCH_CHECK(grads[i].numel() == numel && exp_avgs[i].numel() == numel &&
+                    exp_avg_sqs[i].numel() == numel &&
+                    (!amsgrad || max_exp_avg_sqs[i].numel() == numel),
+                "fastopt.adamw_: params[", i, "], grads, exp_avgs and exp_avg_sqs",
+                amsgrad ? " and max_exp_avg_sqs" : "", " differ in size");
+    const auto& step = state_steps[i];
+    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat &&
+                    step.device() == first.device(),
+                "fastopt.adamw_: state_steps[", i, "] must be a one-element float32 tensor on ",
+                first.device(), ", got ", step.sizes(), " of ", step.scalar_type(), " on ",
+                step.device());
+  }
+
+  const c10::Device device = first.device();
+  AdamWScalars s;
+  s.lr_tensor = optional_scalar(lr_tensor, device, "adamw_", "lr_tensor");
+  s.grad_scale = optional_scalar(grad_scale, device, "adamw_", "grad_scale");
+  s.found_inf = optional_scalar(found_inf, device, "adamw_", "found_inf");
+  s.grad_norm = optional_scalar(grad_norm, device, "adamw_", "grad_norm");
+  s.lr = lr;
+  s.beta1 = beta1;
+  s.beta2 = beta2;
+  s.weight_decay = weight_decay;
+  s.eps = eps;
+  s.max_grad_norm = static_cast<float>(max_grad_norm);
+  s.grad_factor = static_cast<float>(grad_factor);
+  s.maximize = maximize;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  dispatch_float_type(dtype, [&](auto p_tag) {
+    using P = decltype(p_tag);
+    auto with_grad = [&](auto g_tag) {
+      using G = decltype(g_tag);
+      if (amsgrad) {
+        launch_adamw<P, G, true>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+                                 state_steps, s, stream);
+      } else {
+        launch_adamw<P, G, false>({params, grads, exp_avgs, exp_avg_sqs}, state_steps, s,
+                                  stream);
+      }
+    };
+    if constexpr (std::is_same_v<P, float>) {
+      with_grad(float{});
+    } else if (grad_dtype == at::kFloat) {
+      with_grad(float{});
+    } else {
+      with_grad(P{});
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fastopt::cuda
+
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) { m.impl("adamw_", &fastopt::cuda::adamw_cuda); }

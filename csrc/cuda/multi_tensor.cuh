@@ -1,0 +1,366 @@
+// Multi-tensor apply: one kernel launch works through many tensors.
+//
+// The host packs every tensor's pointers, element count and running chunk count into a struct
+// passed to the kernel by value (so a launch needs no device-side metadata buffer, no host to
+// device copy, and stays valid inside a CUDA graph). Each tensor is cut into kChunk-element
+// chunks, numbered globally across the launch; a persistent grid walks those chunk numbers with
+// a grid-stride loop and finds the tensor a chunk belongs to by binary search over the
+// cumulative chunk counts. Only the number of tensors per launch is bounded (by the kernel
+// parameter space); chunk counts and offsets are 64-bit, so a tensor of any size fits in one
+// launch.
+//
+// Within a chunk every thread owns a fixed set of elements: vector v of a tile is thread
+// (v % kBlockThreads), unroll slot (v / kBlockThreads), and element j of it is lane j. Where
+// every pointer of a tensor is 16-byte aligned, a vector is one (or two) 16-byte loads; where
+// not, the same elements are loaded one by one. The element-to-thread map does not depend on
+// the alignment, so reductions give the same bits for a tensor wherever it lies in memory.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace fastopt::cuda {
+
+// Threads per block for every multi-tensor kernel. 256 lets two or more blocks share an SM,
+// so one block's chunk set-up (tensor search, bias corrections, the barrier) overlaps another
+// block's memory traffic.
+constexpr int kBlockThreads = 256;
+
+// __launch_bounds__ minimum of resident blocks per SM: 2 caps the kernels at 128 registers
+// (64 Ki / (2 * 256)). With the block size alone ptxas picked register targets of its own (80
+// for some AdamW variants) and spilled; with this it gets 128 and spills nothing.
+constexpr int kMinBlocksPerSM = 2;
+
+// Elements per chunk, the unit of work of one block-iteration (and of one norm partial). 64 Ki
+// elements is 16 tiles of the fp32 AdamW body: big enough that the per-chunk set-up is noise,
+// small enough that a few hundred small tensors beside a big one still spread over every SM.
+constexpr int kChunk = 1 << 16;
+
+// Kernel parameter space: 32764 bytes since CUDA 12.1 on Volta and newer (the old limit was
+// 4096). kReservedParamBytes leaves room for a kernel's other, scalar arguments; every launch
+// site static_asserts that its arguments fit.
+constexpr int kMaxKernelParamBytes = 32764;
+constexpr int kReservedParamBytes = 256;
+
+// The per-launch tensor table, as structure-of-arrays so the padding is nil. Per tensor:
+// kDepth data pointers (8 B each), the element count (8 B), the cumulative chunk count (8 B)
+// and, for AdamW, the pointer to its float32 step count (8 B). Capacity =
+// (32764 - 256 reserved - 16 header) / bytes per tensor:
+//   AdamW (p, g, m, v, step)          : 56 B -> 580 tensors per launch
+//   AdamW amsgrad (+ max_exp_avg_sq)  : 64 B -> 507
+//   accumulate (acc, grad)            : 32 B -> 1015
+//   norm (x)                          : 24 B -> 1353
+// so a model of 5000 tensors takes about ten AdamW launches.
+template <int kDepth, bool kWithStep>
+struct TensorListMeta {
+  static constexpr int kBytesPerTensor = 8 * kDepth + 8 + 8 + (kWithStep ? 8 : 0);
+  static constexpr int kCapacity =
+      (kMaxKernelParamBytes - kReservedParamBytes - 16) / kBytesPerTensor;
+
+  void* ptr[kDepth][kCapacity];
+  int64_t numel[kCapacity];
+  int64_t chunk_end[kCapacity];  // chunks of tensors 0..t of this launch, inclusive
+  const float* step[kWithStep ? kCapacity : 1];
+  int64_t num_chunks;  // == chunk_end[num_tensors - 1]
+  int32_t num_tensors;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Launch geometry: the one place block and grid sizes are chosen.
+
+inline int multiprocessor_count(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  if (device < 0 || device >= static_cast<int>(cache.size())) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Blocks of kBlockThreads that fit on one SM at kKernel's register and shared-memory use, from
+// the occupancy calculator (queried once per kernel; every GPU these kernels are built for has
+// the same 64 Ki registers per SM, so the answer does not depend on the device).
+template <auto kKernel>
+int blocks_per_multiprocessor() {
+  static const int blocks = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kBlockThreads, 0));
+    return std::max(n, 1);
+  }();
+  return blocks;
+}
+
+// A persistent grid: as many blocks as are resident at once on the current device (SMs times
+// blocks per SM), never more than there are chunks. Each block loops over chunks, so any grid
+// size is correct; this one fills the GPU with one wave and no tail wave.
+template <auto kKernel>
+int persistent_grid(int64_t num_chunks) {
+  const int64_t resident = static_cast<int64_t>(multiprocessor_count(c10::cuda::current_device())) *
+                           blocks_per_multiprocessor<kKernel>();
+  return static_cast<int>(std::max<int64_t>(1, std::min(num_chunks, resident)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: packing tensor lists into TensorListMeta launches.
+
+// Calls launch(meta, first_chunk) once per TensorListMeta::kCapacity non-empty tensors among
+// lists[*][indices[i]], in order. first_chunk is the global number of the launch's first chunk
+// (over all launches of this call), for kernels that write one result per chunk.
+template <int kDepth, bool kWithStep, typename Launch>
+void multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists, at::TensorList steps,
+                        const std::vector<int64_t>& indices, Launch&& launch) {
+  using Meta = TensorListMeta<kDepth, kWithStep>;
+  Meta meta;
+  meta.num_tensors = 0;
+  meta.num_chunks = 0;
+  int64_t first_chunk = 0;
+  for (const int64_t i : indices) {
+    const int64_t n = lists[0][i].numel();
+    if (n == 0) continue;
+    const int k = meta.num_tensors;
+    for (int d = 0; d < kDepth; ++d) meta.ptr[d][k] = lists[d][i].data_ptr();
+    meta.numel[k] = n;
+    meta.num_chunks += (n + kChunk - 1) / kChunk;
+    meta.chunk_end[k] = meta.num_chunks;
+    if constexpr (kWithStep) meta.step[k] = steps[i].const_data_ptr<float>();
+    meta.num_tensors = k + 1;
+    if (meta.num_tensors == Meta::kCapacity) {
+      launch(meta, first_chunk);
+      first_chunk += meta.num_chunks;
+      meta.num_tensors = 0;
+      meta.num_chunks = 0;
+    }
+  }
+  if (meta.num_tensors > 0) launch(meta, first_chunk);
+}
+
+inline int64_t count_chunks(at::TensorList list) {
+  int64_t chunks = 0;
+  for (const auto& t : list) chunks += (t.numel() + kChunk - 1) / kChunk;
+  return chunks;
+}
+
+// Indices of list's tensors grouped by dtype (float, bfloat16, half), list order kept within a
+// group: each group is launched with its own kernel instantiation.
+inline std::array<std::vector<int64_t>, 3> group_by_dtype(at::TensorList list) {
+  std::array<std::vector<int64_t>, 3> groups;
+  for (int64_t i = 0; i < static_cast<int64_t>(list.size()); ++i) {
+    const auto dt = list[i].scalar_type();
+    groups[dt == at::kFloat ? 0 : dt == at::kBFloat16 ? 1 : 2].push_back(i);
+  }
+  return groups;
+}
+
+// Calls f(T{}) with the storage type of dtype (float, bfloat16 or half; checked beforehand).
+template <typename F>
+void dispatch_float_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: return f(c10::Half{});
+  }
+}
+
+inline bool is_floating(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
+}
+
+// Reads an optional one-element float32 tensor on `device` as a device pointer (nullptr when
+// absent).
+inline const float* optional_scalar(const std::optional<at::Tensor>& t, const c10::Device& device,
+                                    const char* op, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "fastopt.", op, ": ", name,
+              " must be a one-element float32 tensor, got ", t->sizes(), " of ",
+              t->scalar_type());
+  TORCH_CHECK(t->device() == device, "fastopt.", op, ": ", name, " is on ", t->device(),
+              ", expected ", device);
+  return t->const_data_ptr<float>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device side.
+
+// The tensor that global chunk `chunk` of this launch belongs to: the first t with
+// chunk_end[t] > chunk. Uniform across the block; the table is read from parameter space.
+template <typename Meta>
+__device__ __forceinline__ int find_tensor(const Meta& meta, int64_t chunk) {
+  int lo = 0;
+  int hi = meta.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (meta.chunk_end[mid] > chunk) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+template <typename Meta>
+__device__ __forceinline__ int64_t chunk_start(const Meta& meta, int t) {
+  return t == 0 ? 0 : meta.chunk_end[t - 1];
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// Storage <-> fp32 conversions. c10's types round to nearest even on the way down, like torch.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(c10::Half x) { return static_cast<float>(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  return static_cast<T>(x);
+}
+
+// N consecutive elements at p, upcast to fp32. kAligned: p is 16-byte aligned and N elements
+// are a whole number of 16-byte words, each loaded with one 128-bit load.
+template <int N, bool kAligned, typename T>
+__device__ __forceinline__ void load_n(const T* __restrict__ p, float (&out)[N]) {
+  if constexpr (kAligned) {
+    constexpr int kPerWord = 16 / sizeof(T);
+    static_assert(N % kPerWord == 0, "a vector must be whole 16-byte words");
+#pragma unroll
+    for (int w = 0; w < N / kPerWord; ++w) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[w];
+      T vals[kPerWord];
+      memcpy(vals, &raw, sizeof(raw));
+#pragma unroll
+      for (int j = 0; j < kPerWord; ++j) out[w * kPerWord + j] = to_float(vals[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(p[j]);
+  }
+}
+
+// The first `count` (< N, may be <= 0) elements at p; the rest of out is zero.
+template <int N, typename T>
+__device__ __forceinline__ void load_n_partial(const T* __restrict__ p, int count,
+                                               float (&out)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = j < count ? to_float(p[j]) : 0.f;
+}
+
+template <int N, bool kAligned, typename T>
+__device__ __forceinline__ void store_n(T* __restrict__ p, const float (&in)[N]) {
+  if constexpr (kAligned) {
+    constexpr int kPerWord = 16 / sizeof(T);
+    static_assert(N % kPerWord == 0, "a vector must be whole 16-byte words");
+#pragma unroll
+    for (int w = 0; w < N / kPerWord; ++w) {
+      T vals[kPerWord];
+#pragma unroll
+      for (int j = 0; j < kPerWord; ++j) vals[j] = from_float<T>(in[w * kPerWord + j]);
+      uint4 raw;
+      memcpy(&raw, vals, sizeof(raw));
+      reinterpret_cast<uint4*>(p)[w] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) p[j] = from_float<T>(in[j]);
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_n_partial(T* __restrict__ p, int count,
+                                                const float (&in)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (j < count) p[j] = from_float<T>(in[j]);
+  }
+}
+
+// Runs Op over one chunk of `len` (<= kChunk) elements, in tiles of kVec * kUnroll *
+// kBlockThreads. Per tile, each thread first issues the loads of all kUnroll vectors (so
+// kUnroll x streams independent 16-byte loads are in flight before the first use), then
+// computes and stores them. kFull (len == kChunk) drops every bounds check. Op provides:
+//   Frag                                    per-vector fp32 registers of every stream
+//   load<kAligned>(e, frag)                 kVec elements from element e of the chunk
+//   load_partial(e, count, frag)            count (< kVec, maybe <= 0) of them, zeros after
+//   compute(frag, u)                        u: the unroll slot, a compile-time constant
+//   store<kAligned>(e, frag), store_partial(e, count, frag)
+template <int kVec, int kUnroll, bool kAligned, bool kFull, typename Op>
+__device__ __forceinline__ void chunk_tiles(Op& op, int len) {
+  constexpr int kTile = kVec * kUnroll * kBlockThreads;
+  static_assert(kChunk % kTile == 0, "a full chunk must be whole tiles");
+  for (int tile = 0; tile < len; tile += kTile) {
+    typename Op::Frag frag[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int e = tile + (u * kBlockThreads + static_cast<int>(threadIdx.x)) * kVec;
+      if (kFull || e + kVec <= len) {
+        op.template load<kAligned>(e, frag[u]);
+      } else {
+        op.load_partial(e, len - e, frag[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int e = tile + (u * kBlockThreads + static_cast<int>(threadIdx.x)) * kVec;
+      op.compute(frag[u], u);
+      if (kFull || e + kVec <= len) {
+        op.template store<kAligned>(e, frag[u]);
+      } else if (e < len) {
+        op.store_partial(e, len - e, frag[u]);
+      }
+    }
+  }
+}
+
+// One chunk: the 16-byte path when the tensor's pointers all are 16-byte aligned, the
+// element-by-element path (same element-to-thread map) when not.
+template <int kVec, int kUnroll, typename Op>
+__device__ __forceinline__ void process_chunk(Op& op, int len, bool aligned) {
+  if (aligned) {
+    if (len == kChunk) {
+      chunk_tiles<kVec, kUnroll, true, true>(op, len);
+    } else {
+      chunk_tiles<kVec, kUnroll, true, false>(op, len);
+    }
+  } else {
+    chunk_tiles<kVec, kUnroll, false, false>(op, len);
+  }
+}
+
+// Elements of one vector: 16 bytes of the narrowest stream, so its loads are whole words.
+template <typename A, typename B>
+constexpr int vector_elems() {
+  return 16 / static_cast<int>(sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
+}
+
+// Vectors each thread loads before computing any, per tile: as many as keep about 64 fp32
+// values of data in registers (kVec elements times `streams` arrays per vector), rounded down
+// to a power of two so that tiles divide kChunk. fp32 AdamW: 4 (16 x 16-byte loads in flight
+// per thread); fp32 AdamW amsgrad: 2 (10 loads); 16-bit AdamW: 2 (8 to 10 loads); 16-bit
+// amsgrad: 1 (5 or 6 loads). More would push the kernels past 128 registers, where ptxas
+// spills rather than give up two blocks per SM.
+constexpr int unroll_for(int vec, int streams) {
+  int budget = 64 / (vec * streams);
+  int unroll = 1;
+  while (unroll * 2 <= budget) unroll *= 2;
+  return unroll;
+}
+
+}  // namespace fastopt::cuda

@@ -1,0 +1,324 @@
+// Multi-tensor global norm with a non-finite flag, and the loss-scale update, on CUDA.
+//
+// The norm is deterministic: each chunk's partial (sum of |x|^p, or max |x|) is reduced by one
+// block in a fixed order and written to its own slot of a buffer; a second, single-block kernel
+// combines the slots in a fixed order (in double) and writes the norm and the flag. No atomics,
+// so the result does not depend on the grid size or on scheduling, and no host sync.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <math_constants.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "../adamw_math.h"
+#include "multi_tensor.cuh"
+
+namespace fastopt::cuda {
+namespace {
+
+enum class NormKind : int { kL2, kL1, kInf, kP };
+
+using NormMeta = TensorListMeta<1, /*kWithStep=*/false>;
+static_assert(sizeof(NormMeta) + 3 * sizeof(int64_t) <= kMaxKernelParamBytes);
+
+// Per-chunk partial of one tensor of storage type T. Each thread keeps kUnroll * kVec
+// independent fp32 accumulators (element e of the chunk always lands in the same one), so a
+// chunk sums 8 terms per accumulator before the fixed-order combine: no long serial chains.
+template <typename T, NormKind kKind>
+struct NormOp {
+  static constexpr int kVec = vector_elems<T, T>();
+  static constexpr int kUnroll = unroll_for(kVec, 2);  // data plus as many accumulators
+
+  struct Frag {
+    float x[kVec];
+  };
+
+  const T* __restrict__ x;
+  float p;
+  float acc[kUnroll][kVec];
+  bool nonfinite;
+
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[u][j] = 0.f;
+    }
+    nonfinite = false;
+  }
+  template <bool kAligned>
+  __device__ __forceinline__ void load(int e, Frag& f) const {
+    load_n<kVec, kAligned>(x + e, f.x);
+  }
+  __device__ __forceinline__ void load_partial(int e, int count, Frag& f) const {
+    load_n_partial<kVec>(x + e, count, f.x);  // zeros beyond: they add nothing, max nothing
+  }
+  __device__ __forceinline__ void compute(Frag& f, int u) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      // An explicit test, not overflow of the sum: 3e38 is finite though its square is not.
+      nonfinite = nonfinite || !isfinite(f.x[j]);
+      const float a = fabsf(f.x[j]);
+      float& s = acc[u][j];
+      if constexpr (kKind == NormKind::kL2) s = s + a * a;
+      if constexpr (kKind == NormKind::kL1) s = s + a;
+      if constexpr (kKind == NormKind::kInf) s = a > s ? a : s;  // NaN never wins; see below
+      if constexpr (kKind == NormKind::kP) s = s + powf(a, p);
+    }
+  }
+  template <bool kAligned>
+  __device__ __forceinline__ void store(int, const Frag&) const {}
+  __device__ __forceinline__ void store_partial(int, int, const Frag&) const {}
+
+  static __device__ __forceinline__ float combine(float a, float b) {
+    if constexpr (kKind == NormKind::kInf) return b > a ? b : a;
+    return a + b;
+  }
+  __device__ __forceinline__ float thread_value() const {
+    float v = acc[0][0];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        if (u != 0 || j != 0) v = combine(v, acc[u][j]);
+      }
+    }
+    return v;
+  }
+};
+
+// Fixed-order block reduction (shuffle tree in each warp, then warp 0 over the warp results);
+// the result is valid in thread 0. `scratch` holds kBlockThreads / 32 values and may be reused
+// once every thread has passed a barrier after this call.
+template <typename V, typename Combine>
+__device__ __forceinline__ V block_reduce(V v, V* scratch, Combine combine) {
+  constexpr int kWarps = kBlockThreads / 32;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = combine(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? scratch[lane] : scratch[0];
+#pragma unroll
+    for (int offset = kWarps / 2; offset > 0; offset >>= 1) {
+      const V other = __shfl_down_sync(0xffffffffu, v, offset);
+      v = combine(v, other);
+    }
+  }
+  return v;
+}
+
+// One partial per chunk: partials[first_chunk + c] is the chunk's value and
+// partials[total_chunks + first_chunk + c] its non-finite flag (0 or 1).
+template <typename T, NormKind kKind>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
+    norm_chunk_kernel(const NormMeta meta, float* __restrict__ partials, int64_t total_chunks,
+                      int64_t first_chunk, float p) {
+  __shared__ float scratch[kBlockThreads / 32];
+  using Op = NormOp<T, kKind>;
+  for (int64_t chunk = blockIdx.x; chunk < meta.num_chunks; chunk += gridDim.x) {
+    const int t = find_tensor(meta, chunk);
+    const int64_t begin = (chunk - chunk_start(meta, t)) * kChunk;
+    const int len = static_cast<int>(std::min<int64_t>(kChunk, meta.numel[t] - begin));
+    Op op;
+    op.x = static_cast<const T*>(meta.ptr[0][t]) + begin;
+    op.p = p;
+    op.reset();
+    process_chunk<Op::kVec, Op::kUnroll>(op, len, aligned16(meta.ptr[0][t]));
+    const float v = block_reduce(op.thread_value(), scratch, Op::combine);
+    // Also the barrier after which `scratch` may be rewritten by the next chunk.
+    const bool nonfinite = __syncthreads_or(op.nonfinite);
+    if (threadIdx.x == 0) {
+      partials[first_chunk + chunk] = v;
+      partials[total_chunks + first_chunk + chunk] = nonfinite ? 1.f : 0.f;
+    }
+  }
+}
+
+constexpr int kFinalThreads = 512;
+
+// Combines the partials in double, in an order fixed by kFinalThreads alone, and writes the
+// norm and the flag. An empty list (num_partials == 0) gives 0 and 0.
+__global__ void __launch_bounds__(kFinalThreads)
+    norm_finalize_kernel(const float* __restrict__ partials, int64_t num_partials, int kind_int,
+                         double norm_type, float* __restrict__ norm_out,
+                         float* __restrict__ found_inf_out) {
+  const NormKind kind = static_cast<NormKind>(kind_int);
+  const bool is_max = kind == NormKind::kInf;
+  double acc = 0.0;
+  bool nonfinite = false;
+  for (int64_t i = threadIdx.x; i < num_partials; i += kFinalThreads) {
+    const double v = partials[i];
+    acc = is_max ? (v > acc ? v : acc) : acc + v;
+    nonfinite = nonfinite || partials[num_partials + i] != 0.f;
+  }
+  // Fixed-order tree: shuffles within each warp, then warp 0 over the 16 warp results.
+  __shared__ double scratch[kFinalThreads / 32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const double other = __shfl_down_sync(0xffffffffu, acc, offset);
+    acc = is_max ? (other > acc ? other : acc) : acc + other;
+  }
+  if (lane == 0) scratch[warp] = acc;
+  nonfinite = __syncthreads_or(nonfinite);
+  if (threadIdx.x != 0) return;
+  double total = scratch[0];
+  for (int w = 1; w < kFinalThreads / 32; ++w) {
+    total = is_max ? (scratch[w] > total ? scratch[w] : total) : total + scratch[w];
+  }
+  double norm = total;
+  if (kind == NormKind::kL2) norm = sqrt(total);
+  if (kind == NormKind::kP) norm = pow(total, 1.0 / norm_type);
+  // A NaN never wins a max, so the inf-norm of data holding NaN would come out finite: make it
+  // NaN, as torch's is. The other norms carry NaN and inf through their sums by themselves.
+  if (kind == NormKind::kInf && nonfinite && !isinf(norm)) norm = CUDART_NAN;
+  *norm_out = static_cast<float>(norm);
+  *found_inf_out = nonfinite ? 1.f : 0.f;
+}
+
+template <typename T, NormKind kKind>
+void launch_norm_chunks(at::TensorList tensors, const std::vector<int64_t>& indices,
+                        float* partials, int64_t total_chunks, int64_t group_first_chunk,
+                        float p, cudaStream_t stream) {
+  constexpr auto kernel = norm_chunk_kernel<T, kKind>;
+  multi_tensor_apply<1, false>(
+      {tensors}, {}, indices, [&](const NormMeta& meta, int64_t first_chunk) {
+        const int grid = persistent_grid<kernel>(meta.num_chunks);
+        kernel<<<grid, kBlockThreads, 0, stream>>>(meta, partials, total_chunks,
+                                                   group_first_chunk + first_chunk, p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void check_tensors(at::TensorList list, const c10::Device& device, const char* op,
+                   const char* name) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const auto& t = list[i];
+    TORCH_CHECK(is_floating(t.scalar_type()), "fastopt.", op, ": ", name, "[", i,
+                "] must be float32, bfloat16 or float16, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == device, "fastopt.", op, ": ", name, "[", i, "] is on ",
+                t.device(), ", expected ", device);
+    TORCH_CHECK(t.is_contiguous(), "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors,
+                                                          double norm_type) {
+  if (tensors.empty()) {  // as the reference: (0, 0) on the CPU
+    auto zero = at::zeros({}, at::TensorOptions().dtype(at::kFloat));
+    return {zero, zero.clone()};
+  }
+  const c10::Device device = tensors[0].device();
+  TORCH_CHECK(device.is_cuda(), "fastopt.multi_tensor_norm: tensors[0] is on ", device,
+              ", expected a CUDA device");
+  check_tensors(tensors, device, "multi_tensor_norm", "tensors");
+  // Other orders (0, -inf, negative p) are computed by the Python side with torch's norm.
+  TORCH_CHECK(norm_type > 0,
+              "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ", norm_type);
+  NormKind kind = NormKind::kP;
+  if (std::isinf(norm_type)) {
+    kind = NormKind::kInf;
+  } else if (norm_type == 2.0) {
+    kind = NormKind::kL2;
+  } else if (norm_type == 1.0) {
+    kind = NormKind::kL1;
+  }
+  const float p = static_cast<float>(norm_type);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
+  const int64_t total_chunks = count_chunks(tensors);
+  at::Tensor partials = at::empty({2 * total_chunks}, opts);
+  at::Tensor norm = at::empty({}, opts);
+  at::Tensor found_inf = at::empty({}, opts);
+
+  // One set of launches per dtype; the groups' partials sit one after another in chunk order.
+  const auto groups = group_by_dtype(tensors);
+  int64_t group_first_chunk = 0;
+  for (const auto& indices : groups) {
+    if (indices.empty()) continue;
+    dispatch_float_type(tensors[indices[0]].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      float* out = partials.data_ptr<float>();
+      switch (kind) {
+        case NormKind::kL2:
+          launch_norm_chunks<T, NormKind::kL2>(tensors, indices, out, total_chunks,
+                                               group_first_chunk, p, stream);
+          break;
+        case NormKind::kL1:
+          launch_norm_chunks<T, NormKind::kL1>(tensors, indices, out, total_chunks,
+                                               group_first_chunk, p, stream);
+          break;
+        case NormKind::kInf:
+          launch_norm_chunks<T, NormKind::kInf>(tensors, indices, out, total_chunks,
+                                                group_first_chunk, p, stream);
+          break;
+        case NormKind::kP:
+          launch_norm_chunks<T, NormKind::kP>(tensors, indices, out, total_chunks,
+                                              group_first_chunk, p, stream);
+          break;
+      }
+    });
+    for (const int64_t i : indices) group_first_chunk += (tensors[i].numel() + kChunk - 1) / kChunk;
+  }
+
+  norm_finalize_kernel<<<1, kFinalThreads, 0, stream>>>(
+      partials.const_data_ptr<float>(), total_chunks, static_cast<int>(kind), norm_type,
+      norm.data_ptr<float>(), found_inf.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {norm, found_inf};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loss-scale update: one thread runs fastopt::update_scale, the CPU kernel's rule.
+
+__global__ void update_scale_kernel(float* scale, int32_t* growth_tracker,
+                                    const float* found_inf, float growth_factor,
+                                    float backoff_factor, int64_t growth_interval) {
+  update_scale(scale, growth_tracker, *found_inf, growth_factor, backoff_factor,
+               growth_interval);
+}
+
+void update_scale_cuda(at::Tensor& scale, at::Tensor& growth_tracker, const at::Tensor& found_inf,
+                       double growth_factor, double backoff_factor, int64_t growth_interval) {
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat,
+              "fastopt.update_scale_: scale must be a one-element float32 tensor");
+  TORCH_CHECK(growth_tracker.numel() == 1 && growth_tracker.scalar_type() == at::kInt,
+              "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor");
+  TORCH_CHECK(found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat,
+              "fastopt.update_scale_: found_inf must be a one-element float32 tensor");
+  const c10::Device device = scale.device();
+  TORCH_CHECK(device.is_cuda(), "fastopt.update_scale_: scale is on ", device,
+              ", expected a CUDA device");
+  TORCH_CHECK(growth_tracker.device() == device, "fastopt.update_scale_: growth_tracker is on ",
+              growth_tracker.device(), ", scale on ", device);
+  TORCH_CHECK(found_inf.device() == device, "fastopt.update_scale_: found_inf is on ",
+              found_inf.device(), ", scale on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  update_scale_kernel<<<1, 1, 0, stream>>>(
+      scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(),
+      found_inf.const_data_ptr<float>(), static_cast<float>(growth_factor),
+      static_cast<float>(backoff_factor), growth_interval);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace fastopt::cuda
+
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("multi_tensor_norm", &fastopt::cuda::multi_tensor_norm_cuda);
+  m.impl("update_scale_", &fastopt::cuda::update_scale_cuda);
+}
