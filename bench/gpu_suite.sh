@@ -16,8 +16,8 @@ FASTOPT_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" $python -m pip install -q --no-build-is
   2>&1 | tee "$log_dir/build.log"
 $python -m fastopt info | tee "$log_dir/info.txt"
 
-echo "== tests"
-$python -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$log_dir/tests.log"
+echo "== GPU tests (the CPU-only ones run in CI)"
+$python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$log_dir/tests.log"
 
 echo "== benchmark"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \

@@ -199,8 +199,8 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   TORCH_CHECK(first.is_cuda(), "fastopt.adamw_: params[0] is on ", first.device(),
               ", expected a CUDA device");
   const auto dtype = first.scalar_type();
-  TORCH_CHECK(is_floating(dtype), "fastopt.adamw_: params must be float32, bfloat16 or float16, got ",
-              dtype);
+  TORCH_CHECK(is_floating(dtype),
+              "fastopt.adamw_: params must be float32, bfloat16 or float16, got ", dtype);
   check_list(params, first, n, dtype, "params");
   TORCH_CHECK(grads.size() == n, "fastopt.adamw_: grads has ", grads.size(),
               " tensors, expected ", n);
