@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../adamw_math.h"
+#include "../checks.h"
 #include "cpu_common.h"
 
 namespace fastopt::cpu {
@@ -46,20 +47,6 @@ void dispatch_param_grad(at::ScalarType param, at::ScalarType grad, F&& f) {
   }
 }
 
-void check_list(at::TensorList list, const at::Tensor& first, size_t n, at::ScalarType dtype,
-                const char* name) {
-  TORCH_CHECK(list.size() == n, "fastopt.adamw_: ", name, " has ", list.size(),
-              " tensors, expected ", n);
-  for (size_t i = 0; i < n; ++i) {
-    const auto& t = list[i];
-    TORCH_CHECK(t.device() == first.device(), "fastopt.adamw_: ", name, "[", i, "] is on ",
-                t.device(), ", params[0] on ", first.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "fastopt.adamw_: ", name, "[", i, "] is ",
-                t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.is_contiguous(), "fastopt.adamw_: ", name, "[", i, "] must be contiguous");
-  }
-}
-
 void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
@@ -70,29 +57,10 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                double grad_factor) {
   const size_t n = params.size();
   if (n == 0) return;
-  const auto& first = params[0];
-  const auto dtype = first.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "fastopt.adamw_: params must be float32, bfloat16 or float16, got ", dtype);
-  check_list(params, first, n, dtype, "params");
-  TORCH_CHECK(grads.size() == n, "fastopt.adamw_: grads has ", grads.size(),
-              " tensors, expected ", n);
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
+                     c10::DeviceType::CPU);
+  const auto dtype = params[0].scalar_type();
   const auto grad_dtype = grads[0].scalar_type();
-  TORCH_CHECK(grad_dtype == dtype || grad_dtype == at::kFloat, "fastopt.adamw_: grads must be ",
-              dtype, " or float32, got ", grad_dtype);
-  check_list(grads, first, n, grad_dtype, "grads");
-  check_list(exp_avgs, first, n, dtype, "exp_avgs");
-  check_list(exp_avg_sqs, first, n, dtype, "exp_avg_sqs");
-  if (amsgrad) check_list(max_exp_avg_sqs, first, n, dtype, "max_exp_avg_sqs");
-  TORCH_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
-              " tensors, expected ", n);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(params[i].numel() == grads[i].numel() && params[i].numel() == exp_avgs[i].numel() &&
-                    params[i].numel() == exp_avg_sqs[i].numel(),
-                "fastopt.adamw_: params[", i, "], grads, exp_avgs and exp_avg_sqs differ in size");
-    TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].device().is_cpu(),
-                "fastopt.adamw_: state_steps[", i, "] must be a one-element CPU tensor");
-  }
 
   const float* inf = optional_scalar(found_inf, "found_inf");
   if (inf != nullptr && *inf != 0.f) return;  // a skipped step touches nothing

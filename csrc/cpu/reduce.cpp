@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "../adamw_math.h"
+#include "../checks.h"
 #include "cpu_common.h"
 
 namespace fastopt::cpu {
@@ -199,12 +200,7 @@ void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha, boo
 
 void update_scale_cpu(at::Tensor& scale, at::Tensor& growth_tracker, const at::Tensor& found_inf,
                       double growth_factor, double backoff_factor, int64_t growth_interval) {
-  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat,
-              "fastopt.update_scale_: scale must be a one-element float32 tensor");
-  TORCH_CHECK(growth_tracker.numel() == 1 && growth_tracker.scalar_type() == at::kInt,
-              "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor");
-  TORCH_CHECK(found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat,
-              "fastopt.update_scale_: found_inf must be a one-element float32 tensor");
+  check_update_scale_inputs(scale, growth_tracker, found_inf, c10::DeviceType::CPU);
   update_scale(scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(),
                *found_inf.const_data_ptr<float>(), static_cast<float>(growth_factor),
                static_cast<float>(backoff_factor), growth_interval);

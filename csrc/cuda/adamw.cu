@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../adamw_math.h"
+#include "../checks.h"
 #include "multi_tensor.cuh"
 
 namespace fastopt::cuda {
@@ -170,21 +171,6 @@ void launch_adamw(const std::array<at::TensorList, kAmsgrad ? 5 : 4>& lists,
       });
 }
 
-// Input validation: every message names the argument.
-void check_list(at::TensorList list, const at::Tensor& first, size_t n, at::ScalarType dtype,
-                const char* name) {
-  TORCH_CHECK(list.size() == n, "fastopt.adamw_: ", name, " has ", list.size(),
-              " tensors, expected ", n);
-  for (size_t i = 0; i < n; ++i) {
-    const auto& t = list[i];
-    TORCH_CHECK(t.device() == first.device(), "fastopt.adamw_: ", name, "[", i, "] is on ",
-                t.device(), ", params[0] on ", first.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "fastopt.adamw_: ", name, "[", i, "] is ",
-                t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.is_contiguous(), "fastopt.adamw_: ", name, "[", i, "] must be contiguous");
-  }
-}
-
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                 at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                 at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
@@ -196,38 +182,10 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   const size_t n = params.size();
   if (n == 0) return;
   const auto& first = params[0];
-  TORCH_CHECK(first.is_cuda(), "fastopt.adamw_: params[0] is on ", first.device(),
-              ", expected a CUDA device");
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
+                     c10::DeviceType::CUDA);
   const auto dtype = first.scalar_type();
-  TORCH_CHECK(is_floating(dtype),
-              "fastopt.adamw_: params must be float32, bfloat16 or float16, got ", dtype);
-  check_list(params, first, n, dtype, "params");
-  TORCH_CHECK(grads.size() == n, "fastopt.adamw_: grads has ", grads.size(),
-              " tensors, expected ", n);
   const auto grad_dtype = grads[0].scalar_type();
-  TORCH_CHECK(grad_dtype == dtype || grad_dtype == at::kFloat, "fastopt.adamw_: grads must be ",
-              dtype, " or float32, got ", grad_dtype);
-  check_list(grads, first, n, grad_dtype, "grads");
-  check_list(exp_avgs, first, n, dtype, "exp_avgs");
-  check_list(exp_avg_sqs, first, n, dtype, "exp_avg_sqs");
-  if (amsgrad) check_list(max_exp_avg_sqs, first, n, dtype, "max_exp_avg_sqs");
-  TORCH_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
-              " tensors, expected ", n);
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel();
-    TORCH_CHECK(grads[i].numel() == numel && exp_avgs[i].numel() == numel &&
-                    exp_avg_sqs[i].numel() == numel &&
-                    (!amsgrad || max_exp_avg_sqs[i].numel() == numel),
-                "fastopt.adamw_: params[", i, "], grads, exp_avgs and exp_avg_sqs",
-                amsgrad ? " and max_exp_avg_sqs" : "", " differ in size");
-    const auto& step = state_steps[i];
-    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat &&
-                    step.device() == first.device(),
-                "fastopt.adamw_: state_steps[", i, "] must be a one-element float32 tensor on ",
-                first.device(), ", got ", step.sizes(), " of ", step.scalar_type(), " on ",
-                step.device());
-  }
-
   const c10::Device device = first.device();
   AdamWScalars s;
   s.lr_tensor = optional_scalar(lr_tensor, device, "adamw_", "lr_tensor");

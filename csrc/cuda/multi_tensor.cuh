@@ -31,6 +31,8 @@
 #include <optional>
 #include <vector>
 
+#include "../checks.h"
+
 namespace fastopt::cuda {
 
 // Threads per block for every multi-tensor kernel. 256 lets two or more blocks share an SM,
@@ -177,10 +179,6 @@ void dispatch_float_type(at::ScalarType dtype, F&& f) {
     case at::kBFloat16: return f(c10::BFloat16{});
     default: return f(c10::Half{});
   }
-}
-
-inline bool is_floating(at::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
 }
 
 // Reads an optional one-element float32 tensor on `device` as a device pointer (nullptr when

@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "../adamw_math.h"
+#include "../checks.h"
 #include "multi_tensor.cuh"
 
 namespace fastopt::cuda {
@@ -293,19 +294,8 @@ __global__ void update_scale_kernel(float* scale, int32_t* growth_tracker,
 
 void update_scale_cuda(at::Tensor& scale, at::Tensor& growth_tracker, const at::Tensor& found_inf,
                        double growth_factor, double backoff_factor, int64_t growth_interval) {
-  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat,
-              "fastopt.update_scale_: scale must be a one-element float32 tensor");
-  TORCH_CHECK(growth_tracker.numel() == 1 && growth_tracker.scalar_type() == at::kInt,
-              "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor");
-  TORCH_CHECK(found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat,
-              "fastopt.update_scale_: found_inf must be a one-element float32 tensor");
+  check_update_scale_inputs(scale, growth_tracker, found_inf, c10::DeviceType::CUDA);
   const c10::Device device = scale.device();
-  TORCH_CHECK(device.is_cuda(), "fastopt.update_scale_: scale is on ", device,
-              ", expected a CUDA device");
-  TORCH_CHECK(growth_tracker.device() == device, "fastopt.update_scale_: growth_tracker is on ",
-              growth_tracker.device(), ", scale on ", device);
-  TORCH_CHECK(found_inf.device() == device, "fastopt.update_scale_: found_inf is on ",
-              found_inf.device(), ", scale on ", device);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   update_scale_kernel<<<1, 1, 0, stream>>>(
