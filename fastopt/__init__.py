@@ -1,7 +1,6 @@
 """fastopt: fused AdamW, global-norm clipping, loss scaling and gradient accumulation for
 PyTorch, with CPU (C++), CUDA and Triton kernels and a readable reference backend."""
 
-from . import _ext
 from .accumulate import GradAccumulator
 from .adamw import AdamW
 from .backends import BACKENDS, availability, select_backend
@@ -22,4 +21,6 @@ __all__ = [
     "select_backend",
 ]
 
-_ext.load()  # registers torch.ops.fastopt.* (or warns once and leaves the reference backend)
+# Loads fastopt._C, registering torch.ops.fastopt.* and their fake implementations (or warns
+# once and leaves the reference backend).
+from . import _ops  # noqa: E402, F401

@@ -60,3 +60,27 @@ def test_bad_op_input_names_the_argument(mutate, match):
     mutate(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fastopt.adamw_(*args)
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    """Without fastopt._C, import still works, warns once, and 'auto' means reference."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys, warnings
+sys.modules["fastopt._C"] = None  # makes `import fastopt._C` raise ImportError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, fastopt
+    p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
+    opt = fastopt.AdamW([p]); opt.step()
+print(fastopt.select_backend("auto", "cpu"))
+print(sum("fastopt._C could not be loaded" in str(w.message) for w in caught))
+print(fastopt.availability("cpu", "cpu"))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "reference"
+    assert lines[1] == "1"
+    assert lines[2].startswith("(False,")
