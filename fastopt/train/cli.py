@@ -8,6 +8,7 @@ checkpoint was written (resume with ``--resume``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError
@@ -57,8 +58,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import signal
-
     from . import distributed as D
     from .config import load_config
     from .default_job import run_default_job
@@ -79,15 +78,29 @@ def _train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
-    D.init_from_env()
-    rank = D.rank()
+    started = not D.is_distributed() and D.init_from_env()  # a torchrun worker
     try:
-        result = run_default_job(config, resume=args.resume)
+        code = _report(run_default_job(config, resume=args.resume), D.rank())
     finally:
-        if D.is_distributed():
+        if started:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+    if started:
+        # DDP's reducer keeps the gloo process group alive past destroy_process_group, and its
+        # worker threads may still release tensors owned by Python while the interpreter shuts
+        # down, which aborts the process (std::terminate; ~1 two-rank run in 10 on a loaded
+        # 2-core machine). Everything is written and closed by now: leave without the shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _report(result, rank: int) -> int:
+    """Prints the outcome (rank 0) and returns the exit code."""
+    import signal
+
     if rank != 0:
         return 0 if result.interrupted is None else 128 + _signum(result.interrupted, signal)
     if result.interrupted is not None:
@@ -127,7 +140,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs ``train`` or ``plot``; returns the exit code."""
+    """Runs ``train`` or ``plot``; returns the exit code (a torchrun worker exits with it
+    instead of returning)."""
     parser = _parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
