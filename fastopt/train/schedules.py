@@ -45,6 +45,18 @@ def _warmup(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def _check_horizon(warmup_steps: int, total_steps: int) -> None:
+    _check(warmup_steps >= 0, "warmup_steps", warmup_steps, ">= 0")
+    _check(
+        total_steps > warmup_steps, "total_steps", total_steps, f"> warmup_steps ({warmup_steps})"
+    )
+
+
+def _decay_progress(step: int, warmup_steps: int, total_steps: int) -> float:
+    """How far the decay after warm-up has got: 0 at its start, 1 at total_steps and after."""
+    return min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+
+
 @dataclass(frozen=True)
 class WarmupLinear:
     """Linear warm-up to the peak over ``warmup_steps``, then linear decay to
@@ -55,19 +67,13 @@ class WarmupLinear:
     final_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
-        _check(
-            self.total_steps > self.warmup_steps,
-            "total_steps",
-            self.total_steps,
-            f"> warmup_steps ({self.warmup_steps})",
-        )
+        _check_horizon(self.warmup_steps, self.total_steps)
         _check(0.0 <= self.final_ratio <= 1.0, "final_ratio", self.final_ratio, "in [0, 1]")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return _warmup(step, self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        progress = _decay_progress(step, self.warmup_steps, self.total_steps)
         return 1.0 - (1.0 - self.final_ratio) * progress
 
 
@@ -81,19 +87,13 @@ class WarmupCosine:
     min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
-        _check(
-            self.total_steps > self.warmup_steps,
-            "total_steps",
-            self.total_steps,
-            f"> warmup_steps ({self.warmup_steps})",
-        )
+        _check_horizon(self.warmup_steps, self.total_steps)
         _check(0.0 <= self.min_ratio <= 1.0, "min_ratio", self.min_ratio, "in [0, 1]")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return _warmup(step, self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        progress = _decay_progress(step, self.warmup_steps, self.total_steps)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
