@@ -210,7 +210,9 @@ class AdamW(Optimizer):
         needs_check = grad_scale is not None and found_inf is None
         if all_grads and (self.max_grad_norm is not None or needs_check):
             grad_norm, nonfinite = global_norm(all_grads, 2.0, backend=self.backend)
-            found_inf = nonfinite if found_inf is None else found_inf + nonfinite.to(found_inf)
+            if found_inf is not None:  # a scaler's flag and ours: skip if either is set
+                nonfinite = torch.maximum(nonfinite, found_inf.to(nonfinite))
+            found_inf = nonfinite
             coef = grad_factor / grad_scale.to(grad_norm) if grad_scale is not None else grad_factor
             self.last_grad_norm = grad_norm * coef
         self.last_found_inf = found_inf
@@ -230,7 +232,8 @@ class AdamW(Optimizer):
         ops = backend_ops(select_backend(self.backend, device))
         beta1, beta2 = group["betas"]
         if found_inf is not None:  # a skipped step is not counted, decided on the device
-            increment = 1.0 - found_inf.to(device, torch.float32, non_blocking=True)
+            # found_inf is "non-zero", not 0/1: GradScaler sums the flags of several devices.
+            increment = (found_inf.to(device, non_blocking=True) == 0).to(torch.float32)
         for bucket in plan:
             params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies = bucket.views()
             bucket_grads = [_readable(grads[i]) for i in bucket.indices]

@@ -15,7 +15,8 @@ The arithmetic contract every backend follows:
   (:func:`grad_coefficient`). ``grad_norm`` is the norm of the gradients as stored, so the
   unscaled norm is ``grad_norm * coef``; the ``1e-6`` is torch's ``clip_grad_norm_``'s.
 * ``found_inf`` non-zero means the whole update is skipped: params and moments are unchanged.
-  The caller advances ``state_steps`` (by ``1 - found_inf``) before the update.
+  The caller advances ``state_steps`` (by 1, or by 0 when ``found_inf`` is non-zero) before
+  the update.
 """
 
 from __future__ import annotations

@@ -110,6 +110,51 @@ def test_torch_grad_scaler_drives_fastopt(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_grad_scaler_with_clipping_matches_torch_pipeline(backend, device):
+    """GradScaler's own inf check and fastopt's norm pass both flag a bad step: it is skipped
+    once and not counted (a sum of the two flags once decremented the step counts)."""
+    ps_t = make_params(device, seed=7)
+    ps_o = clone(ps_t)
+    opt_t = torch.optim.AdamW(ps_t, foreach=False)
+    opt_o = fastopt.AdamW(ps_o, backend=backend, max_grad_norm=MAX_NORM)
+    scaler_t = torch.amp.GradScaler(device, init_scale=2.0**8, growth_interval=2)
+    scaler_o = torch.amp.GradScaler(device, init_scale=2.0**8, growth_interval=2)
+    one = torch.ones((), device=device)
+    for step in range(14):  # steps 5, 9 and 12 hold inf or NaN
+        s_t, s_o = scaler_t.scale(one), scaler_o.scale(one)
+        for p_t, p_o, g in zip(ps_t, ps_o, true_grads(step, device)):
+            p_t.grad, p_o.grad = g * s_t, g * s_o
+        scaler_t.unscale_(opt_t)
+        torch.nn.utils.clip_grad_norm_(ps_t, MAX_NORM)
+        for scaler, opt in ((scaler_t, opt_t), (scaler_o, opt_o)):
+            scaler.step(opt)
+            scaler.update()
+        assert scaler_o.get_scale() == scaler_t.get_scale()
+        assert_same(opt_o, opt_t, ps_o, ps_t)
+    assert float(opt_o.state[ps_o[0]]["step"]) == 11.0
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_found_inf_above_one_skips_without_uncounting(backend, device):
+    """GradScaler hands over the sum of its per-device flags, so found_inf can be 2."""
+    ps = make_params(device, seed=8)
+    opt = fastopt.AdamW(ps, backend=backend)
+    for p, g in zip(ps, true_grads(0, device)):
+        p.grad = g
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    opt.grad_scale = torch.ones((), device=device)
+    opt.found_inf = torch.full((), 2.0, device=device)
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+    assert all(float(opt.state[p]["step"]) == 1.0 for p in ps)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_clip_without_scaler_matches_torch(backend, device):
     ps_t = make_params(device, seed=2)
     ps_o = clone(ps_t)
