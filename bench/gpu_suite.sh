@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, torch and Triton installed, and no network: build the
-# extension for this GPU, run the GPU tests, then benchmark and print the tables.
+# extension for this GPU, run the GPU tests, then benchmark and print the tables (the
+# benchmark against torch, then the grid-size sweep of the CUDA kernels).
 #   bash bench/gpu_suite.sh [LOG_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,3 +24,6 @@ echo "== benchmark"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
   | tee "$log_dir/gpu.txt"
 $python -m fastopt bench ${FASTOPT_BENCH_ARGS:-} 2>&1 | tee "$log_dir/bench.txt"
+
+echo "== grid-size sweep of the CUDA kernels"
+$python bench/sweep_grid.py ${FASTOPT_SWEEP_ARGS:-} 2>&1 | tee "$log_dir/sweep_grid.txt"

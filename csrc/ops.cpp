@@ -23,11 +23,49 @@ TORCH_LIBRARY(fastopt, m) {
       "float growth_factor, float backoff_factor, int growth_interval) -> ()");
 }
 
-// `import fastopt._C` loads this library (and so runs the registrations above). The module
-// itself is empty: every op is reached through torch.ops.fastopt.
+// Settings shared with the CUDA launchers (csrc/launch_config.h).
+#include <atomic>
+
+#include "launch_config.h"
+
+namespace fastopt {
+namespace {
+std::atomic<int> g_grid_blocks_per_sm{0};
+}  // namespace
+
+int grid_blocks_per_sm() { return g_grid_blocks_per_sm.load(std::memory_order_relaxed); }
+
+}  // namespace fastopt
+
+// `import fastopt._C` loads this library (and so runs the registrations above). Ops are
+// reached through torch.ops.fastopt; the module itself holds only a private tuning hook.
 #include <Python.h>
 
+namespace {
+
+// _set_grid_blocks_per_sm(n) -> the previous value. See csrc/launch_config.h.
+PyObject* set_grid_blocks_per_sm(PyObject* /*self*/, PyObject* arg) {
+  const long n = PyLong_AsLong(arg);
+  if (n == -1 && PyErr_Occurred()) return nullptr;
+  if (n < 0 || n > 1024) {
+    PyErr_Format(PyExc_ValueError,
+                 "_set_grid_blocks_per_sm: n must be 0 (as many as are resident) or a number "
+                 "of blocks per SM from 1 to 1024, got %ld",
+                 n);
+    return nullptr;
+  }
+  return PyLong_FromLong(fastopt::g_grid_blocks_per_sm.exchange(static_cast<int>(n)));
+}
+
+PyMethodDef methods[] = {
+    {"_set_grid_blocks_per_sm", set_grid_blocks_per_sm, METH_O,
+     "Blocks per SM of the CUDA multi-tensor grids (0: as many as are resident); returns the "
+     "previous value. A benchmarking hook, not an API."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

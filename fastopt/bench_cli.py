@@ -17,12 +17,27 @@ def _percent(gbps: float, copy_gbps: float | None) -> str:
 
 
 def _table(title: str, rows: list[dict], baseline: str, copy_gbps: float | None) -> str:
+    idle = "idle_ms" in rows[0]
     lines = [f"\n{title}", f"{'implementation':<30}{'ms/step':>10}{'B/param':>9}{'GB/s':>9}"
-             f"{'% copy':>8}  speed-up vs {baseline}"]  # fmt: skip
+             f"{'% copy':>8}{'speed-up':>10}" + (f"{'from idle':>11}" if idle else "")]  # fmt: skip
     for r in rows:
         lines.append(f"{r['name']:<30}{r['ms']:>10.2f}{r['bytes_per_param']:>9}{r['gbps']:>9.1f}"
-                     f"{_percent(r['gbps'], copy_gbps):>8}  {r['speedup']:.2f}x")  # fmt: skip
+                     f"{_percent(r['gbps'], copy_gbps):>8}{r['speedup']:>9.2f}x"
+                     + (f"{r['idle_ms']:>11.2f}" if idle else ""))  # fmt: skip
+    lines.append(f"speed-up: median ms of {baseline} / median ms")
+    if idle:
+        lines.append("ms/step: device time, steps queued as a training loop queues them; "
+                     "from idle: ms from a synchronize, host work included")  # fmt: skip
     return "\n".join(lines)
+
+
+def _timed(steps, device: str, repeats: int, before_each=None):
+    """Device-time medians (queued) and, on a GPU, from-idle medians of the same steps."""
+    times = B.time_interleaved(steps, device, repeats, before_each=before_each, queued=True)
+    idle = None
+    if device == "cuda":
+        idle = B.time_interleaved(steps, device, repeats, before_each=before_each)
+    return times, idle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         for p, g in zip(params, grads):
             p.grad = g
         steps = {name: make(params).step for name, make in B.adamw_cases(device).items()}
-        times = B.time_interleaved(steps, device, repeats)
-        rows = B.summarize(times, n, B.BYTES_PER_PARAM, "torch fused")
+        times, idle = _timed(steps, device, repeats)
+        rows = B.summarize(times, n, B.BYTES_PER_PARAM, "torch fused", idle)
         print(_table("AdamW step (28 B/param)", rows, "torch fused", copy_gbps))
         del steps
 
@@ -72,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         for p, g in zip(params, scaled):
             p.grad = g.clone()
         steps = {name: make(params) for name, make in B.pipeline_cases(device).items()}
-        times = B.time_interleaved(steps, device, repeats, before_each=restore)
-        rows = B.summarize(times, n, B.PIPELINE_BYTES, "torch unfused (fused AdamW)")
+        times, idle = _timed(steps, device, repeats, before_each=restore)
+        rows = B.summarize(times, n, B.PIPELINE_BYTES, "torch unfused (fused AdamW)", idle)
         print(_table("Mixed-precision step with clipping: unscale, norm, clip, AdamW",
                      rows, "torch unfused (fused AdamW)", copy_gbps))  # fmt: skip
     return 0

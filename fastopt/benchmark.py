@@ -136,30 +136,45 @@ def time_interleaved(
     repeats: int,
     warmup: int = 2,
     before_each: Callable[[], None] | None = None,
+    queued: bool = False,
 ) -> dict[str, list[float]]:
     """Milliseconds of each step function, repeat by repeat, interleaved.
 
     ``before_each`` (untimed) restores inputs a step consumes, e.g. gradients unscaled in place.
+
+    On a GPU, ``queued=False`` times a step from an idle device: a synchronize, then the
+    host's work and the kernels, as a step after a host sync costs. ``queued=True`` times the
+    device alone, as in a training loop whose host runs ahead: an untimed step is queued first
+    so the GPU is busy while the host prepares the timed one, and the events bracket only what
+    the device runs (plus any time it still waits for the host, if the host is the slower).
     """
     cuda = torch.device(device).type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in steps}
     for rep in range(warmup + repeats):
         for name, step in steps.items():
-            if before_each is not None:
-                before_each()
-            if cuda:
+            if not cuda:
+                if before_each is not None:
+                    before_each()
+                t0 = time.perf_counter()
+                step()
+                elapsed = (time.perf_counter() - t0) * 1e3
+            else:
+                torch.cuda.synchronize()
+                if queued:
+                    if before_each is not None:
+                        before_each()
+                    step()  # keeps the device busy while the host prepares the timed step
+                if before_each is not None:
+                    before_each()
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
+                if not queued:
+                    torch.cuda.synchronize()
                 start.record()
                 step()
                 end.record()
                 torch.cuda.synchronize()
                 elapsed = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                step()
-                elapsed = (time.perf_counter() - t0) * 1e3
             if rep >= warmup:
                 times[name].append(elapsed)
     return times
@@ -170,20 +185,26 @@ def copy_bandwidth(device: str, n_bytes: int, repeats: int) -> float:
     ceiling a memory-bound step is measured against."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    times = time_interleaved({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
+    times = time_interleaved({"copy": lambda: dst.copy_(src)}, device, repeats, queued=True)
+    times = times["copy"]
     return 2 * src.numel() * 4 / statistics.median(times) / 1e6
 
 
 def summarize(times: dict[str, list[float]], n_params: int, bytes_per_param: dict[str, int] | int,
-              baseline: str) -> list[dict]:  # fmt: skip
+              baseline: str, idle_times: dict[str, list[float]] | None = None,
+              ) -> list[dict]:  # fmt: skip
     """Rows of name, median ms, GB/s at the given bytes per parameter, and speed-up over
-    ``baseline`` (a ratio of medians from the same run)."""
+    ``baseline`` (a ratio of medians from the same run); with ``idle_times`` (the same steps
+    timed from an idle device), also their median as ``idle_ms``."""
     base = statistics.median(times[baseline])
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         bpp = bytes_per_param if isinstance(bytes_per_param, int) else (
             bytes_per_param["fastopt" if name.startswith("fastopt") else "torch"])  # fmt: skip
-        rows.append({"name": name, "ms": med, "min_ms": min(ts), "bytes_per_param": bpp,
-                     "gbps": n_params * bpp / med / 1e6, "speedup": base / med})  # fmt: skip
+        row = {"name": name, "ms": med, "min_ms": min(ts), "bytes_per_param": bpp,
+               "gbps": n_params * bpp / med / 1e6, "speedup": base / med}  # fmt: skip
+        if idle_times is not None:
+            row["idle_ms"] = statistics.median(idle_times[name])
+        rows.append(row)
     return rows

@@ -108,3 +108,34 @@ def test_tensor_past_two_to_the_31_elements_updates_everywhere(backend):
                              maximize=False)  # fmt: skip
         torch.testing.assert_close(p.detach()[w], ref_p[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt.state[p]["exp_avg"][w], m[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks_per_sm", [1, 3, 1024])
+def test_grid_size_changes_no_bits(blocks_per_sm):
+    """Blocks walk chunks with a grid-stride loop: any grid (the sweep in bench/sweep_grid.py
+    tunes it) gives the bits of the default persistent grid, for the update and the norm."""
+    from fastopt import _C
+
+    shapes = [(1 << 16, 70), (1 << 16,), (65537,), (3,), (5000, 13)]  # full, +1, tiny chunks
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+    grads = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+
+    def run(setting):
+        previous = _C._set_grid_blocks_per_sm(setting)
+        try:
+            ps = [torch.nn.Parameter(t.clone()) for t in init]
+            for p, g in zip(ps, grads):
+                p.grad = g
+            opt = fastopt.AdamW(ps, lr=1e-2, backend="cuda", max_grad_norm=1.0)
+            for _ in range(3):
+                opt.step()
+            return [p.detach().clone() for p in ps], opt.last_grad_norm.clone()
+        finally:
+            _C._set_grid_blocks_per_sm(previous)
+
+    base_ps, base_norm = run(0)
+    ps, norm = run(blocks_per_sm)
+    assert torch.equal(norm, base_norm)
+    for a, b in zip(ps, base_ps):
+        assert torch.equal(a, b)

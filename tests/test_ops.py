@@ -84,3 +84,19 @@ print(fastopt.availability("cpu", "cpu"))
     assert lines[0] == "reference"
     assert lines[1] == "1"
     assert lines[2].startswith("(False,")
+
+
+def test_grid_tuning_hook_returns_previous_and_rejects_bad_values():
+    from fastopt import _C
+
+    assert _C._set_grid_blocks_per_sm(3) == 0  # 0, the default: as many as are resident
+    try:
+        assert _C._set_grid_blocks_per_sm(5) == 3
+        for bad in (-1, 1025):
+            with pytest.raises(ValueError, match="_set_grid_blocks_per_sm: n must be"):
+                _C._set_grid_blocks_per_sm(bad)
+        with pytest.raises(TypeError):
+            _C._set_grid_blocks_per_sm("2")
+        assert _C._set_grid_blocks_per_sm(5) == 5  # a refused value changed nothing
+    finally:
+        _C._set_grid_blocks_per_sm(0)

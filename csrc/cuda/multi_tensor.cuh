@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../launch_config.h"
 
 namespace fastopt::cuda {
 
@@ -112,12 +113,15 @@ int blocks_per_multiprocessor() {
 
 // A persistent grid: as many blocks as are resident at once on the current device (SMs times
 // blocks per SM), never more than there are chunks. Each block loops over chunks, so any grid
-// size is correct; this one fills the GPU with one wave and no tail wave.
+// size is correct; this one fills the GPU with one wave and no tail wave. grid_blocks_per_sm()
+// overrides the blocks per SM, for tuning sweeps.
 template <auto kKernel>
 int persistent_grid(int64_t num_chunks) {
-  const int64_t resident = static_cast<int64_t>(multiprocessor_count(c10::cuda::current_device())) *
-                           blocks_per_multiprocessor<kKernel>();
-  return static_cast<int>(std::max<int64_t>(1, std::min(num_chunks, resident)));
+  const int override_per_sm = grid_blocks_per_sm();
+  const int per_sm = override_per_sm > 0 ? override_per_sm : blocks_per_multiprocessor<kKernel>();
+  const int64_t blocks =
+      static_cast<int64_t>(multiprocessor_count(c10::cuda::current_device())) * per_sm;
+  return static_cast<int>(std::max<int64_t>(1, std::min(num_chunks, blocks)));
 }
 
 // ---------------------------------------------------------------------------------------------
