@@ -236,7 +236,7 @@ class AdamW(Optimizer):
             increment = (found_inf.to(device, non_blocking=True) == 0).to(torch.float32)
         for bucket in plan:
             params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies = bucket.views()
-            bucket_grads = [_readable(grads[i]) for i in bucket.indices]
+            bucket_grads = bucket.readable_grads(grads)
             if found_inf is None:
                 torch._foreach_add_(bucket.steps, 1.0)
             else:  # the list form: the one-tensor form cannot be captured in a CUDA graph
@@ -255,12 +255,6 @@ class AdamW(Optimizer):
 def _real(t: Tensor) -> Tensor:
     """Complex tensors update as pairs of reals, as torch's AdamW does."""
     return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _readable(grad: Tensor) -> Tensor:
-    """A contiguous real view of a gradient (a copy only when it is not contiguous)."""
-    grad = _real(grad)
-    return grad if grad.is_contiguous() else grad.contiguous()
 
 
 class _Bucket:
@@ -282,6 +276,16 @@ class _Bucket:
         self._direct = all(
             not t.is_complex() and t.is_contiguous() for ts in self._tensors for t in ts
         )
+        # Grads share their param's dtype when it is complex, so one check covers the bucket.
+        self._complex = self._tensors[0][0].is_complex()
+        self._whole = indices == list(range(len(params)))  # the group's only bucket
+
+    def readable_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        """This bucket's gradients, contiguous and real (copied only when not contiguous)."""
+        own = grads if self._whole else [grads[i] for i in self.indices]
+        if self._complex:
+            own = [torch.view_as_real(g) for g in own]
+        return [g if g.is_contiguous() else g.contiguous() for g in own]
 
     def views(self):
         """(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies to write back)."""
