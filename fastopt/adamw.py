@@ -9,8 +9,10 @@ step, clip or not) stay on the device as tensors, so a CUDA step never waits for
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -21,6 +23,12 @@ from .backends import BACKENDS, backend_ops, select_backend
 from .norm import global_norm
 
 __all__ = ["AdamW"]
+
+# The state tensors the kernels update, per param, without and with amsgrad.
+_STATE_KEYS = {
+    False: operator.itemgetter("step", "exp_avg", "exp_avg_sq"),
+    True: operator.itemgetter("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+}
 
 
 class AdamW(Optimizer):
@@ -98,7 +106,7 @@ class AdamW(Optimizer):
         self.last_grad_norm: Tensor | None = None
         self.last_found_inf: Tensor | None = None
         self._accumulator = None  # set by fastopt.GradAccumulator
-        self._plans: dict[int, tuple] = {}  # group index -> (key, buckets); see _plan
+        self._plans: dict[int, tuple] = {}  # group index -> (key, buckets, state); see _plan
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -152,10 +160,11 @@ class AdamW(Optimizer):
         """The group's kernel buckets, rebuilt only when the set of params with gradients, the
         gradient dtypes or the state change: per-tensor Python work costs milliseconds per
         step for models with hundreds of tensors, time the GPU would spend idle."""
+        amsgrad = group["amsgrad"]
         key = (tuple(map(id, params)), tuple(p.dtype for p in params),
-               tuple(g.dtype for g in grads), group["amsgrad"])  # fmt: skip
+               tuple(g.dtype for g in grads), amsgrad)  # fmt: skip
         cached = self._plans.get(index)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and self._state_is(params, amsgrad, cached[2]):
             return cached[1]
         if len({p.device for p in params}) > 1:
             devices = sorted({str(p.device) for p in params})
@@ -164,13 +173,27 @@ class AdamW(Optimizer):
                 f"({', '.join(devices)}); put each group's params on one device"
             )
         for p in params:
-            self._init_state(p, group["amsgrad"])
+            self._init_state(p, amsgrad)
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (p, g) in enumerate(zip(params, grads)):
             buckets[(p.dtype, g.dtype)].append(i)
-        plan = [_Bucket(self.state, params, idx, group["amsgrad"]) for idx in buckets.values()]
-        self._plans[index] = (key, plan)
+        plan = [_Bucket(self.state, params, idx, amsgrad) for idx in buckets.values()]
+        state_tensors = list(chain.from_iterable(map(_STATE_KEYS[amsgrad], self._states(params))))
+        self._plans[index] = (key, plan, state_tensors)
         return plan
+
+    def _states(self, params: list[Tensor]):
+        return map(self.state.__getitem__, params)
+
+    def _state_is(self, params: list[Tensor], amsgrad: bool, tensors: list[Tensor]) -> bool:
+        """Whether params' state still holds exactly these tensors: a user may clear the state,
+        delete a param's entry or assign new tensors to it, and the next step must use what
+        the state holds then, as torch's does (about 40 us per step for 300 params)."""
+        try:
+            current = chain.from_iterable(map(_STATE_KEYS[amsgrad], self._states(params)))
+            return all(map(operator.is_, current, tensors))
+        except KeyError:  # an entry cleared or deleted: rebuilt (and re-initialised) below
+            return False
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> None:
         state = self.state[p]

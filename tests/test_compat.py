@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from helpers import BACKENDS
 
 import fastopt
 
@@ -17,11 +18,11 @@ def tiny_model(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
-def train_steps(model, opt, steps, seed, scheduler=None):
+def train_steps(model, opt, steps, seed, scheduler=None, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x = torch.randn(8, 6, generator=gen)
-        y = torch.randn(8, 3, generator=gen)
+        x = torch.randn(8, 6, generator=gen).to(device)
+        y = torch.randn(8, 3, generator=gen).to(device)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -126,6 +127,33 @@ def test_add_param_group_and_zero_grad():
     assert all(float(opt.state[p]["step"]) == 2 for p in model.parameters())
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("change", ["clear", "delete", "assign"])
+def test_state_changed_by_the_user_is_what_the_next_step_uses(backend, device, change):
+    """Clearing the state, deleting a param's entry or assigning new state tensors between
+    steps takes effect at the next step, as with torch's AdamW."""
+    ours, theirs = tiny_model().to(device), tiny_model().to(device)
+    opt_o = fastopt.AdamW(ours.parameters(), lr=1e-2, backend=backend)
+    opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=False)
+    for model, opt in ((ours, opt_o), (theirs, opt_t)):
+        train_steps(model, opt, 3, seed=7, device=device)
+        first = next(model.parameters())
+        if change == "clear":
+            opt.state.clear()
+        elif change == "delete":
+            del opt.state[first]
+        else:
+            opt.state[first]["exp_avg"] = torch.full_like(first, 0.5)
+            opt.state[first]["step"] = torch.tensor(10.0, device=opt.state[first]["step"].device)
+        train_steps(model, opt, 2, seed=8, device=device)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p_o, p_t in zip(ours.parameters(), theirs.parameters()):
+        for key, value in opt_t.state[p_t].items():
+            mine = opt_o.state[p_o][key]
+            torch.testing.assert_close(mine.cpu(), value.cpu().to(mine.dtype), rtol=1e-5, atol=1e-6)
 
 
 def test_deepcopy_and_pickle():
