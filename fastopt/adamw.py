@@ -221,6 +221,17 @@ class AdamW(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         acc = self._accumulator
         acc_grads = acc.gradients() if acc is not None and acc.pending else None
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            # torch's GradScaler hands over sum([]), the int 0, when no param has a .grad: it
+            # saw none of the gradients, as when a GradAccumulator holds them (and its update()
+            # then fails for want of an inf check).
+            if acc_grads is not None:
+                raise RuntimeError(
+                    "fastopt.AdamW: torch.amp.GradScaler cannot see the gradients a "
+                    "GradAccumulator holds (they are not in .grad); use fastopt.LossScaler, "
+                    "which has GradScaler's interface and handles accumulated gradients"
+                )
+            found_inf = None
         grad_factor = acc.factor() if acc_grads is not None else 1.0
 
         collected = [self._collect(g, acc_grads) for g in self.param_groups]

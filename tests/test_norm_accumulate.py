@@ -194,3 +194,17 @@ def test_accumulator_misuse_is_reported():
         opt.step()
     with pytest.raises(ValueError, match="weight"):
         acc.accumulate(weight=0)
+
+
+def test_torch_grad_scaler_with_accumulator_says_to_use_loss_scaler():
+    """GradScaler looks for gradients in .grad, where a GradAccumulator leaves none."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fastopt.AdamW([p])
+    acc = fastopt.GradAccumulator(opt)
+    scaler = torch.amp.GradScaler("cpu")
+    for _ in range(2):
+        scaler.scale((p * 2).sum()).backward()
+        acc.accumulate()
+    with pytest.raises(RuntimeError, match="use fastopt.LossScaler"):
+        scaler.step(opt)
+    assert torch.equal(p.detach(), torch.ones(3))
