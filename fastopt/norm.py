@@ -34,7 +34,9 @@ def global_norm(
     buckets: dict[tuple, list[Tensor]] = defaultdict(list)
     for t in tensors:
         if t.is_complex():
-            t = torch.view_as_real(t)
+            # The norm is over magnitudes |z|; for p = 2 that equals the norm over the real and
+            # imaginary parts, which needs no copy. Other p need the magnitudes themselves.
+            t = torch.view_as_real(t) if norm_type == 2.0 else t.abs()
         buckets[(t.device, t.dtype)].append(t if t.is_contiguous() else t.contiguous())
     first = tensors[0].device
     norms, flags = [], []

@@ -75,6 +75,23 @@ def test_clip_grad_norm_matches_torch(norm_type):
         torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0, 0.0, -math.inf],
+                         ids=["2", "1", "inf", "3", "0", "-inf"])  # fmt: skip
+def test_clip_grad_norm_of_complex_gradients_is_over_magnitudes(norm_type):
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randn(s, generator=gen, dtype=torch.complex64) for s in [(12,), (3, 4)]]
+    data.append(torch.randn(5, generator=gen))  # a real one beside them
+    ps_t = [torch.nn.Parameter(torch.zeros_like(d)) for d in data]
+    ps_o = [torch.nn.Parameter(torch.zeros_like(d)) for d in data]
+    for p_t, p_o, d in zip(ps_t, ps_o, data):
+        p_t.grad, p_o.grad = d.clone(), d.clone()
+    n_t = torch.nn.utils.clip_grad_norm_(ps_t, 0.5, norm_type)
+    n_o = fastopt.clip_grad_norm_(ps_o, 0.5, norm_type)
+    torch.testing.assert_close(n_o, n_t, rtol=1e-6, atol=0)
+    for p_t, p_o in zip(ps_t, ps_o):
+        torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_clip_grad_norm_errors_like_torch():
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([1.0, math.inf, 0.0])
