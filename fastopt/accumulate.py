@@ -24,6 +24,17 @@ from .backends import backend_ops, select_backend
 __all__ = ["GradAccumulator"]
 
 
+def _buffer_dtype(p: Tensor) -> torch.dtype:
+    """fp32, or complex64 (pairs of fp32) for a complex param."""
+    if not p.is_complex():
+        return torch.float32
+    if p.dtype != torch.complex64:
+        raise TypeError(
+            f"GradAccumulator accumulates complex params as complex64; got a {p.dtype} param"
+        )
+    return torch.complex64
+
+
 class GradAccumulator:
     """Accumulates the gradients of ``optimizer``'s params in fp32 between optimizer steps.
 
@@ -70,12 +81,15 @@ class GradAccumulator:
                     raise RuntimeError("GradAccumulator does not support sparse gradients")
                 buf = self._buffers.get(p)
                 if buf is None:
-                    buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    buf = torch.empty(p.shape, dtype=_buffer_dtype(p), device=p.device)
                     self._buffers[p] = buf
                 grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+                grad = grad.reshape(buf.shape)
                 target = rest if p in self._fresh else first
+                if buf.is_complex():  # the kernels add real and imaginary parts alike
+                    buf, grad = torch.view_as_real(buf), torch.view_as_real(grad)
                 target[p.device][0].append(buf)
-                target[p.device][1].append(grad.reshape(buf.shape))
+                target[p.device][1].append(grad)
                 self._fresh.add(p)
                 p.grad = None
         for overwrite, lists in ((True, first), (False, rest)):

@@ -161,6 +161,24 @@ def test_accumulated_micro_batches_equal_one_large_batch(backend, device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_complex_params_accumulate_both_parts(backend, device):
+    """Accumulated complex gradients, averaged, give torch's step on their mean."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(5, 3, generator=gen, dtype=torch.complex64).to(device)
+    grads = [torch.randn(5, 3, generator=gen, dtype=torch.complex64).to(device) for _ in range(3)]
+    ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = fastopt.AdamW([ours], lr=1e-2, backend=backend)
+    acc = fastopt.GradAccumulator(opt, backend=backend)
+    for g in grads:
+        ours.grad = g.clone()
+        acc.accumulate()
+    opt.step()
+    theirs.grad = sum(grads) / len(grads)
+    torch.optim.AdamW([theirs], lr=1e-2, foreach=False).step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_accumulator_normalizer_for_summed_losses():
     """Losses summed over tokens, normalised by the token count at the step."""
     torch.manual_seed(1)
