@@ -108,6 +108,24 @@ class AdamW(Optimizer):
         self._accumulator = None  # set by fastopt.GradAccumulator
         self._plans: dict[int, tuple] = {}  # group index -> (key, buckets, state); see _plan
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len(set(params)) != len(params):
+            # torch warns and updates such a param once per listing; one fused update per
+            # step cannot, so refuse rather than update it differently.
+            self.param_groups.pop()
+            raise ValueError(
+                "fastopt.AdamW: a param group lists the same parameter more than once; "
+                "list each parameter once"
+            )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Resets the gradients, as torch's, and discards any a GradAccumulator holds."""
+        super().zero_grad(set_to_none)
+        if self._accumulator is not None and self._accumulator.pending:
+            self._accumulator.reset()
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(backend=self.backend, max_grad_norm=self.max_grad_norm)
@@ -241,6 +259,7 @@ class AdamW(Optimizer):
         # It runs only when needed: for clipping, or for the inf check a loss scaler did not
         # already do. Plain AdamW stays a single pass over memory.
         grad_norm = None
+        self.last_grad_norm = None
         needs_check = grad_scale is not None and found_inf is None
         if all_grads and (self.max_grad_norm is not None or needs_check):
             grad_norm, nonfinite = global_norm(all_grads, 2.0, backend=self.backend)

@@ -209,3 +209,25 @@ def test_unavailable_backend_request_is_an_error_not_a_fallback():
     opt = fastopt.AdamW([p], backend="cuda")
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable on cpu"):
         opt.step()
+
+
+def test_a_param_listed_twice_is_refused():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="once"):
+        fastopt.AdamW([p, p])
+    opt = fastopt.AdamW([p])
+    q = torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="once"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1
+
+
+def test_last_grad_norm_belongs_to_the_last_step():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fastopt.AdamW([p], max_grad_norm=1.0)
+    p.grad = torch.full((3,), 2.0)
+    opt.step()
+    torch.testing.assert_close(opt.last_grad_norm, torch.tensor(12.0).sqrt())
+    p.grad = None
+    opt.step()  # no gradients: nothing was measured
+    assert opt.last_grad_norm is None and opt.last_found_inf is None

@@ -243,3 +243,18 @@ def test_torch_grad_scaler_with_accumulator_says_to_use_loss_scaler():
     with pytest.raises(RuntimeError, match="use fastopt.LossScaler"):
         scaler.step(opt)
     assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_zero_grad_discards_accumulated_gradients():
+    """As torch's zero_grad discards gradients summed in .grad."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fastopt.AdamW([p], max_grad_norm=1e9)
+    acc = fastopt.GradAccumulator(opt)
+    p.grad = torch.full((3,), 1e6)  # a bad micro-batch, thrown away
+    acc.accumulate()
+    opt.zero_grad()
+    assert not acc.pending
+    p.grad = torch.ones(3)
+    acc.accumulate()
+    opt.step()
+    torch.testing.assert_close(opt.last_grad_norm, torch.tensor(3.0).sqrt())
