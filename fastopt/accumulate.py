@@ -25,14 +25,15 @@ __all__ = ["GradAccumulator"]
 
 
 def _buffer_dtype(p: Tensor) -> torch.dtype:
-    """fp32, or complex64 (pairs of fp32) for a complex param."""
-    if not p.is_complex():
-        return torch.float32
-    if p.dtype != torch.complex64:
-        raise TypeError(
-            f"GradAccumulator accumulates complex params as complex64; got a {p.dtype} param"
-        )
-    return torch.complex64
+    """fp32, or complex64 (pairs of fp32) for a complex param; float64 and complex128 params
+    keep their precision."""
+    if p.dtype in (torch.float64, torch.complex128):
+        return p.dtype
+    if p.is_complex():
+        if p.dtype != torch.complex64:
+            raise TypeError(f"GradAccumulator does not support {p.dtype} params")
+        return torch.complex64
+    return torch.float32
 
 
 class GradAccumulator:
@@ -88,13 +89,13 @@ class GradAccumulator:
                 target = rest if p in self._fresh else first
                 if buf.is_complex():  # the kernels add real and imaginary parts alike
                     buf, grad = torch.view_as_real(buf), torch.view_as_real(grad)
-                target[p.device][0].append(buf)
-                target[p.device][1].append(grad)
+                target[p.device, buf.dtype][0].append(buf)
+                target[p.device, buf.dtype][1].append(grad)
                 self._fresh.add(p)
                 p.grad = None
         for overwrite, lists in ((True, first), (False, rest)):
-            for device, (bufs, grads) in lists.items():
-                ops = backend_ops(select_backend(self.backend, device))
+            for (device, dtype), (bufs, grads) in lists.items():
+                ops = backend_ops(select_backend(self.backend, device, dtype))
                 ops.accumulate_(bufs, grads, weight, overwrite)
         self._weight_sum += weight
         self.count += 1

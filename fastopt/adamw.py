@@ -282,13 +282,13 @@ class AdamW(Optimizer):
 
     def _update_group(self, group, plan, grads, grad_scale, found_inf, grad_norm, grad_factor):
         device = plan[0].steps[0].device
-        ops = backend_ops(select_backend(self.backend, device))
         beta1, beta2 = group["betas"]
         if found_inf is not None:  # a skipped step is not counted, decided on the device
             # found_inf is "non-zero", not 0/1: GradScaler sums the flags of several devices.
             increment = (found_inf.to(device, non_blocking=True) == 0).to(torch.float32)
         for bucket in plan:
             params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies = bucket.views()
+            ops = backend_ops(select_backend(self.backend, device, params[0].dtype))
             bucket_grads = bucket.readable_grads(grads)
             if found_inf is None:
                 torch._foreach_add_(bucket.steps, 1.0)

@@ -3,7 +3,7 @@
 Backends: 'reference' (plain PyTorch, any device), 'cpu' (the C++ kernel), 'cuda' (the CUDA
 kernels), 'triton' (the Triton kernels; on CPU tensors only under TRITON_INTERPRET=1).
 'auto' picks, for CUDA tensors, cuda, then triton, then reference; for CPU tensors, cpu, then
-reference.
+reference; for float64 tensors, reference, which computes in float64 as torch does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from . import _ext
 
-__all__ = ["BACKENDS", "availability", "backend_ops", "select_backend"]
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "availability", "backend_ops", "select_backend"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -62,13 +62,31 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
 
 
-def select_backend(requested: str, device: torch.device | str) -> str:
-    """The backend that runs ops on ``device`` for a request of ``requested`` (or 'auto').
+# The storage dtypes the compiled and Triton kernels take (their math is fp32). float64
+# tensors (and complex128, as pairs of float64) run on the reference backend, in float64.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def select_backend(
+    requested: str, device: torch.device | str, dtype: torch.dtype | None = None
+) -> str:
+    """The backend that runs ops on ``device`` (for tensors of ``dtype``, when given) for a
+    request of ``requested`` (or 'auto').
 
     An explicit request that cannot run raises RuntimeError with the reason: never a silent
     switch to another implementation.
     """
     device_type = torch.device(device).type
+    if dtype is not None and dtype not in KERNEL_DTYPES and requested != "reference":
+        if requested == "auto":
+            return "reference"
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {BACKENDS}")
+        raise RuntimeError(
+            f"fastopt backend {requested!r} does not support {dtype} tensors (its kernels take "
+            "float32, bfloat16 and float16); use backend='auto' or 'reference', which run "
+            f"{dtype} in {dtype}"
+        )
     if requested == "auto":
         for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
             if availability(candidate, device_type)[0]:

@@ -25,8 +25,9 @@ def global_norm(
 ) -> tuple[Tensor, Tensor]:
     """The ``norm_type``-norm of all ``tensors`` together, and a non-finite flag.
 
-    Returns fp32 0-dim tensors on the first tensor's device: the norm (accumulated in fp32
-    whatever the dtype) and 1.0 if any element is inf or NaN. No host sync.
+    Returns 0-dim tensors on the first tensor's device: the norm (accumulated in fp32 whatever
+    the dtype, but in float64 for float64 tensors, and then float64) and an fp32 1.0 if any
+    element is inf or NaN. No host sync.
     """
     if not tensors:
         zero = torch.zeros((), dtype=torch.float32)
@@ -40,8 +41,8 @@ def global_norm(
         buckets[(t.device, t.dtype)].append(t if t.is_contiguous() else t.contiguous())
     first = tensors[0].device
     norms, flags = [], []
-    for (device, _), group in buckets.items():
-        ops = backend_ops(select_backend(backend, device))
+    for (device, dtype), group in buckets.items():
+        ops = backend_ops(select_backend(backend, device, dtype))
         if not _kernel_supports(norm_type):
             ops = reference
         norm, flag = ops.multi_tensor_norm(group, norm_type)
@@ -64,7 +65,8 @@ def clip_grad_norm_(
     """Drop-in for :func:`torch.nn.utils.clip_grad_norm_`: same arguments, result and errors.
 
     The norm comes from fastopt's multi-tensor kernel with fp32 accumulation, so the returned
-    total norm is fp32 whatever the gradient dtype. ``foreach`` is accepted and ignored.
+    total norm is fp32 whatever the gradient dtype (float64 when a gradient is float64).
+    ``foreach`` is accepted and ignored.
     """
     if isinstance(parameters, Tensor):
         parameters = [parameters]

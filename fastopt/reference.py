@@ -46,15 +46,22 @@ def grad_coefficient(
     max_grad_norm: float,
     grad_factor: float,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The fp32 factor every stored gradient is multiplied by before the update (0-dim)."""
-    coef = torch.full((), grad_factor, dtype=torch.float32, device=device)
+    """The factor every stored gradient is multiplied by before the update (0-dim): fp32, the
+    kernels' math, or float64 for float64 params."""
+    coef = torch.full((), grad_factor, dtype=dtype, device=device)
     if grad_scale is not None:
-        coef = coef / grad_scale.to(device=device, dtype=torch.float32)
+        coef = coef / grad_scale.to(device=device, dtype=dtype)
     if grad_norm is not None and max_grad_norm > 0:
-        clip = max_grad_norm / (grad_norm.to(device=device, dtype=torch.float32) * coef + CLIP_EPS)
+        clip = max_grad_norm / (grad_norm.to(device=device, dtype=dtype) * coef + CLIP_EPS)
         coef = torch.where(clip < 1.0, coef * clip, coef)
     return coef
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the kernels' storage dtypes; float64 stays float64, as in torch's AdamW."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _lr_value(lr: float | Tensor) -> float:
@@ -91,18 +98,19 @@ def adamw_step(
     if not params:
         return
     device = params[0].device
-    coef = grad_coefficient(grad_scale, grad_norm, max_grad_norm, grad_factor, device)
+    math_dtype = _math_dtype(params[0].dtype)
+    coef = grad_coefficient(grad_scale, grad_norm, max_grad_norm, grad_factor, device, math_dtype)
     skip = found_inf is not None and bool(found_inf.item() != 0)
     if skip:
         return
     lr = _lr_value(lr)
     for i, param in enumerate(params):
-        p = param.float()
-        g = grads[i].float() * coef
+        p = param.to(math_dtype)
+        g = grads[i].to(math_dtype) * coef
         if maximize:
             g = -g
-        m = exp_avgs[i].float()
-        v = exp_avg_sqs[i].float()
+        m = exp_avgs[i].to(math_dtype)
+        v = exp_avg_sqs[i].to(math_dtype)
         step = _lr_value(state_steps[i])
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
@@ -112,7 +120,7 @@ def adamw_step(
         v.mul_(beta2).add_((g * g).mul_(1 - beta2))  # v = beta2 * v + (1 - beta2) * g^2
         second = v
         if amsgrad:
-            second = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            second = torch.maximum(max_exp_avg_sqs[i].to(math_dtype), v)
             max_exp_avg_sqs[i].copy_(second)
         # Times the reciprocal where torch divides: one division per element in the kernels.
         denom = (second.sqrt() * (1 / bias_correction2_sqrt)).add_(eps)
@@ -127,15 +135,16 @@ def adamw_step(
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
     """The global ``norm_type``-norm of all ``tensors`` and a non-finite flag, in fp32.
 
-    Returns two fp32 0-dim tensors on the tensors' device: the norm, and 1.0 if any element is
-    inf or NaN (else 0.0). An empty list gives (0, 0) on the CPU.
+    Returns two 0-dim tensors on the tensors' device: the norm (fp32, or float64 when the
+    tensors are float64), and an fp32 1.0 if any element is inf or NaN (else 0.0). An empty
+    list gives (0, 0) on the CPU.
     """
     if not tensors:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.clone()
     device = tensors[0].device
     # Empty tensors contribute nothing (and the inf-norm of an empty tensor is undefined).
-    flat = [t.detach().reshape(-1).float() for t in tensors if t.numel() > 0]
+    flat = [t.detach().reshape(-1).to(_math_dtype(t.dtype)) for t in tensors if t.numel() > 0]
     if not flat:
         zero = torch.zeros((), dtype=torch.float32, device=device)
         return zero, zero.clone()
@@ -151,10 +160,11 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, 
 def accumulate_(accs: list[Tensor], grads: list[Tensor], alpha: float, overwrite: bool) -> None:
     """``acc = alpha * grad`` when ``overwrite`` (first micro-batch), else ``acc += alpha * grad``.
 
-    ``accs`` are fp32; ``grads`` any floating dtype, upcast before the multiply.
+    ``accs`` are fp32 (float64 for float64 grads); ``grads`` any floating dtype, upcast
+    before the multiply.
     """
     for acc, grad in zip(accs, grads, strict=True):
-        g = grad.float() * alpha
+        g = grad.to(acc.dtype) * alpha
         if overwrite:
             acc.copy_(g)
         else:

@@ -184,6 +184,81 @@ def test_complex_params_match_torch():
     torch.testing.assert_close(ours_p[0].detach(), theirs_p[0].detach(), rtol=1e-5, atol=1e-6)
 
 
+# float64 math agrees with torch's to about 1e-16 relative per step; fp32 math would miss by
+# 1e-7. 1e-12 over 25 steps separates the two by four orders of magnitude either way.
+FP64_RTOL, FP64_ATOL = 1e-12, 1e-14
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=["fp64", "complex128"])
+@pytest.mark.parametrize("config", ["default", "amsgrad", "maximize", "tensor-lr"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=BACKENDS[3].marks)])
+@pytest.mark.parametrize("with_fp32", [False, True], ids=["alone", "beside-fp32"])
+def test_float64_runs_in_float64_like_torch(with_fp32, device, config, dtype):
+    """float64 params are torch's too: 'auto' runs them on the reference backend in float64,
+    clipping included. Beside fp32 params in one group, the fp32 params run on the kernels
+    and the shared global norm has fp32 precision (torch's too): fp32 tolerances there."""
+    hyper = dict(CONFIGS[config])
+    if config == "tensor-lr":  # torch's math with an fp32 lr tensor is fp32 math
+        hyper["lr"] = torch.tensor(3e-3, dtype=torch.float64)
+    theirs_p = make_params([(7,), (31, 17), ()], device, dtype=torch.float64)
+    if dtype == torch.complex128:
+        theirs_p = [torch.nn.Parameter(torch.complex(p.detach(), p.detach().flip(0)))
+                    for p in theirs_p]  # fmt: skip
+    if with_fp32:
+        theirs_p += make_params([(9,), (5, 3)], device, seed=1)
+    ours_p = clone(theirs_p)
+    theirs = torch.optim.AdamW(theirs_p, foreach=False, **hyper)
+    ours = fastopt.AdamW(ours_p, max_grad_norm=2.0, **hyper)
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(step)
+        for p_t, p_o in zip(theirs_p, ours_p):
+            g = torch.randn(p_t.shape, generator=gen, dtype=p_t.dtype).to(device)
+            p_t.grad, p_o.grad = g.clone(), g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(theirs_p, 2.0)
+        theirs.step()
+        ours.step()
+        assert ours.last_grad_norm.dtype == torch.float64
+        rtol = 1e-6 if with_fp32 else FP64_RTOL
+        torch.testing.assert_close(ours.last_grad_norm, norm, rtol=rtol, atol=0)
+    assert ours.state[ours_p[0]]["exp_avg"].dtype == dtype
+    if with_fp32:
+        assert_same_state(ours, theirs, ours_p, theirs_p)
+    else:
+        assert_same_state(ours, theirs, ours_p, theirs_p, rtol=FP64_RTOL, atol=FP64_ATOL)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_float64_on_a_kernel_backend_is_refused_by_name(backend):
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    p.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' does not support torch.float64"):
+        fastopt.AdamW([p], backend=backend).step()
+    assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float64))
+
+
+def test_float64_accumulates_and_clips_in_float64():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = fastopt.AdamW([ours], lr=1e-2)
+    acc = fastopt.GradAccumulator(opt)
+    for g in grads:
+        ours.grad = g.clone()
+        acc.accumulate()
+    assert acc.gradients()[ours].dtype == torch.float64
+    opt.step()
+    theirs.grad = sum(grads) / 3
+    torch.optim.AdamW([theirs], lr=1e-2, foreach=False).step()
+    torch.testing.assert_close(ours, theirs, rtol=FP64_RTOL, atol=FP64_ATOL)
+    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    a.grad, b.grad = grads[0].clone(), grads[0].clone()
+    n_o, n_t = fastopt.clip_grad_norm_([a], 0.1), torch.nn.utils.clip_grad_norm_([b], 0.1)
+    assert n_o.dtype == torch.float64
+    torch.testing.assert_close(n_o, n_t, rtol=FP64_RTOL, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=FP64_RTOL, atol=FP64_ATOL)
+
+
 def test_closure_is_called_with_grad_enabled():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = fastopt.AdamW([p])
