@@ -263,6 +263,10 @@ class AdamW(Optimizer):
         needs_check = grad_scale is not None and found_inf is None
         if all_grads and (self.max_grad_norm is not None or needs_check):
             grad_norm, nonfinite = global_norm(all_grads, 2.0, backend=self.backend)
+            # A norm that overflowed fp32 (finite gradients whose squares sum past 3.4e38, as
+            # when a loss scale has grown huge) would clip the update to nothing: skip the step
+            # instead, so a loss scaler backs off as it does for inf gradients.
+            nonfinite = torch.maximum(nonfinite, grad_norm.isinf().to(nonfinite))
             if found_inf is not None:  # a scaler's flag and ours: skip if either is set
                 nonfinite = torch.maximum(nonfinite, found_inf.to(nonfinite))
             found_inf = nonfinite

@@ -304,3 +304,30 @@ def test_full_step_has_no_host_sync(backend):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert float(opt.state[ps[0]]["step"]) == 6.0  # 7 steps, one skipped
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_norm_overflow_under_a_huge_scale_backs_off_instead_of_freezing(backend, device):
+    """Finite scaled gradients whose squared norm passes the fp32 range: clipping by that inf
+    norm would zero every update while the scale never shrank. The step is skipped instead
+    and the scale backs off until the norm fits; then the params move as unscaled ones."""
+    w = torch.linspace(-1, 1, 8, device=device)
+    ours = torch.nn.Parameter(w.clone())
+    opt = fastopt.AdamW([ours], lr=0.1, weight_decay=0.0, max_grad_norm=1.0, backend=backend)
+    scaler = fastopt.LossScaler(init_scale=2.0**70, backend=backend)
+    flags = []
+    for _ in range(14):
+        ours.grad = None
+        scaler.scale((ours * 2).sum()).backward()  # 2 * 2**70 per element: finite in fp32
+        scaler.step(opt)
+        scaler.update()
+        flags.append(float(scaler.last_found_inf) != 0)
+    # The squares' sum fits fp32 once 8 * (2 * scale)**2 < 3.4e38: by 2**62 or 2**61 (a
+    # kernel may accumulate more cleverly at the boundary), then every step applies.
+    skipped = flags.index(False)
+    assert skipped in (8, 9) and not any(flags[skipped:])
+    assert scaler.get_scale() == 2.0 ** (70 - skipped)
+    applied = len(flags) - skipped
+    assert float(opt.state[ours]["step"]) == applied
+    # Clipped steps of a constant gradient: Adam moves each element by lr per step.
+    torch.testing.assert_close(ours.detach(), w - 0.1 * applied, rtol=1e-5, atol=1e-5)
