@@ -118,6 +118,8 @@ class LossScaler:
         for grad in grads:
             if grad.is_sparse:
                 raise RuntimeError("LossScaler does not unscale sparse gradients")
+            if grad.is_complex():  # torch's unscale kernel takes real tensors only
+                grad = torch.view_as_real(grad)
             by_key.setdefault((grad.device, grad.dtype), []).append(grad)
         for (device, _), group in by_key.items():
             device_inf = torch.zeros((), dtype=torch.float32, device=device)

@@ -331,3 +331,25 @@ def test_norm_overflow_under_a_huge_scale_backs_off_instead_of_freezing(backend,
     assert float(opt.state[ours]["step"]) == applied
     # Clipped steps of a constant gradient: Adam moves each element by lr per step.
     torch.testing.assert_close(ours.detach(), w - 0.1 * applied, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["fused", "unscale_-first"])
+def test_loss_scaler_with_complex_params(unscale):
+    """torch's unscale kernel refuses complex tensors; LossScaler unscales their real view."""
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(6, generator=gen, dtype=torch.complex64)
+    ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt_o = fastopt.AdamW([ours], lr=0.1, max_grad_norm=0.5)
+    opt_t = torch.optim.AdamW([theirs], lr=0.1, foreach=False)
+    scaler = fastopt.LossScaler(init_scale=8.0)
+    scaler.scale(torch.ones(()))
+    for _ in range(3):
+        g = torch.randn(6, generator=gen, dtype=torch.complex64)
+        ours.grad, theirs.grad = g * 8.0, g.clone()
+        if unscale:
+            scaler.unscale_(opt_o)
+        scaler.step(opt_o)
+        scaler.update()
+        torch.nn.utils.clip_grad_norm_([theirs], 0.5)
+        opt_t.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)
