@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,17 @@ def test_keep_last_and_best(tmp_path):
     assert load_checkpoint(manager.best_path)["step"] == 6 and manager.steps() == [4, 5]
     with pytest.raises(ValueError):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2000], ids=["empty", "1-byte", "truncated"])
+def test_a_damaged_checkpoint_is_named_in_the_error(tmp_path, size):
+    """torch.load's own errors (EOFError, OSError 'Invalid argument', ...) name no file."""
+    path = tmp_path / "step_00000003.pt"
+    save_atomic({"step": 3, "w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:size])
+    message = rf"checkpoint {re.escape(str(path))} does not load \({size} bytes"
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        load_checkpoint(path)
 
 
 def test_stale_temporary_files_are_ignored_and_removed(tmp_path):

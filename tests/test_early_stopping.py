@@ -50,6 +50,16 @@ def test_stops_at_once_on_a_non_finite_metric(bad):
     assert _feed(es, [1.0, bad, 0.5]) is None and es.best == 0.5
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_patience_runs_out_before_any_finite_value(bad):
+    """With stop_on_nonfinite=False the first values may all be inf/NaN: there is no best yet
+    when patience runs out, and the reason says so."""
+    es = EarlyStopping(patience=2, stop_on_nonfinite=False)
+    assert _feed(es, [bad, bad, 1.0]) == 2
+    assert es.best is None and es.best_step is None
+    assert "for 2 evaluations (no finite value yet)" in es.state["reason"]
+
+
 def test_divergence_threshold():
     es = EarlyStopping(patience=100, divergence_threshold=5.0)
     assert _feed(es, [1.0, 4.9, 5.1]) == 3 and "divergence" in es.state["reason"]

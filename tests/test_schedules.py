@@ -1,6 +1,7 @@
 """Schedules: values at known steps against closed forms and torch's own schedulers, and the
 scheduler's state saved and restored mid-run."""
 
+import functools
 import math
 
 import pytest
@@ -197,6 +198,48 @@ def test_restore_refuses_another_schedule():
     saved = ScheduleLR(_optimizer(), StepDecay(step_size=3)).state_dict()
     with pytest.raises(ValueError, match="StepDecay"):
         ScheduleLR(_optimizer(), StepDecay(step_size=4)).load_state_dict(saved)
+
+
+def _decay(step, rate):
+    return rate**step
+
+
+def _lambda_schedule():
+    # A new function object at each call: another address, as in a resumed process.
+    return lambda step: 0.9**step
+
+
+class _Halving:
+    def __call__(self, step):
+        return 0.5 ** (step // 10)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _lambda_schedule,
+        lambda: functools.partial(lambda step, rate: rate**step, rate=0.9),
+        lambda: _Halving().__call__,
+        _Halving,
+    ],
+    ids=["lambda", "partial", "bound-method", "callable-object"],
+)
+def test_a_function_schedule_restores_in_another_process(make):
+    """Plain callables are compared by module and qualified name: their repr holds a memory
+    address, which a resumed process does not share."""
+    first = ScheduleLR(_optimizer(), make())
+    for _ in range(5):
+        first.optimizer.step()
+        first.step()
+    second = ScheduleLR(_optimizer(), make())
+    second.load_state_dict(first.state_dict())
+    assert second.last_epoch == 5 and second.get_last_lr() == first.get_last_lr()
+
+
+def test_restore_refuses_another_function_schedule():
+    saved = ScheduleLR(_optimizer(), _lambda_schedule()).state_dict()
+    with pytest.raises(ValueError, match=r"_lambda_schedule\.<locals>\.<lambda>, not for .*_decay"):
+        ScheduleLR(_optimizer(), functools.partial(_decay, rate=0.9)).load_state_dict(saved)
 
 
 def test_build_schedule_from_config():

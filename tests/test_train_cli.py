@@ -3,6 +3,7 @@ stopped by a real SIGTERM that resumes to the same result as a run never stopped
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,19 @@ def test_data_file_that_does_not_fit_the_config(tmp_path, capsys):
     assert "arrays named 'x' and 'y'" in capsys.readouterr().err
 
 
+# Values of the right type out of range: each one used to fail mid-run (or, for n_train and
+# n_val, to slice the wrong data) with a traceback, after run.json was written.
+BAD_VALUES = [
+    ("optimizer: {lr: -1.0}\n", "'optimizer.lr' must be a finite number >= 0, got -1.0"),
+    ("optimizer: {betas: [0.9, 1.5]}\n", "'optimizer.betas' must be in [0, 1), got 1.5 at index 1"),
+    ("optimizer: {eps: -1.0e-8}\n", "'optimizer.eps' must be >= 0, got -1e-08"),
+    ("data: {num_workers: -1}\n", "'data.num_workers' must be >= 0, got -1"),
+    ("data: {n_train: -5}\n", "'data.n_train' must be >= 1, got -5"),
+    ("data: {n_val: 0}\n", "'data.n_val' must be >= 1, got 0"),
+    ("seed: -1\n", "'seed' must be in [0, 2**32), got -1"),
+]
+
+
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
@@ -140,6 +154,7 @@ def test_data_file_that_does_not_fit_the_config(tmp_path, capsys):
         ("schedule: {name: step}\n", "'schedule.step_size' is required by schedule 'step'"),
         ("data: {path: /no/such/file.npz}\n", "'data.path': no file at '/no/such/file.npz'"),
         ("- 1\n- 2\n", "must hold a mapping"),
+        *BAD_VALUES,
     ],
 )
 def test_bad_config_exits_2_with_a_clear_message(tmp_path, capsys, yaml_text, message):
@@ -151,6 +166,23 @@ def test_bad_config_exits_2_with_a_clear_message(tmp_path, capsys, yaml_text, me
     assert not (tmp_path / "o").exists()  # nothing was started
 
 
+@pytest.mark.parametrize("yaml_text, message", BAD_VALUES)
+def test_print_config_refuses_bad_values_too(tmp_path, capsys, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    assert main(["train", "--config", str(path), "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and not captured.out
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_out_of_range_on_the_command_line(tmp_path, capsys, seed):
+    out = tmp_path / "o"
+    assert main(["train", "--config", _small(tmp_path), "--out", str(out), "--seed", seed]) == 2
+    assert f"'seed' must be in [0, 2**32), got {seed}" in capsys.readouterr().err
+    assert not out.exists()  # run.json was not written: the folder stays free
+
+
 def test_bad_command_line(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -158,6 +190,10 @@ def test_bad_command_line(tmp_path, capsys):
     assert main(["train", "--precision", "fp8"]) == 2
     assert main(["plot", "--out", str(tmp_path / "nothing")]) == 2
     assert "no metrics file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    assert main(["plot", "--out", str(tmp_path / "empty")]) == 2
+    assert "metrics.jsonl has no rows to plot" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_run_and_an_empty_folder(tmp_path, capsys):
@@ -178,6 +214,21 @@ def test_resume_refuses_another_run_and_an_empty_folder(tmp_path, capsys):
     before = read_metrics(out)
     assert main(["train", "--config", cfg, "--out", out, "--resume", "--no-progress"]) == 0
     assert read_metrics(out) == before
+
+
+def test_resume_of_a_run_without_checkpoints_starts_it_over(tmp_path, capsys):
+    """A run that failed before its first checkpoint leaves run.json (and maybe metrics):
+    --resume starts it from step 0 in its folder, says so, and ends as a fresh run does."""
+    out = tmp_path / "r"
+    cfg = _small(tmp_path, steps=12)
+    assert main(["train", "--config", cfg, "--out", str(out), "--no-progress"]) == 0
+    before = _rows(out)
+    shutil.rmtree(out / "checkpoints")
+    capsys.readouterr()
+    assert main(["train", "--config", cfg, "--out", str(out), "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {out} holds no checkpoint yet: starting its run from step 0" in err, err
+    assert _rows(out) == before  # the old rows were dropped, not kept twice
 
 
 def test_config_api_raises_value_error():

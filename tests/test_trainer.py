@@ -187,6 +187,8 @@ class _NanAt:
     "optimizer, precision, clip",
     [
         ("fastopt.AdamW", "fp32", 1.0),  # skipped inside the fused step
+        ("fastopt.AdamW", "fp32", None),  # the same: fit gives it max_grad_norm=inf
+        ("fastopt.AdamW", "bf16", None),
         ("fastopt.AdamW", "fp16", None),  # skipped through fastopt.LossScaler
         ("torch.optim.AdamW", "fp32", 1.0),  # skipped by the trainer's finite check
         ("torch.optim.AdamW", "fp16", 1.0),  # skipped by LossScaler after unscale_
@@ -214,6 +216,35 @@ def test_a_skipped_step_does_not_advance_the_schedule(tmp_path, optimizer, preci
     )
     assert [r["skipped_steps"] for r in rows] == [0] * 4 + [1] * 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    norms = [r.get("grad_norm") for r in rows]  # logged on every step, "nan" on the skipped
+    assert norms[4] == "nan" and all(isinstance(n, float) and n > 0 for n in norms[:4] + norms[5:])
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["built", "given"])
+def test_fastopt_without_clipping_skips_nan_steps_and_never_clips(tmp_path, given):
+    """max_grad_norm null: fastopt.AdamW, built from the config or given with
+    max_grad_norm=None, skips the step with NaN gradients and clips nothing: it logs the
+    gradient norms torch.optim.AdamW's run logs (all above 1) and ends with its weights."""
+    common = {"max_steps": 12, "log_every": 1, "eval_every": 100, "grad_accum_steps": 1}
+    opt = {"lr": 3e-2, "max_grad_norm": None}
+
+    def loss_fn(nan_at):  # x10: gradient norms well above the default clip of 1
+        return lambda output, target: 10.0 * nan_at(output, target)
+
+    reference = _model(dropout=0.0)
+    torch_cfg = _config(tmp_path, "torch", optimizer={**opt, "name": "torch.optim.AdamW"}, **common)
+    fit(reference, loss_fn(_NanAt(5)), *_loaders(), torch_cfg)
+    model = _model(dropout=0.0)
+    given_opt = fastopt.AdamW(model.parameters(), lr=3e-2, max_grad_norm=None) if given else None
+    cfg = _config(tmp_path, "fastopt", optimizer=opt, **common)
+    result = fit(model, loss_fn(_NanAt(5)), *_loaders(), cfg, optimizer=given_opt)
+    assert result.skipped_steps == 1
+    expected = [r["grad_norm"] for r in _rows(torch_cfg.out)]
+    norms = [r["grad_norm"] for r in _rows(cfg.out)]
+    assert norms[4] == expected[4] == "nan" and min(expected[:4] + expected[5:]) > 1.0
+    assert norms[:4] + norms[5:] == pytest.approx(expected[:4] + expected[5:], rel=1e-4)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_trains(tmp_path):

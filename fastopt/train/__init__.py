@@ -11,7 +11,7 @@ resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
                  TrainConfig(out="runs/mine", max_steps=2000))
 """
 
-from .checkpoint import CheckpointManager, load_checkpoint, save_atomic
+from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_atomic
 from .config import (
     ConfigError,
     DataConfig,
@@ -26,7 +26,7 @@ from .config import (
 from .data import BatchStream, ResumableDistributedSampler, make_loader
 from .default_job import run_default_job
 from .early_stopping import EarlyStopping
-from .loop import FitResult, fit
+from .loop import FitResult, ResumeWarning, fit
 from .metrics import MetricsLogger, read_metrics
 from .plots import plot_run
 from .schedules import (
@@ -42,6 +42,7 @@ from .schedules import (
 
 __all__ = [
     "BatchStream",
+    "CheckpointError",
     "CheckpointManager",
     "ConfigError",
     "ConstantWarmup",
@@ -56,6 +57,7 @@ __all__ = [
     "OptimizerConfig",
     "ReduceOnPlateau",
     "ResumableDistributedSampler",
+    "ResumeWarning",
     "ScheduleLR",
     "StepDecay",
     "TrainConfig",

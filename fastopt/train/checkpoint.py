@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CheckpointManager", "capture_rng", "load_checkpoint", "restore_rng", "save_atomic"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "capture_rng",
+    "load_checkpoint",
+    "restore_rng",
+    "save_atomic",
+]
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 _TMP_PREFIX = ".tmp-"
@@ -74,12 +81,25 @@ def _link_atomic(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is there but does not load (truncated, empty, not a checkpoint).
+    The writes here are atomic, so this is damage from outside: a disk or file-system fault, a
+    copy or sync cut short."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Loads a checkpoint onto the CPU (tensors and plain values only)."""
+    """Loads a checkpoint onto the CPU (tensors and plain values only). Raises
+    FileNotFoundError when there is no file and :class:`CheckpointError` when it does not load."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # EOFError, OSError, RuntimeError, UnpicklingError: none names the file
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} does not load ({path.stat().st_size} bytes; {detail})"
+        ) from e
 
 
 class CheckpointManager:
@@ -114,6 +134,21 @@ class CheckpointManager:
         steps = self.steps()
         return self.step_path(steps[-1]) if steps else None
 
+    def load_newest(self) -> tuple[Path, dict[str, Any], list[str]] | None:
+        """The newest step checkpoint that loads: (its path, its state, why each newer one did
+        not load). None when there is no step checkpoint; :class:`CheckpointError` listing them
+        all when none loads."""
+        failures = []
+        for step in reversed(self.steps()):
+            path = self.step_path(step)
+            try:
+                return path, load_checkpoint(path), failures
+            except CheckpointError as e:
+                failures.append(str(e))
+        if failures:
+            raise CheckpointError(f"no checkpoint in {self.directory} loads: {'; '.join(failures)}")
+        return None
+
     def save(self, state: dict[str, Any], step: int, *, is_best: bool = False) -> Path:
         """Writes the checkpoint of ``step`` (and makes it ``best.pt`` too when ``is_best``),
         then removes step files beyond the newest ``keep_last``."""
@@ -129,6 +164,13 @@ class CheckpointManager:
         """Writes ``best.pt`` alone (a new best between regular checkpoints)."""
         self._ensure_dir()
         return save_atomic(state, self.best_path)
+
+    def restore_best(self, step: int) -> Path:
+        """Makes ``best.pt`` the checkpoint of ``step`` again (after a crash between writing
+        that checkpoint and linking it, or when ``best.pt`` is damaged)."""
+        self._ensure_dir()
+        _link_atomic(self.step_path(step), self.best_path)
+        return self.best_path
 
 
 # -- random number generator states -------------------------------------------------------

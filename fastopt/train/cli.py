@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from .config import ConfigError
 
@@ -80,7 +81,10 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     started = not D.is_distributed() and D.init_from_env()  # a torchrun worker
     try:
-        code = _report(run_default_job(config, resume=args.resume), D.rank())
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning(warnings.showwarning)
+            result = run_default_job(config, resume=args.resume)
+        code = _report(result, D.rank())
     finally:
         if started:
             import torch.distributed as dist
@@ -95,6 +99,20 @@ def _train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _show_warning(show):
+    """``warnings.showwarning`` that prints the trainer's notes on resuming as one line each
+    (they are for the user, not about a line of code) and passes others to ``show``."""
+    from .loop import ResumeWarning
+
+    def _show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ResumeWarning):
+            print(f"python -m fastopt train: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return _show
 
 
 def _report(result, rank: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import threading
 from pathlib import Path
@@ -26,10 +27,12 @@ from .config import (
 from .data import sample_count
 
 __all__ = [
+    "NO_CLIP",
     "SignalGuard",
     "autocast",
     "build_optimizer",
     "claim_run_dir",
+    "clip_norm",
     "evaluate",
     "is_fastopt",
     "optimizer_step",
@@ -70,6 +73,21 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+# The max_grad_norm the trainer gives fastopt.AdamW when nothing is clipped. fastopt.AdamW
+# looks for inf/NaN gradients only in the read pass that computes their global norm, and runs
+# that pass only to clip (or to unscale fp16): with no clipping a NaN step would be applied.
+# With an infinite max_grad_norm the pass runs, a non-finite step is skipped on the device and
+# the norm is there to log, yet nothing is ever clipped: the clip factor
+# max_grad_norm / (norm + 1e-6) is then inf (or NaN when the norm is inf), never < 1
+# (fastopt.reference.grad_coefficient). The cost is that one read of the gradients.
+NO_CLIP = math.inf
+
+
+def clip_norm(max_grad_norm: float | None) -> float | None:
+    """The clipping threshold, None when nothing is clipped (None and inf both mean that)."""
+    return None if max_grad_norm is None or max_grad_norm == NO_CLIP else max_grad_norm
 
 
 def is_fastopt(optimizer: torch.optim.Optimizer) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -121,11 +122,37 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'checkpoint_every' must be >= 0, got {self.checkpoint_every}"
             )
-        if self.optimizer.max_grad_norm is not None and not self.optimizer.max_grad_norm > 0:
+        # np.random.seed takes [0, 2**32) (the trainer seeds it with seed + rank, mod 2**32).
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"config key 'seed' must be in [0, 2**32), got {self.seed}")
+        opt = self.optimizer
+        if not (math.isfinite(opt.lr) and opt.lr >= 0):
+            raise ConfigError(
+                f"config key 'optimizer.lr' must be a finite number >= 0, got {opt.lr}"
+            )
+        for i, beta in enumerate(opt.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(
+                    f"config key 'optimizer.betas' must be in [0, 1), got {beta} at index {i}"
+                )
+        for name in ("eps", "weight_decay", "momentum"):
+            if not getattr(opt, name) >= 0:
+                raise ConfigError(
+                    f"config key 'optimizer.{name}' must be >= 0, got {getattr(opt, name)}"
+                )
+        if opt.max_grad_norm is not None and not opt.max_grad_norm > 0:
             raise ConfigError("config key 'optimizer.max_grad_norm' must be > 0 or null")
-        for name in ("batch_size", "val_batch_size", "n_features", "n_classes"):
+        # n_val >= 1: the default job evaluates on the validation set (an empty one has no
+        # loss), and early stopping and the plateau schedule watch val_loss by default.
+        for name in ("n_train", "n_val", "batch_size", "val_batch_size", "n_features", "n_classes"):
             if getattr(self.data, name) < 1:
-                raise ConfigError(f"config key 'data.{name}' must be >= 1")
+                raise ConfigError(
+                    f"config key 'data.{name}' must be >= 1, got {getattr(self.data, name)}"
+                )
+        if self.data.num_workers < 0:
+            raise ConfigError(
+                f"config key 'data.num_workers' must be >= 0, got {self.data.num_workers}"
+            )
         if self.schedule is None:
             warmup = min(DEFAULT_WARMUP_STEPS, self.max_steps // 10)
             self.schedule = {"name": "warmup_cosine", "warmup_steps": warmup, "min_ratio": 0.05}
@@ -304,8 +331,19 @@ def build_schedule(spec: dict[str, Any], max_steps: int):
 
 
 # -- run identity -------------------------------------------------------------------------
-# Keys that change how a run is shown or where it goes, not what it computes.
-NOT_FINGERPRINTED = ("out", "progress", "tensorboard", "plots")
+# Keys that change how a run is shown, where it goes or how often it is saved, not what it
+# computes: a resumed run may change them. (Logging and checkpointing draw no random numbers
+# and change no weights; eval_every does change the result, through early stopping and the
+# plateau schedule.)
+NOT_FINGERPRINTED = (
+    "out",
+    "progress",
+    "tensorboard",
+    "plots",
+    "log_every",
+    "checkpoint_every",
+    "keep_last",
+)
 
 
 def fingerprint(config: TrainConfig, extra: dict[str, Any] | None = None) -> str:

@@ -92,10 +92,15 @@ class EarlyStopping:
         elif reason is None:
             state["wait"] += 1
             if state["wait"] >= self.patience:
+                # No best yet when every value so far was inf/NaN (stop_on_nonfinite=False).
+                best = (
+                    "no finite value yet"
+                    if state["best"] is None
+                    else f"best {state['best']:.6g} at step {state['best_step']}"
+                )
                 reason = (
                     f"{self.monitor} did not improve by more than {self.min_delta:g} for "
-                    f"{state['wait']} evaluations (best {state['best']:.6g} at step "
-                    f"{state['best_step']})"
+                    f"{state['wait']} evaluations ({best})"
                 )
         if reason is not None:
             state.update(stopped_step=step, reason=reason)

@@ -13,6 +13,7 @@ import contextlib
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from . import distributed as D
-from .checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
+from .checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+)
 from .components import (
+    NO_CLIP,
     SignalGuard,
     autocast,
     build_optimizer,
     claim_run_dir,
+    clip_norm,
     evaluate,
     is_fastopt,
     lr_of,
@@ -44,10 +53,15 @@ from .early_stopping import EarlyStopping
 from .metrics import MetricsLogger
 from .schedules import ScheduleLR
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "ResumeWarning", "fit"]
 
 CHECKPOINT_FORMAT = 1
 MONITORABLE = ("val_loss", "train_loss")
+
+
+class ResumeWarning(UserWarning):
+    """What a resumed run worked around: a damaged checkpoint passed over, best.pt restored
+    or lost, a run started over because it had no checkpoint yet."""
 
 
 @dataclass
@@ -81,10 +95,13 @@ def fit(
 
     ``optimizer``: default ``config.optimizer`` (fastopt.AdamW); any torch optimizer works.
     With a fastopt optimizer clipping happens in its step with its own ``max_grad_norm``
-    (which must equal ``config.optimizer.max_grad_norm``); others are clipped with
-    ``torch.nn.utils`` to ``config.optimizer.max_grad_norm``.
+    (which must equal ``config.optimizer.max_grad_norm``; when both are None, ``fit`` sets the
+    optimizer's to inf so that its step skips inf/NaN gradients: it still never clips);
+    others are clipped with ``torch.nn.utils`` to ``config.optimizer.max_grad_norm``.
     ``schedule``: default ``config.schedule``; a schedule (step -> lr multiplier) or a torch
-    LR scheduler on ``optimizer``. ``resume``: continue the run in ``config.out``.
+    LR scheduler on ``optimizer``. ``resume``: continue the run in ``config.out`` from its
+    newest checkpoint that loads (from step 0 when it has none yet), with a warning for each
+    damaged file passed over.
     Under torchrun (process group initialised) the model is wrapped in DDP.
     """
     cfg = TrainConfig() if config is None else config
@@ -105,11 +122,14 @@ def fit(
     if optimizer is None:
         optimizer = build_optimizer(cfg.optimizer, params)
     fused = is_fastopt(optimizer)
-    if fused and optimizer.max_grad_norm != cfg.optimizer.max_grad_norm:
+    if fused and clip_norm(optimizer.max_grad_norm) != clip_norm(cfg.optimizer.max_grad_norm):
         raise ConfigError(
             f"the optimizer clips to max_grad_norm={optimizer.max_grad_norm} but "
             f"config.optimizer.max_grad_norm is {cfg.optimizer.max_grad_norm}"
         )
+    if fused and optimizer.max_grad_norm is None:
+        # Without clipping fastopt.AdamW would not look for inf/NaN gradients (see NO_CLIP).
+        optimizer.max_grad_norm = NO_CLIP
     scaler = fastopt.LossScaler(enabled=cfg.precision == "fp16")
     n_micro = cfg.grad_accum_steps
     # fastopt accumulates micro-batch gradients in fp32 and folds 1/N into its step.
@@ -148,11 +168,21 @@ def fit(
 
     step, skipped, train_loss, val_loss, best_weights, stop_reason = 0, 0, None, None, None, None
     interrupted_by = None
+    found = None
     if resume:
-        latest = checkpoints.latest()
-        if latest is None:
-            raise ConfigError(f"nothing to resume: no checkpoint in {checkpoints.directory}")
-        state = load_checkpoint(latest)
+        try:
+            found = checkpoints.load_newest()
+        except CheckpointError as e:
+            raise ConfigError(f"cannot resume the run in {out}: {e}") from None
+        if found is None:  # it failed or was stopped before its first checkpoint
+            _note(f"{out} holds no checkpoint yet: starting its run from step 0")
+            logger.truncate_after(0)
+    if found is not None:
+        latest, state, failures = found
+        if failures:
+            _note(
+                f"resuming from {latest}, the newest checkpoint that loads: {'; '.join(failures)}"
+            )
         if state.get("fingerprint") != fp:
             raise ConfigError(f"{latest} belongs to a different run than {out / 'run.json'}")
         raw_model.load_state_dict(state["model"])
@@ -163,17 +193,15 @@ def fit(
         step, skipped = state["step"], state["skipped_steps"]
         train_loss, val_loss = state["train_loss"], state["val_loss"]
         stop_reason = stopper.state["reason"] if es.enabled else None
-        if keep_best and stopper.best_step is not None and checkpoints.best_path.is_file():
-            best = load_checkpoint(checkpoints.best_path)
-            # best.pt can be ahead of the latest checkpoint after a hard crash; the replayed
-            # steps then find that best again and keep its weights.
-            best_weights = best["model"] if best["step"] == stopper.best_step else None
+        if stopper.best_step is not None:  # also repairs best.pt when early stopping is off
+            best = _recover_best(checkpoints, state, stopper.best_step, repair=is_main)
+            best_weights = best if keep_best else None
         stream.load_state_dict(state["data"], state["epoch_rng"][rank])
         restore_rng(state["rng"][rank])  # last: reopening the epoch drew from the RNGs
         logger.truncate_after(step)
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout differs across ranks; data order does not
-        np.random.seed(cfg.seed + rank)
+        np.random.seed((cfg.seed + rank) % 2**32)  # numpy takes only [0, 2**32)
         random.seed(cfg.seed + rank)
 
     def checkpoint_state() -> dict[str, Any]:
@@ -321,7 +349,8 @@ def fit(
     if bar is not None:
         bar.close()
     logger.close()
-    if is_main and cfg.plots and logger.path.is_file():
+    # An empty file: a resumed run truncated to step 0 and stopped before it logged a row.
+    if is_main and cfg.plots and logger.path.is_file() and logger.path.stat().st_size > 0:
         from .plots import plot_run
 
         plot_run(out)
@@ -338,3 +367,56 @@ def fit(
         stop_reason=stop_reason,
         interrupted=interrupted_by,
     )
+
+
+def _note(message: str, stacklevel: int = 3) -> None:
+    """A :class:`ResumeWarning`, from rank 0 only. The default ``stacklevel`` points it at the
+    caller of :func:`fit`."""
+    if D.rank() == 0:
+        warnings.warn(message, ResumeWarning, stacklevel=stacklevel)
+
+
+def _recover_best(
+    checkpoints: CheckpointManager, state: dict[str, Any], best_step: int, *, repair: bool
+) -> dict[str, Any] | None:
+    """The model weights of ``best_step`` when a resumed run can find them, else None.
+
+    They are in ``best.pt``, unless a crash came between writing the checkpoint of a new best
+    and linking ``best.pt`` to it, or ``best.pt`` is damaged: then they come from the step
+    checkpoint of ``best_step`` when one is kept (the resumed ``state`` or another), and
+    ``best.pt`` is made that checkpoint again when ``repair``. ``best.pt`` can also be ahead of
+    the resumed checkpoint after a hard crash: the replayed steps find that best again.
+    """
+    try:
+        best = load_checkpoint(checkpoints.best_path)
+    except FileNotFoundError:
+        problem = f"{checkpoints.best_path} is missing"
+    except CheckpointError as e:
+        problem = str(e)
+    else:
+        if best["step"] >= best_step:
+            return best["model"] if best["step"] == best_step else None
+        problem = f"{checkpoints.best_path} holds step {best['step']}"
+    source, path = None, checkpoints.step_path(best_step)
+    if state["step"] == best_step:
+        source = state
+    elif path.is_file():
+        try:
+            source = load_checkpoint(path)
+        except CheckpointError as e:
+            problem = f"{problem}; {e}"
+    if source is None:
+        _note(
+            f"the weights of the best step so far ({best_step}) are lost: {problem}, and no "
+            f"checkpoint of step {best_step} loads. best.pt, and the weights restored at the "
+            "end, will be those of a later improvement, if any",
+            stacklevel=4,
+        )
+        return None
+    if repair:
+        checkpoints.restore_best(best_step)
+        _note(
+            f"{problem}, but the best step is {best_step}: restored best.pt from {path}",
+            stacklevel=4,
+        )
+    return source["model"]

@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 
+from .config import ConfigError
 from .metrics import read_metrics
 
 __all__ = ["plot_run"]
@@ -46,8 +47,8 @@ def plot_run(out: str | os.PathLike) -> list[Path]:
 
     out = Path(out)
     rows = read_metrics(out)
-    if not rows:
-        raise ValueError(f"{out / 'metrics.jsonl'} has no rows to plot")
+    if not rows:  # a ConfigError (a ValueError): the CLI reports bad input without a traceback
+        raise ConfigError(f"{out / 'metrics.jsonl'} has no rows to plot")
     written = []
 
     fig = Figure(figsize=(7, 4.2), dpi=110)

@@ -14,6 +14,8 @@ Reduce-on-plateau is the one schedule that depends on more than the step: its de
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ __all__ = [
     "StepDecay",
     "WarmupCosine",
     "WarmupLinear",
+    "schedule_identity",
 ]
 
 
@@ -229,13 +232,27 @@ SCHEDULES: dict[str, type] = {
 }
 
 
+def schedule_identity(schedule) -> str:
+    """What the scheduler state records so that a resumed run can check it has the same
+    schedule: a dataclass schedule's repr, which lists its fields; for any other callable
+    (function, lambda, ``functools.partial``, bound method, callable object) its module and
+    qualified name, because its repr holds a memory address that differs in every process.
+    Such a callable's arguments and closure are not compared."""
+    if dataclasses.is_dataclass(schedule) and not isinstance(schedule, type):
+        return repr(schedule)
+    target = schedule.func if isinstance(schedule, functools.partial) else schedule
+    if not hasattr(target, "__qualname__"):  # a callable object: name its class
+        target = type(target)
+    return f"{getattr(target, '__module__', None)}.{target.__qualname__}"
+
+
 class ScheduleLR(LRScheduler):
     """``lr = base_lr * schedule(step)`` for each param group, as a torch LR scheduler.
 
     ``step()`` advances one applied optimizer step. ``observe(metric)`` feeds an evaluation
     to a :class:`ReduceOnPlateau` schedule (and is a no-op for the others). ``state_dict``
     holds the step count and plateau state, not the schedule: the schedule comes from the
-    config, and loading checks it is the same one.
+    config (or the caller), and loading checks it is the same one (:func:`schedule_identity`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule, last_epoch: int = -1) -> None:
@@ -268,7 +285,7 @@ class ScheduleLR(LRScheduler):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "schedule": repr(self.schedule),
+            "schedule": schedule_identity(self.schedule),
             "last_epoch": self.last_epoch,
             "_step_count": self._step_count,
             "base_lrs": list(self.base_lrs),
@@ -276,10 +293,10 @@ class ScheduleLR(LRScheduler):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("schedule") != repr(self.schedule):
+        if state_dict.get("schedule") != schedule_identity(self.schedule):
             raise ValueError(
-                f"the saved scheduler state is for {state_dict.get('schedule')}, "
-                f"not for {self.schedule!r}"
+                f"the saved scheduler state is for the schedule {state_dict.get('schedule')}, "
+                f"not for {schedule_identity(self.schedule)}"
             )
         self.last_epoch = int(state_dict["last_epoch"])
         self._step_count = int(state_dict["_step_count"])
