@@ -20,8 +20,17 @@ import torch
 from torch import Tensor
 
 from .backends import backend_ops, select_backend
+from .sharded import is_dtensor
 
 __all__ = ["GradAccumulator"]
+
+
+def _check_param(p: Tensor) -> None:
+    if is_dtensor(p):
+        raise TypeError(
+            "GradAccumulator does not take DTensor params (FSDP2, tensor parallelism): let their "
+            "gradients accumulate in .grad across backward calls instead"
+        )
 
 
 def _buffer_dtype(p: Tensor) -> torch.dtype:
@@ -82,6 +91,7 @@ class GradAccumulator:
                     raise RuntimeError("GradAccumulator does not support sparse gradients")
                 buf = self._buffers.get(p)
                 if buf is None:
+                    _check_param(p)
                     buf = torch.empty(p.shape, dtype=_buffer_dtype(p), device=p.device)
                     self._buffers[p] = buf
                 grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from .backends import BACKENDS, backend_ops, select_backend
 from .norm import global_norm
+from .sharded import is_dtensor, is_fsdp1_flat, local
 
 __all__ = ["AdamW"]
 
@@ -262,6 +263,14 @@ class AdamW(Optimizer):
         self.last_grad_norm = None
         needs_check = grad_scale is not None and found_inf is None
         if all_grads and (self.max_grad_norm is not None or needs_check):
+            if any(is_fsdp1_flat(p) for params, _ in collected for p in params):
+                raise RuntimeError(
+                    "fastopt.AdamW: these params are FSDP1 (FullyShardedDataParallel) shards, "
+                    "so a norm or inf check inside the step would see this rank's shard only; "
+                    "use FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor params "
+                    "fastopt combines across ranks, or leave max_grad_norm=None and clip with "
+                    "the model's clip_grad_norm_() and ShardedGradScaler"
+                )
             grad_norm, nonfinite = global_norm(all_grads, 2.0, backend=self.backend)
             # A norm that overflowed fp32 (finite gradients whose squares sum past 3.4e38, as
             # when a loss scale has grown huge) would clip the update to nothing: skip the step
@@ -330,27 +339,38 @@ class _Bucket:
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
         ]
+        # DTensor params (FSDP2) and their state update shard by shard: the kernels get each
+        # rank's local tensors, looked up at every step.
+        self._sharded = is_dtensor(self._tensors[0][0])
         self._direct = all(
-            not t.is_complex() and t.is_contiguous() for ts in self._tensors for t in ts
+            not t.is_complex() and t.is_contiguous() for ts in self._locals() for t in ts
         )
         # Grads share their param's dtype when it is complex, so one check covers the bucket.
         self._complex = self._tensors[0][0].is_complex()
         self._whole = indices == list(range(len(params)))  # the group's only bucket
 
+    def _locals(self) -> list[list[Tensor]]:
+        if not self._sharded:
+            return self._tensors
+        return [[local(t) for t in ts] for ts in self._tensors]
+
     def readable_grads(self, grads: list[Tensor]) -> list[Tensor]:
         """This bucket's gradients, contiguous and real (copied only when not contiguous)."""
         own = grads if self._whole else [grads[i] for i in self.indices]
+        if self._sharded:
+            own = [local(g) for g in own]
         if self._complex:
             own = [torch.view_as_real(g) for g in own]
         return [g if g.is_contiguous() else g.contiguous() for g in own]
 
     def views(self):
         """(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies to write back)."""
+        tensors = self._locals()
         if self._direct:
-            return (*self._tensors, [])
+            return (*tensors, [])
         copies: list[tuple[Tensor, Tensor]] = []
         lists = []
-        for ts in self._tensors:
+        for ts in tensors:
             out = []
             for t in ts:
                 real = _real(t)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import backend_ops, select_backend
+from .sharded import combine_norm, local, shard_spec
 
 __all__ = ["clip_grad_norm_", "global_norm"]
 
@@ -20,6 +21,7 @@ def _kernel_supports(norm_type: float) -> bool:
     return norm_type > 0  # 2, 1, other positive p and inf; 0 and -inf use torch's norm
 
 
+@torch.no_grad()
 def global_norm(
     tensors: list[Tensor], norm_type: float = 2.0, *, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
@@ -27,25 +29,32 @@ def global_norm(
 
     Returns 0-dim tensors on the first tensor's device: the norm (accumulated in fp32 whatever
     the dtype, but in float64 for float64 tensors, and then float64) and an fp32 1.0 if any
-    element is inf or NaN. No host sync.
+    element is inf or NaN. No host sync. DTensors (FSDP2, tensor parallelism) count whole:
+    every rank measures its shards and the ranks sharing a mesh combine their results (a
+    collective, so every rank of the mesh must call this with the same tensors).
     """
     if not tensors:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.clone()
     buckets: dict[tuple, list[Tensor]] = defaultdict(list)
     for t in tensors:
+        spec = shard_spec(t)
+        t = local(t)
         if t.is_complex():
             # The norm is over magnitudes |z|; for p = 2 that equals the norm over the real and
             # imaginary parts, which needs no copy. Other p need the magnitudes themselves.
             t = torch.view_as_real(t) if norm_type == 2.0 else t.abs()
-        buckets[(t.device, t.dtype)].append(t if t.is_contiguous() else t.contiguous())
+        buckets[(t.device, t.dtype, spec)].append(t if t.is_contiguous() else t.contiguous())
     first = tensors[0].device
     norms, flags = [], []
-    for (device, dtype), group in buckets.items():
+    for (device, dtype, spec), group in buckets.items():
         ops = backend_ops(select_backend(backend, device, dtype))
         if not _kernel_supports(norm_type):
             ops = reference
         norm, flag = ops.multi_tensor_norm(group, norm_type)
+        if spec is not None:
+            empty = all(t.numel() == 0 for t in group)
+            norm, flag = combine_norm(norm.to(device), flag.to(device), spec, norm_type, empty)
         norms.append(norm.to(first, non_blocking=True))
         flags.append(flag.to(first, non_blocking=True))
     if len(norms) == 1:
@@ -86,7 +95,7 @@ def clip_grad_norm_(
     clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
     for g in grads:
-        by_device[g.device].append(g)
+        by_device[g.device].append(local(g))
     for device, device_grads in by_device.items():
         torch._foreach_mul_(device_grads, clip_coef_clamped.to(device))
     return total_norm

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import backend_ops, select_backend
+from .sharded import combine_flag, local, shard_spec
 
 __all__ = ["LossScaler"]
 
@@ -115,9 +116,14 @@ class LossScaler:
             p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None
         ]  # fmt: skip
         by_key: dict[tuple, list[Tensor]] = {}
+        specs = {}  # the shardings of DTensor gradients, whose ranks must agree on the flag
         for grad in grads:
             if grad.is_sparse:
                 raise RuntimeError("LossScaler does not unscale sparse gradients")
+            spec = shard_spec(grad)
+            if spec is not None:
+                specs[spec] = None
+                grad = local(grad)
             if grad.is_complex():  # torch's unscale kernel takes real tensors only
                 grad = torch.view_as_real(grad)
             by_key.setdefault((grad.device, grad.dtype), []).append(grad)
@@ -127,7 +133,7 @@ class LossScaler:
                 group, device_inf, inv_scale.to(device, non_blocking=True)
             )
             found_inf += device_inf.to(found_inf.device, non_blocking=True)
-        state["found_inf"] = found_inf
+        state["found_inf"] = combine_flag(found_inf, list(specs)) if specs else found_inf
         state["stage"] = _Stage.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):

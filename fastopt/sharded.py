@@ -1,0 +1,93 @@
+"""Sharded parameters: DTensors (FSDP2's ``fully_shard``, tensor parallelism) and FSDP1's
+flattened shards.
+
+The AdamW update is elementwise, so the kernels run on each rank's local shard as they would
+on a whole tensor. A global norm is not: each rank's kernel measures only its own shards, so
+ranks that hold different shards of the same tensors combine their results here, over the
+mesh dimensions those tensors are sharded on (replicated dimensions hold copies and are not
+summed). The non-finite flag is combined the same way, so every rank makes the same skip
+decision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
+
+__all__ = ["combine_flag", "combine_norm", "is_dtensor", "is_fsdp1_flat", "local", "shard_spec"]
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The rank's shard of a DTensor (its storage: in-place updates reach the DTensor), or
+    ``t`` itself. Call under ``torch.no_grad``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def is_fsdp1_flat(p: Tensor) -> bool:
+    """A parameter FSDP1 (``FullyShardedDataParallel``) has flattened into its shards: a plain
+    tensor holding only this rank's part, which nothing here can combine across ranks."""
+    return bool(getattr(p, "_fsdp_flattened", False))
+
+
+def shard_spec(t: Tensor) -> tuple[Any, tuple[int, ...]] | None:
+    """(device mesh, the mesh dimensions ``t`` is sharded over) of a DTensor; None for a plain
+    tensor."""
+    if not is_dtensor(t):
+        return None
+    dims = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_partial():
+            raise RuntimeError(
+                "fastopt: a gradient DTensor has a Partial placement (its ranks' values are "
+                "still to be summed); reduce it (redistribute to Shard or Replicate) first"
+            )
+        if not placement.is_replicate():
+            dims.append(dim)
+    return t.device_mesh, tuple(dims)
+
+
+def combine_norm(
+    norm: Tensor, flag: Tensor, spec: tuple[Any, tuple[int, ...]], norm_type: float, empty: bool
+) -> tuple[Tensor, Tensor]:
+    """The ``norm_type``-norm and non-finite flag of tensors sharded as ``spec``, from this
+    rank's ``norm`` and ``flag`` of its shards (``empty``: it holds no element of them)."""
+    mesh, dims = spec
+    if not dims:
+        return norm, flag
+    if norm_type == math.inf:
+        op, value = dist.ReduceOp.MAX, norm.clone()
+    elif norm_type == -math.inf:  # an empty shard must not win the minimum
+        op, value = dist.ReduceOp.MIN, torch.full_like(norm, math.inf) if empty else norm.clone()
+    elif norm_type == 0:  # a count of non-zero elements: counts add
+        op, value = dist.ReduceOp.SUM, norm.clone()
+    else:  # sum of |x|^p over all shards, then the p-th root
+        op, value = dist.ReduceOp.SUM, norm.double() ** norm_type
+    flag = flag.clone()
+    for dim in dims:
+        group = mesh.get_group(dim)
+        dist.all_reduce(value, op=op, group=group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if op == dist.ReduceOp.SUM and norm_type != 0:
+        value = value ** (1.0 / norm_type)
+    return value.to(norm.dtype), flag
+
+
+def combine_flag(flag: Tensor, specs: list[tuple[Any, tuple[int, ...]]]) -> Tensor:
+    """A non-finite flag set on any rank that holds a shard of tensors sharded as ``specs``."""
+    for mesh, dims in specs:
+        for dim in dims:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return flag

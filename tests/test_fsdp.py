@@ -1,0 +1,171 @@
+"""fastopt under FSDP2 (``fully_shard``): DTensor params update shard by shard, and the global
+norm, the clip and the skip decision are those of the whole model on every rank. Two gloo
+ranks on the CPU against one process holding the whole model and batch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastopt
+
+fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+
+WORLD = 2
+STEPS = 4
+LR = 1e-2
+CLIP = 0.05  # far below this problem's gradient norms (about 0.5 to 1): every step clips
+INF_STEP = 2  # the step whose gradient holds an inf, on rank 1's shard only
+INF_AT = (8, 0)  # that element of the first weight: row 8 is rank 1's first row
+
+
+def _model():
+    torch.manual_seed(0)
+    # The last bias has one element: rank 1's shard of it is empty.
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 8, generator=gen), torch.randn(16, 1, generator=gen))
+            for _ in range(STEPS)]  # fmt: skip
+
+
+SCENARIOS = ("plain", "clip", "scaler", "scaler-unscale", "clip_grad_norm_")
+
+
+def _run_sharded(scenario, rank):
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = fastopt.AdamW(
+        model.parameters(), lr=LR, max_grad_norm=CLIP if scenario == "clip" else None
+    )
+    scaler = fastopt.LossScaler(init_scale=2.0**10, enabled=scenario.startswith("scaler"))
+    norms, flags = [], []
+    for step, (x, y) in enumerate(_batches()):
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        scaler.scale(nn.functional.mse_loss(model(xs), ys)).backward()
+        weight = next(model.parameters())
+        if step == INF_STEP and scenario.startswith("scaler") and rank == 1:
+            weight.grad.to_local()[0, 0] = math.inf
+        if scenario == "scaler-unscale":
+            scaler.unscale_(opt)
+        if scenario == "clip_grad_norm_":
+            norms.append(float(fastopt.clip_grad_norm_(model.parameters(), CLIP)))
+        scaler.step(opt)
+        scaler.update()
+        if scenario == "clip":
+            norms.append(float(opt.last_grad_norm))
+        if scenario.startswith("scaler"):
+            flags.append(float(scaler.last_found_inf) != 0)
+        opt.zero_grad()
+    state = opt.state[next(model.parameters())]
+    return {
+        "params": [p.full_tensor().flatten().tolist() for p in model.parameters()],
+        "norms": norms,
+        "flags": flags,
+        "steps": [float(opt.state[p]["step"]) for p in model.parameters()],
+        "state_is_dtensor": type(state["exp_avg"]).__name__ == "DTensor",
+    }
+
+
+def _accumulator_error():
+    model = _model()
+    fully_shard(model)
+    acc = fastopt.GradAccumulator(fastopt.AdamW(model.parameters()))
+    nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 1)).backward()
+    try:
+        acc.accumulate()
+    except TypeError as e:
+        return str(e)
+    return "no error"
+
+
+def _worker(rank, tmp):
+    torch.set_num_threads(1)  # two ranks on two cores
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD
+    )
+    try:
+        report = {name: _run_sharded(name, rank) for name in SCENARIOS}
+        report["accumulator_error"] = _accumulator_error()
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def _run_whole(scenario):
+    """torch's own recipe on the whole model and batch in one process."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scenario.startswith("scaler"))
+    norms, flags = [], []
+    for step, (x, y) in enumerate(_batches()):
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        weight = next(model.parameters())
+        if step == INF_STEP and scenario.startswith("scaler"):
+            weight.grad[INF_AT] = math.inf
+        scaler.unscale_(opt)
+        if scenario in ("clip", "clip_grad_norm_"):
+            norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scenario.startswith("scaler"):
+            flags.append(scaler.get_scale() < before)
+        opt.zero_grad()
+    return model, norms, flags
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_sharded_step_matches_the_whole_model(sharded, scenario):
+    model, norms, flags = _run_whole(scenario)
+    for rank in range(WORLD):
+        report = sharded[rank][scenario]
+        for got, want in zip(report["params"], model.parameters()):
+            torch.testing.assert_close(
+                torch.tensor(got), want.detach().flatten(), rtol=1e-5, atol=1e-6
+            )
+        # The global norm of all shards, on every rank; not the norm of a rank's own shards.
+        assert report["norms"] == pytest.approx(norms, rel=1e-5)
+        # The inf was on rank 1's shard alone: both ranks skip, as the whole model does.
+        assert report["flags"] == flags
+        assert report["state_is_dtensor"]
+        applied = STEPS - sum(flags)
+        assert report["steps"] == [float(applied)] * len(report["steps"])
+    if scenario.startswith("scaler"):
+        assert flags == [step == INF_STEP for step in range(STEPS)]
+
+
+def test_fsdp1_shards_refuse_a_norm_inside_the_step():
+    """FSDP1 flattens params into plain per-rank shards: a norm there would be one rank's."""
+    p = nn.Parameter(torch.ones(4))
+    p._fsdp_flattened = True  # as FullyShardedDataParallel marks its flat parameters
+    p.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="FSDP1"):
+        fastopt.AdamW([p], max_grad_norm=1.0).step()
+    fastopt.AdamW([p]).step()  # the elementwise update alone is right on a shard
+    assert torch.all(p.detach() < 1)
+
+
+def test_accumulator_refuses_dtensor_params(sharded):
+    for rank in range(WORLD):
+        assert "does not take DTensor params" in sharded[rank]["accumulator_error"]
