@@ -255,6 +255,9 @@ class AdamW(Optimizer):
 
         collected = [self._collect(g, acc_grads) for g in self.param_groups]
         all_grads = [g for _, grads in collected for g in grads]
+        plans = [self._plan(index, group, params, grads) if params else []
+                 for index, (group, (params, grads))
+                 in enumerate(zip(self.param_groups, collected))]  # fmt: skip
 
         # One read of every gradient gives the global norm and the non-finite flag together.
         # It runs only when needed: for clipping, or for the inf check a loss scaler did not
@@ -263,7 +266,7 @@ class AdamW(Optimizer):
         self.last_grad_norm = None
         needs_check = grad_scale is not None and found_inf is None
         if all_grads and (self.max_grad_norm is not None or needs_check):
-            if any(is_fsdp1_flat(p) for params, _ in collected for p in params):
+            if any(bucket.fsdp1 for plan in plans for bucket in plan):
                 raise RuntimeError(
                     "fastopt.AdamW: these params are FSDP1 (FullyShardedDataParallel) shards, "
                     "so a norm or inf check inside the step would see this rank's shard only; "
@@ -283,9 +286,8 @@ class AdamW(Optimizer):
             self.last_grad_norm = grad_norm * coef
         self.last_found_inf = found_inf
 
-        for index, (group, (params, grads)) in enumerate(zip(self.param_groups, collected)):
-            if params:
-                plan = self._plan(index, group, params, grads)
+        for group, plan, (_, grads) in zip(self.param_groups, plans, collected):
+            if plan:
                 self._update_group(
                     group, plan, grads, grad_scale, found_inf, grad_norm, grad_factor
                 )
@@ -342,6 +344,7 @@ class _Bucket:
         # DTensor params (FSDP2) and their state update shard by shard: the kernels get each
         # rank's local tensors, looked up at every step.
         self._sharded = is_dtensor(self._tensors[0][0])
+        self.fsdp1 = any(is_fsdp1_flat(p) for p in self._tensors[0])
         self._direct = all(
             not t.is_complex() and t.is_contiguous() for ts in self._locals() for t in ts
         )
