@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from .backends import BACKENDS, backend_ops, select_backend
 from .norm import global_norm
-from .sharded import is_dtensor, is_fsdp1_flat, local
+from .sharded import dtensor_type, is_dtensor, is_fsdp1_flat, like_param, local
 
 __all__ = ["AdamW"]
 
@@ -156,8 +156,10 @@ class AdamW(Optimizer):
 
     # ------------------------------------------------------------------------------------
     def _collect(self, group: dict[str, Any], acc_grads: dict | None):
-        """The group's params that have gradients, and those gradients."""
+        """The group's params that have gradients, and those gradients (a DTensor gradient laid
+        out as its param, so that the two have the same local shards)."""
         params, grads = [], []
+        dtensor = dtensor_type()  # None unless DTensors are in use: then nothing to check
         for p in group["params"]:
             grad = p.grad
             if acc_grads is not None:
@@ -171,6 +173,8 @@ class AdamW(Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError("AdamW does not support sparse gradients")
+            if dtensor is not None and (isinstance(p, dtensor) or isinstance(grad, dtensor)):
+                grad = like_param(p, grad)
             params.append(p)
             grads.append(grad)
         return params, grads
@@ -343,7 +347,7 @@ class _Bucket:
         ]
         # DTensor params (FSDP2) and their state update shard by shard: the kernels get each
         # rank's local tensors, looked up at every step.
-        self._sharded = is_dtensor(self._tensors[0][0])
+        self._sharded = any(map(is_dtensor, self._tensors[0]))  # plain params may join them
         self.fsdp1 = any(is_fsdp1_flat(p) for p in self._tensors[0])
         self._direct = all(
             not t.is_complex() and t.is_contiguous() for ts in self._locals() for t in ts

@@ -6,19 +6,41 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import reference
 from .backends import backend_ops, select_backend
-from .sharded import combine_norm, local, shard_spec
+from .sharded import combine_flag, combine_norm, local, shard_spec
 
 __all__ = ["clip_grad_norm_", "global_norm"]
 
 
 def _kernel_supports(norm_type: float) -> bool:
     return norm_type > 0  # 2, 1, other positive p and inf; 0 and -inf use torch's norm
+
+
+def _count_nonzero_tensors(tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """torch's 0-"norm" of a list of gradients: the 0-norm of their per-tensor 0-norms, that
+    is, how many tensors hold a non-zero element; and the non-finite flag. Per tensor, not per
+    bucket or shard: a DTensor counts once, however many ranks hold non-zeros of it."""
+    first = tensors[0].device
+    dtype = torch.float64 if any(t.dtype in (torch.float64, torch.complex128) for t in tensors) \
+        else torch.float32  # fmt: skip
+    by_spec: dict[Any, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_spec[shard_spec(t)].append(local(t))
+    counts, flags = [], []
+    for spec, group in by_spec.items():
+        nonzero = torch.stack([(t != 0).any() for t in group]).to(torch.float32)
+        nonfinite = torch.stack([(~torch.isfinite(t)).any() for t in group]).to(torch.float32)
+        if spec is not None:  # a tensor is non-zero (or non-finite) if any of its shards is
+            nonzero, nonfinite = combine_flag(nonzero, [spec]), combine_flag(nonfinite, [spec])
+        counts.append(nonzero.sum().to(first, dtype))
+        flags.append(nonfinite.amax().to(first))
+    return torch.stack(counts).sum(), torch.stack(flags).amax()
 
 
 @torch.no_grad()
@@ -36,6 +58,8 @@ def global_norm(
     if not tensors:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.clone()
+    if norm_type == 0:
+        return _count_nonzero_tensors(tensors)
     buckets: dict[tuple, list[Tensor]] = defaultdict(list)
     for t in tensors:
         spec = shard_spec(t)
@@ -52,9 +76,11 @@ def global_norm(
         if not _kernel_supports(norm_type):
             ops = reference
         norm, flag = ops.multi_tensor_norm(group, norm_type)
-        if spec is not None:
+        if spec is not None:  # every rank must bring the same dtypes to the collectives
             empty = all(t.numel() == 0 for t in group)
-            norm, flag = combine_norm(norm.to(device), flag.to(device), spec, norm_type, empty)
+            wide = torch.float64 if dtype == torch.float64 else torch.float32
+            norm, flag = norm.to(device, wide), flag.to(device, torch.float32)
+            norm, flag = combine_norm(norm, flag, spec, norm_type, empty)
         norms.append(norm.to(first, non_blocking=True))
         flags.append(flag.to(first, non_blocking=True))
     if len(norms) == 1:

@@ -145,9 +145,9 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, 
     device = tensors[0].device
     # Empty tensors contribute nothing (and the inf-norm of an empty tensor is undefined).
     flat = [t.detach().reshape(-1).to(_math_dtype(t.dtype)) for t in tensors if t.numel() > 0]
-    if not flat:
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        return zero, zero.clone()
+    if not flat:  # the dtype of a norm of these tensors, as on a rank holding elements of them
+        zero = torch.zeros((), dtype=_math_dtype(tensors[0].dtype), device=device)
+        return zero, torch.zeros((), dtype=torch.float32, device=device)
     norms = torch.stack([torch.linalg.vector_norm(t, norm_type) for t in flat])
     total = torch.linalg.vector_norm(norms, norm_type)
     nonfinite = torch.zeros((), dtype=torch.float32, device=device)

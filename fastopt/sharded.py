@@ -19,15 +19,42 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["combine_flag", "combine_norm", "is_dtensor", "is_fsdp1_flat", "local", "shard_spec"]
+__all__ = [
+    "combine_flag",
+    "combine_norm",
+    "dtensor_type",
+    "is_dtensor",
+    "is_fsdp1_flat",
+    "like_param",
+    "local",
+    "shard_spec",
+]
+
+
+def dtensor_type() -> type | None:
+    """The DTensor class, or None while no DTensor can exist: none does until its module is
+    imported, and importing it here would add about 0.3 s to ``import fastopt``."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def is_dtensor(t: Tensor) -> bool:
-    # No DTensor exists until its module is imported, and importing it here would add about
-    # 0.3 s to `import fastopt`: look it up only where it is loaded already.
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None)
+    dtensor = dtensor_type()
     return dtensor is not None and isinstance(t, dtensor)
+
+
+def like_param(param: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` laid out as ``param`` (same mesh and placements), so that each rank's local
+    shards of the two line up element for element. A gradient still Partial (its ranks' values
+    to be summed) or sharded otherwise is redistributed, a collective, as torch's DTensor ops
+    would; a plain tensor beside a DTensor is an error."""
+    if not (is_dtensor(param) and is_dtensor(grad)):
+        raise RuntimeError(
+            "fastopt: a parameter and its gradient must both be DTensors or both plain tensors, "
+            f"got {type(param).__name__} and {type(grad).__name__}"
+        )
+    if grad.device_mesh == param.device_mesh and grad.placements == param.placements:
+        return grad
+    return grad.redistribute(param.device_mesh, param.placements)
 
 
 def local(t: Tensor) -> Tensor:
@@ -73,8 +100,10 @@ def combine_norm(
         op, value = dist.ReduceOp.MIN, torch.full_like(norm, math.inf) if empty else norm.clone()
     elif norm_type == 0:  # a count of non-zero elements: counts add
         op, value = dist.ReduceOp.SUM, norm.clone()
-    else:  # sum of |x|^p over all shards, then the p-th root
-        op, value = dist.ReduceOp.SUM, norm.double() ** norm_type
+    else:  # sum of |x|^p over all shards, then the p-th root (an empty shard adds nothing,
+        # where 0 ** p would add inf for p < 0)
+        op = dist.ReduceOp.SUM
+        value = torch.zeros_like(norm, dtype=torch.float64) if empty else norm.double() ** norm_type
     flag = flag.clone()
     for dim in dims:
         group = mesh.get_group(dim)

@@ -91,6 +91,54 @@ def _accumulator_error():
     return "no error"
 
 
+NORM_TYPES = [2.0, 1.0, 3.0, math.inf, 0.0, -1.0, -math.inf]
+
+
+def _full_tensors(norm_type):
+    """(5, 3) shards 3 + 2 rows; (1,) leaves rank 1 an empty shard, alone in its bucket (its
+    own dtype), so that rank measures nothing of it. For the 0-"norm", a zero
+    tensor (not counted) and one whose only non-zero is on rank 1 (counted once); without
+    them otherwise, since one zero makes any negative-p norm 0."""
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(5, 3, generator=gen),
+               torch.randn(1, generator=gen, dtype=torch.float64).abs() + 1]  # fmt: skip
+    if norm_type == 0:
+        tensors += [torch.zeros(4), torch.tensor([0.0, 0.0, 0.0, 2.0])]
+    return tensors + [torch.randn(3, generator=gen)]  # a plain tensor beside the DTensors
+
+
+def _dtensor_checks():
+    """Hand-laid DTensors: norms of shards with an empty one, beside a plain tensor; a plain
+    param in a bucket with DTensor ones; Partial and differently sharded gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    norms = {}
+    for p in NORM_TYPES:
+        full = _full_tensors(p)
+        mixed = [distribute_tensor(t, mesh, [Shard(0)]) for t in full[:-1]] + full[-1:]
+        norms[str(p)] = float(fastopt.global_norm(mixed, p, backend="reference")[0])
+
+    init = [torch.linspace(-1, 1, 12).reshape(4, 3), torch.arange(4.0), torch.ones(4, 4)]
+    grads = [torch.full((4, 3), 0.5), torch.zeros(4), torch.eye(4)]
+    params = [
+        nn.Parameter(init[0].clone()),  # plain, first in the bucket
+        nn.Parameter(distribute_tensor(init[1].clone(), mesh, [Replicate()])),
+        nn.Parameter(distribute_tensor(init[2].clone(), mesh, [Shard(0)])),
+    ]
+    params[0].grad = grads[0].clone()
+    # The true gradient of params[1] is 0: the ranks' Partial values cancel.
+    sign = 1.0 if dist.get_rank() == 0 else -1.0
+    params[1].grad = DTensor.from_local(torch.full((4,), sign), mesh, [Partial()])
+    params[2].grad = distribute_tensor(grads[2].clone(), mesh, [Shard(1)])  # not as its param
+    opt = fastopt.AdamW(params, lr=0.1, max_grad_norm=100.0, backend="cpu")
+    for _ in range(2):
+        opt.step()
+    updated = [params[0].detach()] + [p.full_tensor() for p in params[1:]]
+    return {"norms": norms, "params": [p.flatten().tolist() for p in updated]}
+
+
 def _worker(rank, tmp):
     torch.set_num_threads(1)  # two ranks on two cores
     dist.init_process_group(
@@ -99,6 +147,7 @@ def _worker(rank, tmp):
     try:
         report = {name: _run_sharded(name, rank) for name in SCENARIOS}
         report["accumulator_error"] = _accumulator_error()
+        report["dtensors"] = _dtensor_checks()
     finally:
         dist.destroy_process_group()
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
@@ -169,3 +218,29 @@ def test_fsdp1_shards_refuse_a_norm_inside_the_step():
 def test_accumulator_refuses_dtensor_params(sharded):
     for rank in range(WORLD):
         assert "does not take DTensor params" in sharded[rank]["accumulator_error"]
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+def test_norms_of_shards_match_the_whole_tensors(sharded, norm_type):
+    """Including torch's 0-"norm" (how many tensors are non-zero: counted once however many
+    ranks hold non-zeros of one) and negative p with a rank holding an empty shard."""
+    want = float(torch.nn.utils.get_total_norm(_full_tensors(norm_type), norm_type))
+    for rank in range(WORLD):
+        got = sharded[rank]["dtensors"]["norms"][str(norm_type)]
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_plain_partial_and_resharded_gradients_update_as_torch(sharded):
+    init = [torch.linspace(-1, 1, 12).reshape(4, 3), torch.arange(4.0), torch.ones(4, 4)]
+    grads = [torch.full((4, 3), 0.5), torch.zeros(4), torch.eye(4)]
+    params = [nn.Parameter(t.clone()) for t in init]
+    opt = torch.optim.AdamW(params, lr=0.1, foreach=False)
+    for _ in range(2):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    for rank in range(WORLD):
+        for got, want in zip(sharded[rank]["dtensors"]["params"], params):
+            torch.testing.assert_close(
+                torch.tensor(got), want.detach().flatten(), rtol=1e-6, atol=1e-7
+            )
