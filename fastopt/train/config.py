@@ -31,6 +31,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "TrainConfig",
+    "build_early_stopping",
     "build_schedule",
     "config_from_dict",
     "config_to_dict",
@@ -157,17 +158,8 @@ class TrainConfig:
             warmup = min(DEFAULT_WARMUP_STEPS, self.max_steps // 10)
             self.schedule = {"name": "warmup_cosine", "warmup_steps": warmup, "min_ratio": 0.05}
         build_schedule(self.schedule, self.max_steps)  # fails here, not mid-run
-        es = self.early_stopping
         try:
-            EarlyStopping(
-                es.monitor,
-                es.mode,
-                es.patience,
-                es.min_delta,
-                es.restore_best,
-                es.stop_on_nonfinite,
-                es.divergence_threshold,
-            )
+            build_early_stopping(self.early_stopping)
         except ValueError as e:
             raise ConfigError(f"config section 'early_stopping': {e}") from None
 
@@ -303,6 +295,20 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConf
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(data)
+
+
+def build_early_stopping(es: EarlyStoppingConfig) -> EarlyStopping:
+    """The early-stopping object the ``early_stopping`` section describes (``enabled`` aside:
+    the loop also tracks the best step with it when stopping is off)."""
+    return EarlyStopping(
+        es.monitor,
+        es.mode,
+        es.patience,
+        es.min_delta,
+        es.restore_best,
+        es.stop_on_nonfinite,
+        es.divergence_threshold,
+    )
 
 
 # -- schedules from the config -------------------------------------------------------------

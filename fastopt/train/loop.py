@@ -47,9 +47,8 @@ from .components import (
     resolve_device,
     to_device,
 )
-from .config import ConfigError, TrainConfig, build_schedule
+from .config import ConfigError, TrainConfig, build_early_stopping, build_schedule
 from .data import BatchStream, sample_count
-from .early_stopping import EarlyStopping
 from .metrics import MetricsLogger
 from .schedules import ScheduleLR
 
@@ -146,15 +145,7 @@ def fit(
     if es.enabled and es.monitor == "val_loss" and val_loader is None:
         raise ConfigError("early_stopping.monitor is 'val_loss' but no validation loader was given")
     # Also tracks the best checkpoint when early stopping is off (its stops are then ignored).
-    stopper = EarlyStopping(
-        es.monitor,
-        es.mode,
-        es.patience,
-        es.min_delta,
-        es.restore_best,
-        es.stop_on_nonfinite,
-        es.divergence_threshold,
-    )
+    stopper = build_early_stopping(es)
     stream = BatchStream(train_loader)
     opt_type = type(optimizer)
     identity = {
