@@ -9,10 +9,12 @@ tensors and plain Python values, so they load with ``torch.load(weights_only=Tru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,41 +46,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is never seen half written."""
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``. Once the body has written and fsync'ed it,
+    it replaces ``path`` atomically and the folder is fsync'ed; if the body fails, it is
+    removed and ``path`` is left as it was."""
     tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
+    tmp.unlink(missing_ok=True)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _write_synced(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` so that ``path`` is never seen half written."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        _write_synced(tmp, lambda f: torch.save(obj, f))
     return path
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
     """Makes ``dst`` the same file as ``src`` atomically: a hard link when the file system has
     them (no second write), else a full fsync'ed copy."""
-    tmp = dst.with_name(f"{_TMP_PREFIX}{os.getpid()}-{dst.name}")
-    tmp.unlink(missing_ok=True)
-    try:
+    with _replacing(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
+            with open(src, "rb") as fin:
+                _write_synced(tmp, lambda fout: shutil.copyfileobj(fin, fout))
 
 
 class CheckpointError(RuntimeError):
