@@ -89,8 +89,9 @@ def shard_spec(t: Tensor) -> tuple[Any, tuple[int, ...]] | None:
 def combine_norm(
     norm: Tensor, flag: Tensor, spec: tuple[Any, tuple[int, ...]], norm_type: float, empty: bool
 ) -> tuple[Tensor, Tensor]:
-    """The ``norm_type``-norm and non-finite flag of tensors sharded as ``spec``, from this
-    rank's ``norm`` and ``flag`` of its shards (``empty``: it holds no element of them)."""
+    """The ``norm_type``-norm (p != 0: the 0-"norm" counts tensors, not elements, see
+    fastopt.norm) and non-finite flag of tensors sharded as ``spec``, from this rank's ``norm``
+    and ``flag`` of its shards (``empty``: it holds no element of them)."""
     mesh, dims = spec
     if not dims:
         return norm, flag
@@ -98,20 +99,15 @@ def combine_norm(
         op, value = dist.ReduceOp.MAX, norm.clone()
     elif norm_type == -math.inf:  # an empty shard must not win the minimum
         op, value = dist.ReduceOp.MIN, torch.full_like(norm, math.inf) if empty else norm.clone()
-    elif norm_type == 0:  # a count of non-zero elements: counts add
-        op, value = dist.ReduceOp.SUM, norm.clone()
     else:  # sum of |x|^p over all shards, then the p-th root (an empty shard adds nothing,
         # where 0 ** p would add inf for p < 0)
         op = dist.ReduceOp.SUM
         value = torch.zeros_like(norm, dtype=torch.float64) if empty else norm.double() ** norm_type
-    flag = flag.clone()
     for dim in dims:
-        group = mesh.get_group(dim)
-        dist.all_reduce(value, op=op, group=group)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if op == dist.ReduceOp.SUM and norm_type != 0:
+        dist.all_reduce(value, op=op, group=mesh.get_group(dim))
+    if op == dist.ReduceOp.SUM:
         value = value ** (1.0 / norm_type)
-    return value.to(norm.dtype), flag
+    return value.to(norm.dtype), combine_flag(flag.clone(), [spec])
 
 
 def combine_flag(flag: Tensor, specs: list[tuple[Any, tuple[int, ...]]]) -> Tensor:
