@@ -159,8 +159,7 @@ def time_interleaved(
                 step()
                 elapsed = (time.perf_counter() - t0) * 1e3
             else:
-                torch.cuda.synchronize()
-                if queued:
+                if queued:  # (the previous timing ended with a synchronize)
                     if before_each is not None:
                         before_each()
                     step()  # keeps the device busy while the host prepares the timed step
