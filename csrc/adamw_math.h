@@ -31,7 +31,13 @@ constexpr float kClipEps = 1e-6f;
 // (CUDA) rather than per element.
 struct AdamWCoeffs {
   float decay;            // 1 - lr * weight_decay: decoupled weight decay
-  float one_minus_beta1;  // exp_avg moves this far toward the gradient
+  // exp_avg = lerp(exp_avg, g, w) with w = 1 - beta1, in torch's two forms: from exp_avg,
+  // m + w * (g - m), when w < 0.5; from the gradient, g + (w - 1) * (g - m), otherwise. The
+  // first form cancels when |g| << |m| and w is large (beta1 <= 0.5: 2.4e-2 relative error
+  // at beta1 = 0), which is why torch switches. (w - 1) * x is -((1 - w) * x) exactly, so
+  // this is torch's g - (g - m) * (1 - w) to the bit.
+  float lerp_coef;    // w, or w - 1
+  bool lerp_from_m;   // w < 0.5
   float beta2;
   float one_minus_beta2;
   float step_size;        // lr / (1 - beta1^step)
@@ -60,7 +66,11 @@ FASTOPT_HD AdamWCoeffs adamw_coeffs(double lr, double beta1, double beta2, doubl
                                     double eps, double step, float grad_coef, bool maximize) {
   AdamWCoeffs c;
   c.decay = static_cast<float>(1.0 - lr * weight_decay);
-  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  // w in fp32 first, as torch passes its Python-float weight to an fp32 lerp; w - 1 is then
+  // exact (Sterbenz) for every w >= 0.5.
+  const float w = static_cast<float>(1.0 - beta1);
+  c.lerp_from_m = w < 0.5f;
+  c.lerp_coef = c.lerp_from_m ? w : w - 1.f;
   c.beta2 = static_cast<float>(beta2);
   c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
@@ -78,7 +88,7 @@ FASTOPT_HD void adamw_math(float& p, float grad, float& m, float& v, float& vmax
                            const AdamWCoeffs& c) {
   const float g = grad * c.grad_coef;
   p = p * c.decay;
-  m = m + c.one_minus_beta1 * (g - m);  // torch's lerp(m, g, 1 - beta1) for weights < 0.5
+  m = (c.lerp_from_m ? m : g) + c.lerp_coef * (g - m);  // torch's lerp(m, g, 1 - beta1)
   v = v * c.beta2 + c.one_minus_beta2 * (g * g);
   float second = v;
   if (kAmsgrad) {

@@ -82,15 +82,20 @@ def _grad_coef(grad_factor, grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_SC
 
 
 @triton.jit
-def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef, decay, one_minus_beta1, beta2,
-            one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD: tl.constexpr):  # fmt: skip
+def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef, decay, lerp_coef, beta2,
+            one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD: tl.constexpr,
+            LERP_FROM_M: tl.constexpr):  # fmt: skip
     """adamw_math on one block; ``mask`` is None for full blocks (unmasked 128-bit accesses)."""
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * coef
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     p = p * decay
-    m = m + one_minus_beta1 * (g - m)  # torch's lerp(m, g, 1 - beta1) for weights < 0.5
+    # torch's lerp(m, g, 1 - beta1) in its two forms (the header's AdamWCoeffs explains why)
+    if LERP_FROM_M:
+        m = m + lerp_coef * (g - m)
+    else:
+        m = g + lerp_coef * (g - m)
     v = v * beta2 + one_minus_beta2 * (g * g)
     second = v
     if AMSGRAD:
@@ -114,12 +119,12 @@ def adamw_kernel(
     table, n_tensors,  # the multi-tensor table (_table.py) and its tensor count T
     lr_ptr, lr_bits: tl.int64, wd_bits: tl.int64, log2_beta1_bits: tl.int64,
     log2_beta2_bits: tl.int64,  # float64 bit patterns (f64_bits)
-    one_minus_beta1, beta2, one_minus_beta2, eps,  # fp32, rounded from float64 on the host
+    lerp_coef, beta2, one_minus_beta2, eps,  # fp32, rounded from float64 on the host
     grad_scale_ptr, found_inf_ptr, grad_norm_ptr, max_grad_norm, grad_factor,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    HAS_CLIP: tl.constexpr, ALIGNED: tl.constexpr, MAP_ROW: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_CLIP: tl.constexpr, LERP_FROM_M: tl.constexpr, ALIGNED: tl.constexpr,
+    MAP_ROW: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     t, start, n_here = chunk_coords(table, n_tensors, MAP_ROW, CHUNK)
     if HAS_FOUND_INF:
@@ -154,13 +159,19 @@ def adamw_kernel(
     n_full = n_here // BLOCK
     for i in range(0, n_full):
         offs = i * BLOCK + tl.arange(0, BLOCK)
-        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, coef, decay, one_minus_beta1,
-                beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD)  # fmt: skip
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, coef, decay, lerp_coef, beta2,
+                one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD, LERP_FROM_M)  # fmt: skip
     offs = n_full * BLOCK + tl.arange(0, BLOCK)
     if n_full * BLOCK < n_here:
         mask = offs < n_here
-        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef, decay, one_minus_beta1,
-                beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD)  # fmt: skip
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef, decay, lerp_coef, beta2,
+                one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD, LERP_FROM_M)  # fmt: skip
+
+
+def _lerp_coef(beta1: float) -> tuple[float, bool]:
+    """The header's lerp_coef and lerp_from_m: w = fp32(1 - beta1), then w or w - 1 (exact)."""
+    w = struct.unpack("<f", struct.pack("<f", 1.0 - beta1))[0]
+    return (w, True) if w < 0.5 else (w - 1.0, False)
 
 
 def _log2(beta: float) -> float:
@@ -249,17 +260,18 @@ def adamw_step(
     found_inf = _scalar_on(found_inf, device)
     clip = grad_norm is not None and max_grad_norm > 0
     grad_norm = _scalar_on(grad_norm, device) if clip else None
+    lerp_coef, lerp_from_m = _lerp_coef(beta1)
     dummy = table.data  # stands in for absent pointers; never read (its HAS_ flag is off)
     adamw_kernel[(table.n_chunks,)](
         table.data, table.n_tensors,
         dummy if lr_tensor is None else lr_tensor, f64_bits(0.0 if lr_tensor is not None else lr),
         f64_bits(weight_decay), f64_bits(_log2(beta1)), f64_bits(_log2(beta2)),
-        float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
+        lerp_coef, float(beta2), float(1.0 - beta2), float(eps),
         dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
         dummy if grad_norm is None else grad_norm, float(max_grad_norm), float(grad_factor),
         P_DTYPE=p_tl, G_DTYPE=tl_dtype(g_dtype, "grads"), AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize), HAS_LR_TENSOR=lr_tensor is not None,
         HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, HAS_CLIP=clip,
-        ALIGNED=table.aligned, MAP_ROW=table.map_row, BLOCK=launch.block, CHUNK=launch.chunk,
+        LERP_FROM_M=lerp_from_m, ALIGNED=table.aligned, MAP_ROW=table.map_row, BLOCK=launch.block, CHUNK=launch.chunk,
         num_warps=launch.num_warps, enable_fp_fusion=False,
     )  # fmt: skip

@@ -112,6 +112,49 @@ def test_low_precision_error_within_twice_torch(backend, device, dtype):
     assert all(ours.state[p]["exp_avg"].dtype == dtype for p in ours_p)  # torch's state layout
 
 
+# beta1 <= 0.5 is where torch's lerp(m, g, 1 - beta1) switches to g - (g - m) * beta1: the
+# other form, m + (1 - beta1) * (g - m), cancels when |g| << |m|. A large first gradient then
+# a small one is that case (the small gradient's m rounded at the large one's ulp).
+SMALL_BETA1 = {"0": (0.0, 0.0), "0.3": (0.3, 0.5), "0.5": (0.5, 0.9), "0.6": (0.6, 0.999)}
+
+
+@pytest.mark.parametrize("extra", ["plain", "clip", "accumulate"])
+@pytest.mark.parametrize("betas", list(SMALL_BETA1))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_small_beta1_follows_torchs_lerp(backend, device, betas, extra):
+    betas = SMALL_BETA1[betas]
+    gen = torch.Generator().manual_seed(7)
+    start = randn(1000, device=device, gen=gen)
+    theirs_p, ours_p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    theirs = torch.optim.AdamW([theirs_p], betas=betas, foreach=False)
+    ours = fastopt.AdamW(
+        [ours_p], betas=betas, backend=backend, max_grad_norm=1e9 if extra == "clip" else None
+    )
+    acc = fastopt.GradAccumulator(ours) if extra == "accumulate" else None
+    for scale in (10.0, 0.01, 1e-4):
+        g = scale * randn(1000, device=device, gen=gen)
+        theirs_p.grad = g.clone()
+        ours_p.grad = g.clone()
+        if acc is not None:
+            acc.accumulate()
+        m_prev = theirs.state[theirs_p]["exp_avg"].clone() if theirs.state else torch.zeros_like(g)
+        theirs.step()
+        ours.step()
+        # Both forms share the rounding of g - m; after it, ours rounds the product by
+        # beta1 and the sum (torch's CPU lerp fuses the two into one FMA): at most half an ulp
+        # of beta1 * |g - m| and of |m| each, for both, so eps * (beta1 * |g - m| + |m|) with
+        # a factor 2 of margin. The cancelling form errs by half an ulp of the old |m|, 1e3x
+        # the new one's after a 1000x smaller gradient: caught at beta1 = 0.
+        m_t, m_o = theirs.state[theirs_p]["exp_avg"], ours.state[ours_p]["exp_avg"]
+        eps32 = torch.finfo(torch.float32).eps
+        bound = 2 * eps32 * (betas[0] * (g - m_prev).abs() + m_t.abs())
+        assert ((m_o - m_t).abs() <= bound).all(), ((m_o - m_t).abs() / bound).max()
+        torch.testing.assert_close(
+            ours.state[ours_p]["exp_avg_sq"], theirs.state[theirs_p]["exp_avg_sq"]
+        )
+        torch.testing.assert_close(ours_p.detach(), theirs_p.detach(), rtol=1e-5, atol=1e-7)
+
+
 HOSTILE = {
     "0-dim": [()],
     "empty": [(0,), (0, 4)],

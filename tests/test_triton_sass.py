@@ -35,7 +35,7 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 # table). A kernel argument missing here fails loudly rather than compiling something else.
 RUNTIME = {
     "table": "*i64", "n_tensors": "i32", "lr_ptr": "*i64", "lr_bits": "i64", "wd_bits": "i64",
-    "log2_beta1_bits": "i64", "log2_beta2_bits": "i64", "one_minus_beta1": "fp32",
+    "log2_beta1_bits": "i64", "log2_beta2_bits": "i64", "lerp_coef": "fp32",
     "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "grad_scale_ptr": "*fp32",
     "found_inf_ptr": "*fp32", "grad_norm_ptr": "*fp32", "max_grad_norm": "fp32",
     "grad_factor": "fp32",
@@ -47,7 +47,7 @@ def compile_adamw(p_dtype, g_dtype, amsgrad, aligned):
     launch = _table.launch_heuristics("adamw", 4 if p_dtype == "fp32" else 2)
     constexprs = dict(
         P_DTYPE=DTYPES[p_dtype], G_DTYPE=DTYPES[g_dtype], AMSGRAD=amsgrad, MAXIMIZE=False,
-        HAS_LR_TENSOR=False, HAS_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True,
+        HAS_LR_TENSOR=False, HAS_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True, LERP_FROM_M=True,
         ALIGNED=aligned, MAP_ROW=2 + 5 + amsgrad, BLOCK=launch.block, CHUNK=launch.chunk,
     )
     names = adamw_kernel.arg_names
