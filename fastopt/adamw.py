@@ -109,18 +109,6 @@ class AdamW(Optimizer):
         self._accumulator = None  # set by fastopt.GradAccumulator
         self._plans: dict[int, tuple] = {}  # group index -> (key, buckets, state); see _plan
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        params = self.param_groups[-1]["params"]
-        if len(set(params)) != len(params):
-            # torch warns and updates such a param once per listing; one fused update per
-            # step cannot, so refuse rather than update it differently.
-            self.param_groups.pop()
-            raise ValueError(
-                "fastopt.AdamW: a param group lists the same parameter more than once; "
-                "list each parameter once"
-            )
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Resets the gradients, as torch's, and discards any a GradAccumulator holds."""
         super().zero_grad(set_to_none)
@@ -144,23 +132,27 @@ class AdamW(Optimizer):
         for group in self.param_groups:  # groups saved by torch.optim.Adam or older versions
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # torch's non-fused AdamW keeps step counts on the CPU; ours live with the params so
-        # a CUDA step can skip and count without a host sync.
-        for param, state in self.state.items():
-            step = state.get("step")
-            if step is not None:
-                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
+        # torch's non-fused AdamW keeps step counts on the CPU; ours live with the params so a
+        # CUDA step can skip and count without a host sync. Done here, not after
+        # load_state_dict, so that its post-hooks, which run last, see the state as it will be
+        # used. Entries not keyed by a param (a hook may store a flag there) are left alone.
+        for param, entry in self.state.items():
+            if isinstance(param, Tensor) and isinstance(entry, dict) and "step" in entry:
+                entry["step"] = torch.as_tensor(entry["step"], dtype=torch.float32).to(
+                    param.device
+                )
 
     # ------------------------------------------------------------------------------------
     def _collect(self, group: dict[str, Any], acc_grads: dict | None):
         """The group's params that have gradients, and those gradients (a DTensor gradient laid
-        out as its param, so that the two have the same local shards)."""
+        out as its param, so that the two have the same local shards); then the repeat passes:
+        lists of indices into those params, for params the group lists more than once."""
         params, grads = [], []
         dtensor = dtensor_type()  # None unless DTensors are in use: then nothing to check
-        for p in group["params"]:
+        listed = group["params"]
+        if len(set(map(id, listed))) != len(listed):  # torch warned in add_param_group
+            return self._collect_repeated(listed, acc_grads)
+        for p in listed:
             grad = p.grad
             if acc_grads is not None:
                 if grad is not None:
@@ -177,9 +169,29 @@ class AdamW(Optimizer):
                 grad = like_param(p, grad)
             params.append(p)
             grads.append(grad)
-        return params, grads
+        return params, grads, []
 
-    def _plan(self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]):
+    def _collect_repeated(self, listed: list[Tensor], acc_grads: dict | None):
+        """_collect for a group that lists a param k > 1 times. torch's for-loop AdamW updates
+        such a param k times per step, each time with the same gradient and a step count one
+        higher; so do we: once with the other params, then in k - 1 repeat passes over the
+        params listed that often (one kernel must never see a tensor twice)."""
+        unique = list({id(p): p for p in listed}.values())
+        params, grads, _ = self._collect({"params": unique}, acc_grads)
+        position = {id(p): i for i, p in enumerate(params)}
+        times = defaultdict(int)
+        repeats: list[list[int]] = []
+        for p in listed:
+            if id(p) not in position:
+                continue  # no gradient this step
+            times[id(p)] += 1
+            if times[id(p)] > 1:
+                if len(repeats) < times[id(p)] - 1:
+                    repeats.append([])
+                repeats[times[id(p)] - 2].append(position[id(p)])
+        return params, grads, repeats
+
+    def _plan(self, index, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]):
         """The group's kernel buckets, rebuilt only when the set of params with gradients, the
         gradient dtypes or the state change: per-tensor Python work costs milliseconds per
         step for models with hundreds of tensors, time the GPU would spend idle."""
@@ -234,6 +246,17 @@ class AdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Performs a single optimization step."""
+        try:
+            return self._step(closure)
+        except BaseException:
+            # A loss scaler hands grad_scale and found_inf over as attributes and deletes them
+            # once step() returns; a step that raised leaves them behind (torch's GradScaler
+            # has no finally), and they must not leak into later steps.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -257,9 +280,10 @@ class AdamW(Optimizer):
         grad_factor = acc.factor() if acc_grads is not None else 1.0
 
         collected = [self._collect(g, acc_grads) for g in self.param_groups]
-        all_grads = [g for _, grads in collected for g in grads]
+        # Each param counts once in the norm, however often its group lists it.
+        all_grads = [g for _, grads, _ in collected for g in grads]
         plans = [self._plan(index, group, params, grads) if params else []
-                 for index, (group, (params, grads))
+                 for index, (group, (params, grads, _))
                  in enumerate(zip(self.param_groups, collected))]  # fmt: skip
 
         # One read of every gradient gives the global norm and the non-finite flag together.
@@ -289,10 +313,18 @@ class AdamW(Optimizer):
             self.last_grad_norm = grad_norm * coef
         self.last_found_inf = found_inf
 
-        for group, plan, (_, grads) in zip(self.param_groups, plans, collected):
+        for index, (group, plan, (params, grads, repeats)) in enumerate(
+            zip(self.param_groups, plans, collected)
+        ):
             if plan:
                 self._update_group(
                     group, plan, grads, grad_scale, found_inf, grad_norm, grad_factor
+                )
+            for k, idx in enumerate(repeats, start=1):
+                again_params, again_grads = [params[i] for i in idx], [grads[i] for i in idx]
+                again = self._plan((index, k), group, again_params, again_grads)
+                self._update_group(
+                    group, again, again_grads, grad_scale, found_inf, grad_norm, grad_factor
                 )
         if acc_grads is not None:
             acc.reset()

@@ -110,6 +110,12 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     if len(grads) == 0:
         return torch.tensor(0.0)
+    if norm_type < 0 or math.isinf(norm_type):
+        # Max, min and negative-p norms have no identity, so torch refuses an empty gradient
+        # among the others rather than ignore it; raise its own error, word for word.
+        for g in grads:
+            if g.numel() == 0:
+                torch.linalg.vector_norm(g, norm_type)
     total_norm, _ = global_norm(grads, norm_type)
     if error_if_nonfinite and not math.isfinite(total_norm.item()):
         raise RuntimeError(

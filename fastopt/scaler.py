@@ -150,7 +150,10 @@ class LossScaler:
         if getattr(optimizer, "_step_supports_amp_scaling", False) and hasattr(
             optimizer, "last_found_inf"
         ):
-            # fastopt optimizer: it unscales and checks inside its own passes.
+            # fastopt optimizer: it unscales and checks inside its own passes. Whatever another
+            # scaler left behind is dropped first, so exactly one of the two is handed over.
+            optimizer.__dict__.pop("grad_scale", None)
+            optimizer.__dict__.pop("found_inf", None)
             if state["stage"] is _Stage.UNSCALED:
                 optimizer.found_inf = state["found_inf"]
             else:

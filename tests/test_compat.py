@@ -211,17 +211,6 @@ def test_unavailable_backend_request_is_an_error_not_a_fallback():
         opt.step()
 
 
-def test_a_param_listed_twice_is_refused():
-    p = torch.nn.Parameter(torch.ones(2))
-    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="once"):
-        fastopt.AdamW([p, p])
-    opt = fastopt.AdamW([p])
-    q = torch.nn.Parameter(torch.ones(2))
-    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="once"):
-        opt.add_param_group({"params": [q, q]})
-    assert len(opt.param_groups) == 1
-
-
 def test_last_grad_norm_belongs_to_the_last_step():
     p = torch.nn.Parameter(torch.ones(3))
     opt = fastopt.AdamW([p], max_grad_norm=1.0)
