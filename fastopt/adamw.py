@@ -138,9 +138,7 @@ class AdamW(Optimizer):
         # used. Entries not keyed by a param (a hook may store a flag there) are left alone.
         for param, entry in self.state.items():
             if isinstance(param, Tensor) and isinstance(entry, dict) and "step" in entry:
-                entry["step"] = torch.as_tensor(entry["step"], dtype=torch.float32).to(
-                    param.device
-                )
+                entry["step"] = torch.as_tensor(entry["step"], dtype=torch.float32).to(param.device)
 
     # ------------------------------------------------------------------------------------
     def _collect(self, group: dict[str, Any], acc_grads: dict | None):

@@ -272,6 +272,7 @@ def adamw_step(
         P_DTYPE=p_tl, G_DTYPE=tl_dtype(g_dtype, "grads"), AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize), HAS_LR_TENSOR=lr_tensor is not None,
         HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, HAS_CLIP=clip,
-        LERP_FROM_M=lerp_from_m, ALIGNED=table.aligned, MAP_ROW=table.map_row, BLOCK=launch.block, CHUNK=launch.chunk,
+        LERP_FROM_M=lerp_from_m, ALIGNED=table.aligned, MAP_ROW=table.map_row,
+        BLOCK=launch.block, CHUNK=launch.chunk,
         num_warps=launch.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
