@@ -45,7 +45,12 @@ def test_adamw_step(benchmark, case, name):
         _sync()
 
     benchmark.group = "adamw step"
-    benchmark.extra_info.update(n_params=n, bytes_per_param=B.BYTES_PER_PARAM, device=DEVICE)
+    benchmark.extra_info.update(
+        n_params=n,
+        bytes_per_param=B.BYTES_PER_PARAM,
+        device=DEVICE,
+        threads=torch.get_num_threads(),
+    )
     benchmark.pedantic(step, rounds=10, warmup_rounds=2)
 
 
@@ -68,5 +73,7 @@ def test_mixed_precision_step_with_clipping(benchmark, case, name):
 
     benchmark.group = "mixed-precision step with clipping"
     bpp = B.PIPELINE_BYTES["fastopt" if name.startswith("fastopt") else "torch"]
-    benchmark.extra_info.update(n_params=n, bytes_per_param=bpp, device=DEVICE)
+    benchmark.extra_info.update(
+        n_params=n, bytes_per_param=bpp, device=DEVICE, threads=torch.get_num_threads()
+    )
     benchmark.pedantic(step, setup=setup, rounds=10, warmup_rounds=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 import torch
@@ -18,17 +19,38 @@ def _percent(gbps: float, copy_gbps: float | None) -> str:
 
 def _table(title: str, rows: list[dict], baseline: str, copy_gbps: float | None) -> str:
     idle = "idle_ms" in rows[0]
-    lines = [f"\n{title}", f"{'implementation':<30}{'ms/step':>10}{'B/param':>9}{'GB/s':>9}"
-             f"{'% copy':>8}{'speed-up':>10}" + (f"{'from idle':>11}" if idle else "")]  # fmt: skip
+    lines = [f"\n{title}", f"{'implementation':<30}{'ms/step':>9}{'min-max ms':>15}{'B/param':>9}"
+             f"{'GB/s':>8}{'% copy':>8}{'speed-up':>10}{'min-max':>13}"
+             + (f"{'from idle':>11}" if idle else "")]  # fmt: skip
     for r in rows:
-        lines.append(f"{r['name']:<30}{r['ms']:>10.2f}{r['bytes_per_param']:>9}{r['gbps']:>9.1f}"
-                     f"{_percent(r['gbps'], copy_gbps):>8}{r['speedup']:>9.2f}x"
-                     + (f"{r['idle_ms']:>11.2f}" if idle else ""))  # fmt: skip
-    lines.append(f"speed-up: median ms of {baseline} / median ms")
+        spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
+        ratios = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"
+        lines.append(f"{r['name']:<30}{r['ms']:>9.2f}{spread:>15}{r['bytes_per_param']:>9}"
+                     f"{r['gbps']:>8.1f}{_percent(r['gbps'], copy_gbps):>8}"
+                     f"{r['speedup']:>9.2f}x{ratios:>13}"
+                     + (f"{r['idle_ms']:>11.2f}" if idle else "")
+                     + ("  (wide spread)" if r["wide"] else ""))  # fmt: skip
+    lines.append(f"speed-up: median over repeats of {baseline}'s ms / this row's ms, timed "
+                 "side by side; min-max: their range")  # fmt: skip
     if idle:
         lines.append("ms/step: device time, steps queued as a training loop queues them; "
                      "from idle: ms from a synchronize, host work included")  # fmt: skip
     return "\n".join(lines)
+
+
+def _warnings(rows: list[dict], other: B.OtherLoad, device: str) -> list[str]:
+    out = []
+    wide = [r["name"] for r in rows if r["wide"]]
+    if wide:
+        out.append(f"warning: speed-ups vary by more than +-{B.WIDE_SPREAD:.0%} across "
+                   f"repeats for {', '.join(wide)}: the machine was not quiet; do not quote "
+                   "this run")  # fmt: skip
+    if device == "cpu" and other.cores is not None and other.cores > 0.25:
+        out.append(f"warning: other processes kept {other.cores:.1f} of {os.cpu_count()} cores "
+                   "busy during this run; torch's OpenMP kernels slow down several-fold when a "
+                   "core is taken, so these ratios are not the machine's (re-run when it is "
+                   "quiet, or with OMP_NUM_THREADS=1 to compare single-threaded)")  # fmt: skip
+    return out
 
 
 def _timed(steps, device: str, repeats: int, before_each=None):
@@ -59,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     params, grads = B.make_params(shapes, device)
     n = sum(p.numel() for p in params)
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
+    omp = os.environ.get("OMP_NUM_THREADS", "unset")
+    threads = f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={omp})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{n / 1e6:.1f}M fp32 params in {len(shapes)} tensors on {device} ({where}); "
-          f"torch {torch.__version__}, {repeats} repeats, medians")  # fmt: skip
+          f"torch {torch.__version__}, {threads}, {repeats} repeats, medians; "
+          f"load average {load:.2f} on {os.cpu_count()} cores at start")  # fmt: skip
 
     copy_gbps = None  # on the CPU torch's copy_ is no bandwidth ceiling (AdamW beats it)
     if device == "cuda":
@@ -71,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         for p, g in zip(params, grads):
             p.grad = g
         steps = {name: make(params).step for name, make in B.adamw_cases(device).items()}
-        times, idle = _timed(steps, device, repeats)
+        with B.OtherLoad() as other:
+            times, idle = _timed(steps, device, repeats)
         rows = B.summarize(times, n, B.BYTES_PER_PARAM, "torch fused", idle)
         print(_table("AdamW step (28 B/param)", rows, "torch fused", copy_gbps))
+        print(*_warnings(rows, other, device), sep="\n")
         del steps
 
     if args.suite in ("pipeline", "all"):
@@ -87,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         for p, g in zip(params, scaled):
             p.grad = g.clone()
         steps = {name: make(params) for name, make in B.pipeline_cases(device).items()}
-        times, idle = _timed(steps, device, repeats, before_each=restore)
+        with B.OtherLoad() as other:
+            times, idle = _timed(steps, device, repeats, before_each=restore)
         rows = B.summarize(times, n, B.PIPELINE_BYTES, "torch unfused (fused AdamW)", idle)
         print(_table("Mixed-precision step with clipping: unscale, norm, clip, AdamW",
                      rows, "torch unfused (fused AdamW)", copy_gbps))  # fmt: skip
+        print(*_warnings(rows, other, device), sep="\n")
     return 0

@@ -7,6 +7,7 @@ medians. GPU times come from CUDA events, CPU times from perf_counter around a s
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -19,10 +20,13 @@ from .backends import availability
 __all__ = [
     "BYTES_PER_PARAM",
     "PIPELINE_BYTES",
+    "WIDE_SPREAD",
+    "OtherLoad",
     "adamw_cases",
     "copy_bandwidth",
     "make_params",
     "pipeline_cases",
+    "summarize",
     "time_interleaved",
     "transformer_shapes",
 ]
@@ -34,6 +38,53 @@ BYTES_PER_PARAM = 28
 # reads and writes the grads (8), clip_grad_norm_ reads them (4) then scales them in place (8),
 # AdamW moves 28: 48. fastopt: one read for the norm and inf check (4) and the update (28): 32.
 PIPELINE_BYTES = {"torch": 48, "fastopt": 32}
+
+
+# A row whose per-repeat speed-ups range wider than this around their median is flagged: on a
+# quiet 2-core machine the CPU rows stay within about +-5%; a core taken by another process
+# made torch's rows swing by 2-4x.
+WIDE_SPREAD = 0.2
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a benchmark ran (Linux: /proc/stat's busy
+    time minus this process's own CPU time, over the wall time).
+
+    torch's CPU kernels run OpenMP regions that wait for every thread; one core taken by
+    another process can make them several times slower, so a CPU timing is only worth
+    reporting when this stays near 0. ``None`` where /proc/stat is not readable.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()[1:]
+        except OSError:
+            return None
+        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+        ticks = [int(x) for x in fields[:8]]
+        busy = sum(ticks) - ticks[3] - ticks[4]
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (self._busy_seconds(), self._own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy0, own0, wall0 = self._start
+        busy1, own1, wall1 = self._busy_seconds(), self._own_seconds(), time.perf_counter()
+        if busy0 is None or busy1 is None or wall1 <= wall0:
+            return
+        self.cores = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
 
 
 def transformer_shapes(target_params: float) -> list[tuple[int, ...]]:
@@ -192,17 +243,22 @@ def copy_bandwidth(device: str, n_bytes: int, repeats: int) -> float:
 def summarize(times: dict[str, list[float]], n_params: int, bytes_per_param: dict[str, int] | int,
               baseline: str, idle_times: dict[str, list[float]] | None = None,
               ) -> list[dict]:  # fmt: skip
-    """Rows of name, median ms, GB/s at the given bytes per parameter, and speed-up over
-    ``baseline`` (a ratio of medians from the same run); with ``idle_times`` (the same steps
-    timed from an idle device), also their median as ``idle_ms``."""
-    base = statistics.median(times[baseline])
+    """Rows of name, median ms with its min and max, GB/s at the given bytes per parameter,
+    and the speed-up over ``baseline``: the median of the per-repeat ratios (each repeat timed
+    every implementation once, in turn, so a ratio compares neighbours in time) with their
+    min and max; with ``idle_times`` (the same steps from an idle device), their median too."""
+    base = times[baseline]
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         bpp = bytes_per_param if isinstance(bytes_per_param, int) else (
             bytes_per_param["fastopt" if name.startswith("fastopt") else "torch"])  # fmt: skip
-        row = {"name": name, "ms": med, "min_ms": min(ts), "bytes_per_param": bpp,
-               "gbps": n_params * bpp / med / 1e6, "speedup": base / med}  # fmt: skip
+        ratios = [b / t for b, t in zip(base, ts)]
+        speedup = statistics.median(ratios)
+        row = {"name": name, "ms": med, "min_ms": min(ts), "max_ms": max(ts),
+               "bytes_per_param": bpp, "gbps": n_params * bpp / med / 1e6,
+               "speedup": speedup, "speedup_min": min(ratios), "speedup_max": max(ratios),
+               "wide": (max(ratios) - min(ratios)) / 2 > WIDE_SPREAD * speedup}  # fmt: skip
         if idle_times is not None:
             row["idle_ms"] = statistics.median(idle_times[name])
         rows.append(row)

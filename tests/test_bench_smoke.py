@@ -2,6 +2,11 @@
 
 import subprocess
 import sys
+import time
+
+import torch
+
+from fastopt import benchmark as B
 
 
 def test_bench_command_prints_both_tables():
@@ -14,6 +19,30 @@ def test_bench_command_prints_both_tables():
     for name in ("torch for-loop", "torch foreach", "torch fused", "fastopt cpu"):
         assert name in out
     assert "Mixed-precision step with clipping" in out
+    assert f"{torch.get_num_threads()} threads" in out
+    assert "min-max" in out  # each row's spread beside its median
+
+
+def test_other_load_sees_a_busy_process():
+    # A second process spinning for the whole measurement must show as about one core busy;
+    # the benchmark warns on more than a quarter.
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\n"
+                             "while time.time() - t < 1.5: pass"])  # fmt: skip
+    try:
+        time.sleep(0.2)
+        with B.OtherLoad() as other:
+            time.sleep(1.0)
+    finally:
+        busy.wait()
+    assert other.cores is not None and other.cores > 0.5
+
+
+def test_summarize_flags_a_wide_spread():
+    times = {"base": [10.0, 10.0, 10.0], "steady": [5.0, 5.1, 4.9], "noisy": [5.0, 2.0, 9.0]}
+    rows = {r["name"]: r for r in B.summarize(times, 1000, 28, "base")}
+    assert not rows["steady"]["wide"] and rows["noisy"]["wide"]
+    assert rows["noisy"]["speedup"] == 2.0  # the median of the per-repeat ratios 2, 5, 1.1
+    assert (rows["noisy"]["speedup_min"], rows["noisy"]["speedup_max"]) == (10 / 9, 5.0)
 
 
 def test_info_command_lists_backends():
