@@ -6,7 +6,7 @@ import sys
 
 __all__ = ["main"]
 
-USAGE = """usage: python -m fastopt COMMAND [options]
+USAGE = """usage: python -m fastopt [--version] COMMAND [options]
 
 commands:
   info    torch and CUDA versions, and which backends are available and why not
@@ -16,8 +16,18 @@ commands:
 """
 
 
-def info() -> int:
+def info(argv: list[str]) -> int:
+    import argparse
     import platform
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastopt info",
+        description="torch and CUDA versions, and which backends are available and why not",
+    )
+    try:
+        parser.parse_args(argv)  # no options: refuses any, as the other commands do
+    except SystemExit as e:  # argparse already printed the usage error or the help
+        return int(e.code or 0)
 
     import torch
 
@@ -52,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "--version":
+        import fastopt
+
+        print(f"fastopt {fastopt.__version__}")
+        return 0
     if command == "info":
-        return info()
+        return info(rest)
     if command == "bench":
         from fastopt.bench_cli import main as bench_main
 

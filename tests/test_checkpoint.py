@@ -1,5 +1,7 @@
-"""Checkpoints: atomic writes (also under a real SIGKILL), last-k and best, RNG round trip."""
+"""Checkpoints: atomic writes (also under a real SIGKILL), failed writes, damage found on
+loading, last-k and best, RNG round trip."""
 
+import errno
 import os
 import random
 import re
@@ -40,6 +42,59 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
         save_atomic({"step": 2}, path)
     assert load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["c.pt"]  # the temporary file is gone too
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG], ids=["ENOSPC", "EFBIG"])
+def test_a_failed_write_names_the_file_and_the_os_error(tmp_path, monkeypatch, code):
+    """What torch.save raises when a write fails is a RuntimeError ("unexpected pos") about
+    no file; the OSError under it is what says why."""
+    path = tmp_path / "step_00000002.pt"
+
+    def failing_save(obj, f):
+        try:
+            f.write(b"PK\x03\x04" * 100)
+            raise OSError(code, os.strerror(code))
+        except OSError:  # torch leaves the OSError as the context, not the cause
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")  # noqa: B904
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(ckpt.AtomicWriteError) as info:
+        save_atomic({"step": 2}, path)
+    assert str(info.value) == f"cannot write {path}: {os.strerror(code)}"
+    assert info.value.errno == code and info.value.filename == str(path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_file_size_limit_is_reported_as_such(tmp_path):
+    """The real failure: a process under RLIMIT_FSIZE (Python ignores SIGXFSZ, so the write
+    fails with EFBIG) writing a checkpoint larger than the limit."""
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from fastopt.train.checkpoint import AtomicWriteError, save_atomic
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+        try:
+            save_atomic({{"w": torch.ones(100000)}}, {str(tmp_path / "big.pt")!r})
+        except AtomicWriteError as e:
+            print(e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout == f"cannot write {tmp_path / 'big.pt'}: File too large\n", done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_bytes_changed_inside_a_checkpoint_are_found(tmp_path):
+    """torch.load reads a zip archive without checking its CRC-32s: 4 KiB of random bytes
+    written over the middle of a weight tensor used to load as weights."""
+    path = tmp_path / "step_00000003.pt"
+    save_atomic({"step": 3, "w": torch.ones(100000)}, path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle - 2048 : middle + 2048] = random.Random(0).randbytes(4096)
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["step"] == 3  # torch alone does not notice
+    message = rf"checkpoint {re.escape(str(path))} does not load .*CRC-32 of archive/data/0"
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        load_checkpoint(path)
 
 
 def test_sigkill_mid_write_never_corrupts_the_file(tmp_path):

@@ -57,7 +57,9 @@ def test_train_writes_metrics_plots_and_checkpoints(tmp_path, capsys):
     ]
     for png in ("loss.png", "lr.png"):
         assert (out / png).stat().st_size > 1000
-    assert "step 60: train loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "step 60: train loss" in printed
+    assert f"wrote {out}/metrics.jsonl, loss.png, lr.png and checkpoints/" in printed
     (out / "loss.png").unlink()
     assert main(["plot", "--out", str(out)]) == 0 and (out / "loss.png").is_file()
 
@@ -71,7 +73,7 @@ def test_print_config_round_trips(tmp_path, capsys):
     assert config == load_config(_small(tmp_path), max_steps=77)
 
 
-def test_max_steps_option_and_toml_config(tmp_path):
+def test_max_steps_option_and_toml_config(tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text(
         "max_steps = 1000\neval_every = 5\nplots = false\n"
@@ -94,7 +96,8 @@ def test_max_steps_option_and_toml_config(tmp_path):
         == 0
     )
     assert read_metrics(out)[-1]["step"] == 12
-    assert not (out / "loss.png").exists()
+    assert not (out / "loss.png").exists()  # plots: false, and the summary does not claim them
+    assert f"wrote {out}/metrics.jsonl and checkpoints/\n" in capsys.readouterr().out
 
 
 def test_data_path(tmp_path):

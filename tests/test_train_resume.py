@@ -2,6 +2,7 @@
 checkpoint, a crash between writing a best step's checkpoint and linking best.pt to it, a
 damaged newest checkpoint or best.pt, and settings that may change on resume."""
 
+import random
 import signal
 
 import pytest
@@ -122,10 +123,18 @@ def test_crash_before_best_pt_is_linked_keeps_the_best_weights(
 
 def _damage(path, how):
     """Replaces ``path`` with a damaged copy: a new file, as best.pt is a hard link to the
-    step checkpoint it was made from and must not be damaged with it."""
-    data = path.read_bytes()
+    step checkpoint it was made from and must not be damaged with it. ``changed``: 4 KiB of
+    random bytes over the middle, the size unchanged (torch.load alone loads that file)."""
+    data = bytearray(path.read_bytes())
     path.unlink()
-    path.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+    middle = len(data) // 2
+    if how == "empty":
+        data = b""
+    elif how == "truncated":
+        data = data[:middle]
+    else:
+        data[middle - 2048 : middle + 2048] = random.Random(path.name).randbytes(4096)
+    path.write_bytes(bytes(data))
 
 
 def _interrupted(tmp_path, name="cut", stop_at=8, **overrides):
@@ -136,7 +145,7 @@ def _interrupted(tmp_path, name="cut", stop_at=8, **overrides):
     return cfg
 
 
-@pytest.mark.parametrize("how", ["truncated", "empty"])
+@pytest.mark.parametrize("how", ["truncated", "empty", "changed"])
 def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, how):
     _, ref_rows, ref_weights = _reference(tmp_path)
     cfg = _interrupted(tmp_path)

@@ -2,9 +2,12 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then
 renamed over its final name with ``os.replace`` (atomic on POSIX) and the folder fsync'ed: a
-crash at any point leaves either the previous file or the new one, never a torn one. Files are
-``step_XXXXXXXX.pt`` (the newest ``keep_last`` are kept) and ``best.pt``. Everything in them is
-tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
+crash at any point leaves either the previous file or the new one, never a torn one (the run
+folder's ``run.json`` is written the same way, with :func:`write_atomic`). A write that fails
+(disk full, file-size limit) raises :class:`AtomicWriteError` naming the file and leaves the
+previous one. Files are ``step_XXXXXXXX.pt`` (the newest ``keep_last`` are kept) and
+``best.pt``. Everything in them is tensors and plain Python values, so they load with
+``torch.load(weights_only=True)``; loading first checks the zip archive's CRC-32s.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +26,14 @@ import numpy as np
 import torch
 
 __all__ = [
+    "AtomicWriteError",
     "CheckpointError",
     "CheckpointManager",
     "capture_rng",
     "load_checkpoint",
     "restore_rng",
     "save_atomic",
+    "write_atomic",
 ]
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
@@ -46,19 +52,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class AtomicWriteError(OSError):
+    """A file that could not be written (disk full, file-size limit, no permission). The file
+    at its name, if any, is the previous one, untouched."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    # torch.save reports a failed write as a RuntimeError ("unexpected pos ...") raised while
+    # handling the OSError: the OSError is what says why.
+    if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a write error
+        return None
+    for candidate in (e, e.__cause__, e.__context__):
+        if isinstance(candidate, OSError):
+            return candidate
+    return None
+
+
 @contextlib.contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``. Once the body has written and fsync'ed it,
     it replaces ``path`` atomically and the folder is fsync'ed; if the body fails, it is
-    removed and ``path`` is left as it was."""
+    removed and ``path`` is left as it was (an OS error becomes an :class:`AtomicWriteError`
+    naming ``path``, not the temporary file)."""
     tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        cause = _os_error(e)
+        if cause is None or isinstance(e, AtomicWriteError):
+            raise
+        raise AtomicWriteError(cause.errno, cause.strerror or str(cause), str(path)) from e
     _fsync_dir(path.parent)
 
 
@@ -77,6 +106,14 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Writes ``data`` to ``path`` so that ``path`` is never seen half written."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        _write_synced(tmp, lambda f: f.write(data))
+    return path
+
+
 def _link_atomic(src: Path, dst: Path) -> None:
     """Makes ``dst`` the same file as ``src`` atomically: a hard link when the file system has
     them (no second write), else a full fsync'ed copy."""
@@ -89,24 +126,36 @@ def _link_atomic(src: Path, dst: Path) -> None:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file that is there but does not load (truncated, empty, not a checkpoint).
-    The writes here are atomic, so this is damage from outside: a disk or file-system fault, a
-    copy or sync cut short."""
+    """A checkpoint file that is there but does not load (truncated, empty, bytes changed, not
+    a checkpoint). The writes here are atomic, so this is damage from outside: a disk or
+    file-system fault, a copy or sync cut short."""
+
+
+def _damaged_member(path: Path) -> str | None:
+    """The first member of the zip archive at ``path`` whose CRC-32 does not match, or None.
+    torch.load does not check them: bytes changed inside a tensor would load as weights."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()  # reads it all once more; torch.load then reads the cache
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Loads a checkpoint onto the CPU (tensors and plain values only). Raises
-    FileNotFoundError when there is no file and :class:`CheckpointError` when it does not load."""
+    """Loads a checkpoint onto the CPU (tensors and plain values only) once its zip CRC-32s
+    check out. Raises FileNotFoundError when there is no file and :class:`CheckpointError`
+    when it does not load."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # EOFError, OSError, RuntimeError, UnpicklingError: none names the file
-        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {path} does not load ({path.stat().st_size} bytes; {detail})"
-        ) from e
+        damaged = _damaged_member(path)
+        if damaged is None:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        error, detail = None, f"the CRC-32 of {damaged} does not match: its bytes were changed"
+    # BadZipFile, EOFError, OSError, RuntimeError, UnpicklingError: none names the file
+    except Exception as e:
+        error, detail = e, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    raise CheckpointError(
+        f"checkpoint {path} does not load ({path.stat().st_size} bytes; {detail})"
+    ) from error
 
 
 class CheckpointManager:

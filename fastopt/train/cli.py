@@ -1,16 +1,24 @@
 """``python -m fastopt train`` and ``python -m fastopt plot``.
 
-Exit codes: 0 done; 2 bad input (unknown config key, wrong type, missing file, an ``--out``
-holding another run); 128 + the signal number when SIGTERM or SIGINT stopped training after a
-checkpoint was written (resume with ``--resume``).
+``--resume`` continues the run in ``--out`` as its ``run.json`` records it: no option needs
+repeating. An option or config file given with it may change only what does not change the
+result (``log_every``, ``checkpoint_every``, ``keep_last``, ...), or raise ``--max-steps`` to
+extend the run (its schedule unchanged: past its horizon it holds its last value).
+
+Exit codes: 0 done; 1 a file could not be written or read (disk full, file-size limit, no
+permission: earlier checkpoints are left intact); 2 bad input (unknown config key, wrong
+type, missing file, an ``--out`` holding another run); 128 + the signal number when SIGTERM
+or SIGINT stopped training after a checkpoint was written (resume with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -39,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run folder: metrics.jsonl, plots, checkpoints/ (default {DEFAULT_OUT})",
     )
     train.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out as it was configured (--max-steps N extends it)",
+    )
     train.add_argument("--device", help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     train.add_argument("--seed", type=int)
@@ -60,11 +72,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from . import distributed as D
+    from .components import read_run_record
     from .config import load_config
     from .default_job import run_default_job
 
+    base = None
+    if args.resume:  # the run as it was configured; the options given now update it
+        args.out = args.out or DEFAULT_OUT
+        base = read_run_record(args.out)["config"]
+        base.pop("progress", None)  # whether to draw a bar is the terminal's matter, not the run's
     config = load_config(
         args.config,
+        base=base,
         out=args.out,
         max_steps=args.max_steps,
         device=args.device,
@@ -124,7 +143,7 @@ def _report(result, rank: int) -> int:
     if result.interrupted is not None:
         print(
             f"interrupted by {result.interrupted} at step {result.step}; checkpoint written. "
-            f"Continue with: python -m fastopt train --resume --out {result.out}",
+            f"Continue with: {_resume_command(result.out)}",
             file=sys.stderr,
         )
         return 128 + _signum(result.interrupted, signal)
@@ -135,8 +154,18 @@ def _report(result, rank: int) -> int:
         print(f"stopped early: {result.stop_reason}")
     if result.skipped_steps:
         print(f"{result.skipped_steps} steps skipped for inf/NaN gradients")
-    print(f"wrote {result.out}/metrics.jsonl, loss.png, lr.png and checkpoints/")
+    written = ["metrics.jsonl", *(p.name for p in result.plots)]
+    print(f"wrote {result.out}/{', '.join(written)} and checkpoints/")
     return 0
+
+
+def _resume_command(out) -> str:
+    from . import distributed as D
+
+    launcher = "python -m fastopt"
+    if D.world_size() > 1:  # world_size is part of the run's identity
+        launcher = f"torchrun --nproc-per-node {D.world_size()} -m fastopt"
+    return f"{launcher} train --out {shlex.quote(str(out))} --resume"
 
 
 def _signum(name: str, signal) -> int:
@@ -170,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"python -m fastopt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, file-size limit, no permission: the run stops here
+        from .checkpoint import AtomicWriteError
+
+        hint = ""
+        if isinstance(e, AtomicWriteError) and str(e.filename).endswith(".pt"):
+            out = Path(e.filename).parent.parent  # out/checkpoints/step_XXXXXXXX.pt
+            hint = f"; the checkpoints before it are intact: fix that, then {_resume_command(out)}"
+        print(f"python -m fastopt {args.command}: error: {e}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from .checkpoint import write_atomic
 from .config import (
     NOT_FINGERPRINTED,
     ConfigError,
     OptimizerConfig,
     TrainConfig,
-    config_to_dict,
     fingerprint,
+    pinned_config,
 )
 from .data import sample_count
 
@@ -36,6 +37,7 @@ __all__ = [
     "evaluate",
     "is_fastopt",
     "optimizer_step",
+    "read_run_record",
     "resolve_device",
     "to_device",
 ]
@@ -208,29 +210,75 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def claim_run_dir(out: Path, config: TrainConfig, identity: dict[str, Any], resume: bool) -> str:
-    """Checks that ``out`` is free (fresh run) or holds this same run (``resume``), and records
-    the run's identity in ``out/run.json``. Returns the fingerprint."""
-    fp = fingerprint(config, identity)
-    record = {"fingerprint": fp, "config": config_to_dict(config), **identity}
+def _check_folder(out: Path) -> None:
+    """``out`` is a folder or can be made one (else mkdir would fail later with a
+    FileExistsError or NotADirectoryError traceback)."""
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                kind = "a file, not a folder" if path.is_file() else "not a folder"
+                where = "" if path == out else f"{out} cannot be a run folder: "
+                raise ConfigError(f"{where}{path} is {kind}; choose another --out")
+            return
+
+
+def read_run_record(out: Path) -> dict[str, Any]:
+    """``out/run.json``: the run's fingerprint, config and identity. ConfigError when the
+    folder holds no run or its run.json does not read."""
+    out = Path(out)
+    _check_folder(out)
     run_file = out / RUN_FILE
+    if not run_file.is_file():
+        raise ConfigError(f"nothing to resume: {out} holds no run ({RUN_FILE} is missing)")
+    text = run_file.read_bytes()
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        if not isinstance(record.get("config"), dict) or "fingerprint" not in record:
+            raise ValueError("no 'fingerprint' and 'config'")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        what = "empty" if not text.strip() else f"damaged ({type(e).__name__}: {e})"
+        raise ConfigError(
+            f"{run_file} is {what}, so nothing says which run {out} holds: delete the folder "
+            "to start the run again, or choose another --out"
+        ) from None
+    return record
+
+
+def claim_run_dir(out: Path, config: TrainConfig, identity: dict[str, Any], resume: bool) -> str:
+    """Checks that ``out`` is free (fresh run) or holds this same run (``resume``, perhaps with
+    a larger ``max_steps``), and records the run's identity in ``out/run.json``, atomically.
+    Returns the fingerprint."""
+    _check_folder(out)
+    fp = fingerprint(config, identity)
+    record = {"fingerprint": fp, "config": pinned_config(config), **identity}
+    run_file = out / RUN_FILE
+    saved = None
     if resume:
-        if not run_file.is_file():
-            raise ConfigError(f"nothing to resume: {out} holds no run ({RUN_FILE} is missing)")
-        saved = json.loads(run_file.read_text())
-        if saved.get("fingerprint") != fp:
-            old = _flatten({**saved.get("config", {}), **{k: saved.get(k) for k in identity}})
+        saved = read_run_record(out)
+        if saved["fingerprint"] != fp:
+            old = _flatten({**saved["config"], **{k: saved.get(k) for k in identity}})
             new = _flatten({**record["config"], **identity})
             diff = [
                 f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
                 for k in sorted(set(old) | set(new))
                 if k not in NOT_FINGERPRINTED and old.get(k) != new.get(k)
             ]
+            listed = "; ".join(diff) or "none in the config (another fastopt version?)"
             raise ConfigError(
-                f"{out} holds a different run (fingerprint {saved.get('fingerprint')} "
-                f"there, {fp} now); differences: {'; '.join(diff) or 'unknown'}"
+                f"{out} holds a different run (fingerprint {saved['fingerprint']} there, {fp} "
+                f"now); differences: {listed}"
+            )
+        before = saved["config"].get("max_steps")
+        if isinstance(before, int) and config.max_steps < before:
+            raise ConfigError(
+                f"{out} holds a run of max_steps {before}: a resumed run may extend it, "
+                f"not shorten it to {config.max_steps}"
             )
     else:
+        if run_file.exists():
+            read_run_record(out)  # a damaged run.json says so, rather than "resume it"
         taken = [n for n in (RUN_FILE, "metrics.jsonl", "checkpoints") if (out / n).exists()]
         if taken:
             raise ConfigError(
@@ -238,9 +286,10 @@ def claim_run_dir(out: Path, config: TrainConfig, identity: dict[str, Any], resu
                 "(--resume) or choose another --out"
             )
     D.barrier()  # every rank has checked before rank 0 writes
-    if D.rank() == 0 and not resume:
+    # A resumed run with a new max_steps (or log_every, ...) records the run as it goes on.
+    if D.rank() == 0 and record != saved:
         out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(record, indent=2) + "\n")
+        write_atomic((json.dumps(record, indent=2) + "\n").encode(), run_file)
     return fp
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ __all__ = [
     "config_to_dict",
     "fingerprint",
     "load_config",
+    "pinned_config",
+    "read_config_file",
 ]
 
 
@@ -266,33 +269,89 @@ def config_to_dict(config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
-    """Reads a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; ``overrides`` (top-level
-    keys such as ``out`` or ``max_steps``) win over the file."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        suffix = path.suffix.lower()
-        if suffix in (".yaml", ".yml"):
-            import yaml
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        elif suffix == ".toml":
-            import tomllib
 
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+def _yaml_problem(e) -> str:
+    """A YAML error on one line: where and what (PyYAML's own message spans several lines,
+    quoting the source)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None:
+        where += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+    return where
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file, UTF-8 encoded."""
+    path = Path(path)
+    name = repr(str(path))
+    if not path.exists():
+        raise ConfigError(f"config file {name} does not exist")
+    mode = path.stat().st_mode
+    for is_kind, kind in _NOT_REGULAR:
+        if is_kind(mode):
+            raise ConfigError(f"config file {name} is {kind}, not a regular file")
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(f"config file {name}: expected .yaml, .yml or .toml")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")  # what TOML requires; not the locale's encoding
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {name} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start}); save it as UTF-8"
+        ) from None
+    if suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {name} is not valid TOML: {e}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {name} is not valid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {name} must hold a mapping at the top level")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update``'s keys, section by section (``schedule`` is replaced whole:
+    which keys it has depends on its name)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if key != "schedule" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
         else:
-            raise ConfigError(f"config file {str(path)!r}: expected .yaml, .yml or .toml")
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | os.PathLike | None = None, *, base: dict[str, Any] | None = None, **overrides
+) -> TrainConfig:
+    """Reads a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; ``overrides`` (top-level
+    keys such as ``out`` or ``max_steps``) win over the file. ``base``: a config mapping
+    (a run's recorded one, to resume it) that the file's keys update section by section."""
+    data = dict(base or {})
+    if path is not None:
+        data = _merge(data, read_config_file(path))
     data.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(data)
 
@@ -340,9 +399,11 @@ def build_schedule(spec: dict[str, Any], max_steps: int):
 # Keys that change how a run is shown, where it goes or how often it is saved, not what it
 # computes: a resumed run may change them. (Logging and checkpointing draw no random numbers
 # and change no weights; eval_every does change the result, through early stopping and the
-# plateau schedule.)
+# plateau schedule.) max_steps only says where the run ends, once its schedule's horizon is
+# written out (pinned_config): a resumed run may extend it, never shorten it.
 NOT_FINGERPRINTED = (
     "out",
+    "max_steps",
     "progress",
     "tensorboard",
     "plots",
@@ -352,9 +413,22 @@ NOT_FINGERPRINTED = (
 )
 
 
+def pinned_config(config: TrainConfig) -> dict[str, Any]:
+    """:func:`config_to_dict` with the schedule's ``total_steps`` written out where it
+    defaults to ``max_steps``: the form a run folder records, so that resuming with a larger
+    ``max_steps`` keeps the schedule the run had (past its horizon a schedule holds its last
+    value)."""
+    data = config_to_dict(config)
+    spec = data["schedule"]
+    fields = {f.name for f in dataclasses.fields(SCHEDULES[spec["name"]])}
+    if "total_steps" in fields and "total_steps" not in spec:
+        data["schedule"] = {**spec, "total_steps": config.max_steps}
+    return data
+
+
 def fingerprint(config: TrainConfig, extra: dict[str, Any] | None = None) -> str:
     """A hash of everything that determines the run's result (config, model and optimizer
     signatures in ``extra``), to refuse resuming a different run."""
-    data = {k: v for k, v in config_to_dict(config).items() if k not in NOT_FINGERPRINTED}
+    data = {k: v for k, v in pinned_config(config).items() if k not in NOT_FINGERPRINTED}
     blob = json.dumps({"config": data, "extra": extra or {}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

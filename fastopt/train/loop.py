@@ -14,7 +14,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,8 @@ class ResumeWarning(UserWarning):
 
 @dataclass
 class FitResult:
-    """How a run ended. ``interrupted`` names the signal that stopped it (then resume it)."""
+    """How a run ended. ``interrupted`` names the signal that stopped it (then resume it);
+    ``plots`` lists the plot files written (none when ``config.plots`` is false)."""
 
     out: Path
     step: int
@@ -76,6 +77,7 @@ class FitResult:
     skipped_steps: int
     stop_reason: str | None
     interrupted: str | None
+    plots: list[Path] = field(default_factory=list)
 
 
 def fit(
@@ -100,7 +102,10 @@ def fit(
     ``schedule``: default ``config.schedule``; a schedule (step -> lr multiplier) or a torch
     LR scheduler on ``optimizer``. ``resume``: continue the run in ``config.out`` from its
     newest checkpoint that loads (from step 0 when it has none yet), with a warning for each
-    damaged file passed over.
+    damaged file passed over. ``config`` must be the run's but for the keys that do not change
+    the result (``NOT_FINGERPRINTED``); a larger ``max_steps`` extends the run, with the same
+    schedule (a ``total_steps`` that defaulted to the old ``max_steps`` is then given as
+    ``run.json`` records it; past it the schedule holds its last value).
     Under torchrun (process group initialised) the model is wrapped in DDP.
     """
     cfg = TrainConfig() if config is None else config
@@ -341,10 +346,11 @@ def fit(
         bar.close()
     logger.close()
     # An empty file: a resumed run truncated to step 0 and stopped before it logged a row.
+    plots = []
     if is_main and cfg.plots and logger.path.is_file() and logger.path.stat().st_size > 0:
         from .plots import plot_run
 
-        plot_run(out)
+        plots = plot_run(out)
     if keep_best and best_weights is not None:
         raw_model.load_state_dict(best_weights)
     return FitResult(
@@ -357,6 +363,7 @@ def fit(
         skipped_steps=skipped,
         stop_reason=stop_reason,
         interrupted=interrupted_by,
+        plots=plots,
     )
 
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import _fsync_dir
+from .checkpoint import write_atomic
 from .config import ConfigError
 
 __all__ = ["MetricsLogger", "read_metrics"]
@@ -73,13 +73,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.is_file():
             return
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        write_atomic("".join(json.dumps(r) + "\n" for r in rows).encode(), self.path)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -90,8 +84,11 @@ class MetricsLogger:
             if self._summary_writer is not None:
                 self._writer = self._summary_writer(log_dir=str(self.path.parent / "tensorboard"))
         row = {k: _clean(v) for k, v in row.items() if v is not None}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except OSError as e:  # disk full: the error alone would not say which file
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

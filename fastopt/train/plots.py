@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .config import ConfigError
-from .metrics import read_metrics
+from .metrics import METRICS_FILE, read_metrics
 
 __all__ = ["plot_run"]
 
@@ -46,6 +46,8 @@ def plot_run(out: str | os.PathLike) -> list[Path]:
     from matplotlib.figure import Figure
 
     out = Path(out)
+    if out.exists() and not out.is_dir():  # read_metrics would read it as a metrics file
+        raise ConfigError(f"{out} is a file, not a run folder (one that holds {METRICS_FILE})")
     rows = read_metrics(out)
     if not rows:  # a ConfigError (a ValueError): the CLI reports bad input without a traceback
         raise ConfigError(f"{out / 'metrics.jsonl'} has no rows to plot")
