@@ -99,12 +99,15 @@ class GradAccumulator:
                 target = rest if p in self._fresh else first
                 if buf.is_complex():  # the kernels add real and imaginary parts alike
                     buf, grad = torch.view_as_real(buf), torch.view_as_real(grad)
-                target[p.device, buf.dtype][0].append(buf)
-                target[p.device, buf.dtype][1].append(grad)
+                # One launch per (device, buffer dtype, gradient dtype): a kernel takes one
+                # dtype per list (the Triton one refused a bf16 grad beside an fp32 one).
+                key = (p.device, buf.dtype, grad.dtype)
+                target[key][0].append(buf)
+                target[key][1].append(grad)
                 self._fresh.add(p)
                 p.grad = None
         for overwrite, lists in ((True, first), (False, rest)):
-            for (device, dtype), (bufs, grads) in lists.items():
+            for (device, dtype, _), (bufs, grads) in lists.items():
                 ops = backend_ops(select_backend(self.backend, device, dtype))
                 ops.accumulate_(bufs, grads, weight, overwrite)
         self._weight_sum += weight

@@ -148,8 +148,13 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, 
     if not flat:  # the dtype of a norm of these tensors, as on a rank holding elements of them
         zero = torch.zeros((), dtype=_math_dtype(tensors[0].dtype), device=device)
         return zero, torch.zeros((), dtype=torch.float32, device=device)
-    norms = torch.stack([torch.linalg.vector_norm(t, norm_type) for t in flat])
-    total = torch.linalg.vector_norm(norms, norm_type)
+    # p-norms other than 1, 2 and inf sum |x|^p in float64: fp32's range holds |x|^p only for
+    # |x| within a few decades of 1 when p is large (fastopt.norm routes these p here).
+    wide = norm_type not in (0.0, 1.0, 2.0, math.inf, -math.inf)
+    acc = torch.float64 if wide else None
+    norms = torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in flat])
+    out = torch.float64 if any(t.dtype == torch.float64 for t in flat) else torch.float32
+    total = torch.linalg.vector_norm(norms, norm_type).to(out)
     nonfinite = torch.zeros((), dtype=torch.float32, device=device)
     for t in flat:
         nonfinite = torch.maximum(nonfinite, (~torch.isfinite(t)).any().float())

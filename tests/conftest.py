@@ -7,6 +7,23 @@ CUDA GPU every Triton kernel test runs interpreted, on CPU tensors, in this same
 import os
 
 import torch
+from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Profiles for the property suite (tests/test_properties.py). "ci", the default, is
+# derandomized so that every CI run tests the same examples within the file's time budget;
+# "nightly" (pytest --hypothesis-profile=nightly) draws 20x as many, fresh on each run.
+settings.register_profile(
+    "ci",
+    max_examples=300,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+_NIGHTLY = dict(max_examples=6000, derandomize=False)
+settings.register_profile("nightly", settings.get_profile("ci"), **_NIGHTLY)
+settings.load_profile("ci")

@@ -251,3 +251,20 @@ def test_zero_grad_discards_accumulated_gradients():
     acc.accumulate()
     opt.step()
     torch.testing.assert_close(opt.last_grad_norm, torch.tensor(3.0).sqrt())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_accumulate_params_of_several_dtypes_in_one_call(backend, device):
+    # fp32 and bf16 params under one optimizer: their gradients go to the kernels in separate
+    # launches (the Triton kernel takes one gradient dtype per launch).
+    a = torch.nn.Parameter(torch.ones(3, device=device))
+    b = torch.nn.Parameter(torch.ones(5, device=device, dtype=torch.bfloat16))
+    opt = fastopt.AdamW([a, b], backend=backend)
+    acc = fastopt.GradAccumulator(opt, backend=backend)
+    for weight in (1.0, 3.0):
+        a.grad = torch.full((3,), 2.0, device=device)
+        b.grad = torch.full((5,), 0.5, device=device, dtype=torch.bfloat16)
+        acc.accumulate(weight=weight)
+    grads = acc.gradients()
+    torch.testing.assert_close(grads[a], torch.full((3,), 8.0, device=device))
+    torch.testing.assert_close(grads[b], torch.full((5,), 2.0, device=device))

@@ -159,3 +159,14 @@ def test_a_refused_grad_scaler_leaves_nothing_behind_for_a_later_scaler():
     reference.grad = torch.arange(5.0)
     ref_opt.step()
     torch.testing.assert_close(p, reference)
+
+
+@pytest.mark.parametrize("value", [-3.3424e-6, 1.55e5, 0.75])
+@pytest.mark.parametrize("norm_type", [8.0, 3.0, 0.5])
+def test_clip_grad_norm_p_norm_of_one_element_is_exact_like_torchs(norm_type, value):
+    # |x|^p leaves fp32's range for large p (3.3e-6 ** 8 is subnormal, 1.55e5 ** 8 overflows);
+    # torch's per-tensor norm of one element is |x| exactly, and so must ours be.
+    ours, theirs = torch.nn.Parameter(torch.tensor(value)), torch.nn.Parameter(torch.tensor(value))
+    ours.grad, theirs.grad = torch.tensor(value), torch.tensor(value)
+    norm = fastopt.clip_grad_norm_([ours], 1e9, norm_type)
+    assert norm.item() == torch.nn.utils.clip_grad_norm_([theirs], 1e9, norm_type).item()
