@@ -42,9 +42,9 @@ def _warnings(rows: list[dict], other: B.OtherLoad, device: str) -> list[str]:
     out = []
     wide = [r["name"] for r in rows if r["wide"]]
     if wide:
-        out.append(f"warning: speed-ups vary by more than +-{B.WIDE_SPREAD:.0%} across "
-                   f"repeats for {', '.join(wide)}: the machine was not quiet; do not quote "
-                   "this run")  # fmt: skip
+        out.append(f"warning: the middle half of the speed-ups spans more than "
+                   f"{B.WIDE_SPREAD:.0%} of their median for {', '.join(wide)}: the machine "
+                   "was not quiet; do not quote this run")  # fmt: skip
     if device == "cpu" and other.cores is not None and other.cores > 0.25:
         out.append(f"warning: other processes kept {other.cores:.1f} of {os.cpu_count()} cores "
                    "busy during this run; torch's OpenMP kernels slow down several-fold when a "

@@ -38,11 +38,15 @@ def test_other_load_sees_a_busy_process():
 
 
 def test_summarize_flags_a_wide_spread():
-    times = {"base": [10.0, 10.0, 10.0], "steady": [5.0, 5.1, 4.9], "noisy": [5.0, 2.0, 9.0]}
+    base = [10.0] * 8
+    times = {"base": base, "steady": [5.0, 5.1, 4.9, 5.0, 5.0, 5.1, 4.9, 5.0],
+             "one-outlier": [5.0, 5.1, 4.9, 5.0, 5.0, 5.1, 4.9, 20.0],
+             "noisy": [5.0, 2.0, 9.0, 4.0, 5.0, 2.5, 9.0, 3.0]}  # fmt: skip
     rows = {r["name"]: r for r in B.summarize(times, 1000, 28, "base")}
-    assert not rows["steady"]["wide"] and rows["noisy"]["wide"]
-    assert rows["noisy"]["speedup"] == 2.0  # the median of the per-repeat ratios 2, 5, 1.1
+    assert not rows["steady"]["wide"] and not rows["one-outlier"]["wide"] and rows["noisy"]["wide"]
+    assert rows["noisy"]["speedup"] == 2.25  # the median of the per-repeat ratios
     assert (rows["noisy"]["speedup_min"], rows["noisy"]["speedup_max"]) == (10 / 9, 5.0)
+    assert rows["one-outlier"]["speedup_min"] == 0.5  # min-max still shows the outlier
 
 
 def test_info_command_lists_backends():
