@@ -4,6 +4,10 @@ The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/) are built wh
 CUDA build and a CUDA toolkit is found; FASTOPT_CUDA=1 or 0 forces either way. torch's own
 TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured. Build against the torch already installed:
     pip install --no-build-isolation -e .
+
+The extension uses only PyTorch's stable ABI (targeting torch 2.10) and Python's limited API
+(3.10), so one build loads into every torch from 2.10 on and every CPython from 3.10 on: the
+wheel is tagged cp310-abi3.
 """
 
 import glob
@@ -12,6 +16,10 @@ import shutil
 import subprocess
 
 from setuptools import setup
+
+# The oldest torch the binaries load into: torch/csrc/stable/version.h's encoding of 2.10.0.
+# With it defined, including an ATen or c10 header (not part of the stable ABI) is an error.
+TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
 
 # Architectures built when TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper machine code, and
 # PTX that newer GPUs compile at load time.
@@ -67,33 +75,44 @@ def _want_cuda():
 
 def _extension():
     cuda = _want_cuda()
+    stable = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    # -fopenmp: at::parallel_for is inline and runs serially unless OpenMP is on here too.
     # -fno-math-errno: lets GCC vectorise sqrtf in the AdamW loop.
     # -ffp-contract=off: GCC fused multiply-adds differently in the vector body and the scalar
     # peel/tail of one loop, so an element's result depended on its address's alignment.
     # -Wno-psabi: GCC notes that 64-byte vectors passed between target clones change the ABI;
     # they never cross the library's boundary.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"]
+    # -fvisibility=hidden: the module exports PyInit__C alone, so no inline function of the
+    # header-only torch code compiled in here interposes libtorch's own, nor the reverse.
+    # No -fopenmp: the stable parallel_for runs the loop on libtorch's own thread pool.
+    hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi", *hidden]
+    cxx += stable
     if not cuda:
         return CppExtension(
-            "fastopt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+            "fastopt._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     # -fmad=false: nvcc's counterpart of -ffp-contract=off. With contraction the vector and
     # scalar paths of one kernel rounded differently, so a result depended on the tensor's
     # alignment, and the GPU disagreed with the CPU kernel; the kernels are memory-bound, so
     # separate multiplies and adds cost nothing measurable.
+    # USE_CUDA: declares the CUDA parts of the stable shim (the current stream, error checks).
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-fmad=false"]
     return CUDAExtension(
         "fastopt._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={
+            "cxx": [*cxx, "-DUSE_CUDA"],
+            "nvcc": [*nvcc, *[f"-Xcompiler={f}" for f in hidden], *stable, "-DUSE_CUDA"],
+        },
+        py_limited_api=True,
     )
 
 
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    # One wheel for every CPython from 3.10: the module uses only the limited API.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -1,9 +1,9 @@
 // Schemas of every fastopt op, in one place. Implementations register per device in
 // csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) implementations live in fastopt/_ops.py so
 // torch.compile can trace around the ops.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(fastopt, m) {
+STABLE_TORCH_LIBRARY(fastopt, m) {
   // AdamW update of many tensors at once. grads may be the params' dtype or fp32. state_steps
   // already hold this step's count. lr_tensor, when given, overrides lr (read on device).
   m.def(
@@ -39,6 +39,7 @@ int grid_blocks_per_sm() { return g_grid_blocks_per_sm.load(std::memory_order_re
 
 // `import fastopt._C` loads this library (and so runs the registrations above). Ops are
 // reached through torch.ops.fastopt; the module itself holds only a private tuning hook.
+// Python's limited API only: the module is built once for every CPython from 3.10 (abi3).
 #include <Python.h>
 
 namespace {
