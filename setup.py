@@ -1,13 +1,15 @@
-"""Builds fastopt and its torch extension fastopt._C.
+"""Builds fastopt and its torch extensions: fastopt._C (the op schemas and the C++ CPU kernels)
+and fastopt._C_cuda (the CUDA kernels).
 
-The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/) are built when torch is a
-CUDA build and a CUDA toolkit is found; FASTOPT_CUDA=1 or 0 forces either way. torch's own
-TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured. Build against the torch already installed:
+fastopt._C is always built. fastopt._C_cuda is built when torch is a CUDA build and a CUDA
+toolkit is found; FASTOPT_CUDA=1 or 0 forces either way. torch's own TORCH_CUDA_ARCH_LIST and
+MAX_JOBS are honoured. Build against the torch already installed:
     pip install --no-build-isolation -e .
 
-The extension uses only PyTorch's stable ABI (targeting torch 2.10) and Python's limited API
+Both libraries use only PyTorch's stable ABI (targeting torch 2.10) and Python's limited API
 (3.10), so one build loads into every torch from 2.10 on and every CPython from 3.10 on: the
-wheel is tagged cp310-abi3.
+wheel is tagged cp310-abi3. The CUDA library needs torch's CUDA major to be the one it was
+built with (fastopt/_ext.py checks before loading it).
 """
 
 import glob
@@ -73,25 +75,35 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-def _extension():
+def _extensions():
     cuda = _want_cuda()
     stable = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fno-math-errno: lets GCC vectorise sqrtf in the AdamW loop.
     # -ffp-contract=off: GCC fused multiply-adds differently in the vector body and the scalar
     # peel/tail of one loop, so an element's result depended on its address's alignment.
     # -Wno-psabi: GCC notes that 64-byte vectors passed between target clones change the ABI;
     # they never cross the library's boundary.
-    # -fvisibility=hidden: the module exports PyInit__C alone, so no inline function of the
+    # -fvisibility=hidden: the modules export PyInit_* alone, so no inline function of the
     # header-only torch code compiled in here interposes libtorch's own, nor the reverse.
     # No -fopenmp: the stable parallel_for runs the loop on libtorch's own thread pool.
     hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi", *hidden]
     cxx += stable
-    if not cuda:
-        return CppExtension(
-            "fastopt._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True
+    cpu_cxx = list(cxx)
+    if cuda:
+        # The toolkit has torch's CUDA major: torch's build_ext refuses any other.
+        major, minor = torch.version.cuda.split(".")[:2]
+        cpu_cxx += [f"-DFASTOPT_CUDA_MAJOR={int(major)}", f"-DFASTOPT_CUDA_MINOR={int(minor)}"]
+    extensions = [
+        CppExtension(
+            "fastopt._C",
+            ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+            extra_compile_args={"cxx": cpu_cxx},
+            py_limited_api=True,
         )
+    ]
+    if not cuda:
+        return extensions
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     # -fmad=false: nvcc's counterpart of -ffp-contract=off. With contraction the vector and
     # scalar paths of one kernel rounded differently, so a result depended on the tensor's
@@ -99,20 +111,23 @@ def _extension():
     # separate multiplies and adds cost nothing measurable.
     # USE_CUDA: declares the CUDA parts of the stable shim (the current stream, error checks).
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-fmad=false"]
-    return CUDAExtension(
-        "fastopt._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        extra_compile_args={
-            "cxx": [*cxx, "-DUSE_CUDA"],
-            "nvcc": [*nvcc, *[f"-Xcompiler={f}" for f in hidden], *stable, "-DUSE_CUDA"],
-        },
-        py_limited_api=True,
+    extensions.append(
+        CUDAExtension(
+            "fastopt._C_cuda",
+            sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
+            extra_compile_args={
+                "cxx": [*cxx, "-DUSE_CUDA"],
+                "nvcc": [*nvcc, *[f"-Xcompiler={f}" for f in hidden], *stable, "-DUSE_CUDA"],
+            },
+            py_limited_api=True,
+        )
     )
+    return extensions
 
 
 setup(
-    ext_modules=[_extension()],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    # One wheel for every CPython from 3.10: the module uses only the limited API.
+    # One wheel for every CPython from 3.10: the modules use only the limited API.
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -1,7 +1,8 @@
-"""The CUDA build of fastopt._C: what machine code it carries, read with cuobjdump.
+"""The CUDA kernels' library, fastopt._C_cuda: what machine code it carries, read with
+cuobjdump, and what it registers.
 
-Runs without a GPU (it reads the shared library, it launches nothing). Skipped only when the
-extension was built without CUDA kernels; a missing cuobjdump is a failure, not a skip.
+Runs without a GPU (it reads the shared library, it launches nothing). Skipped only when this
+build has no CUDA kernels; a missing cuobjdump is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastopt import _ext
+from fastopt import _C
 
 # Mangled-name fragments of the kernels (template arguments P, G, amsgrad):
 # adamw_kernel<float, float, false> is the fp32 fast path.
@@ -26,13 +27,8 @@ MULTI_TENSOR_KERNELS = ("adamw_kernel", "norm_chunk_kernel", "accumulate_kernel"
 ARCH = "sm_90"
 
 
-def _built_with_cuda() -> bool:
-    return _ext.has_kernel("adamw_", "CUDA")
-
-
 pytestmark = pytest.mark.skipif(
-    _ext.load() and not _built_with_cuda(),
-    reason="fastopt._C was built without CUDA kernels (no CUDA registration of fastopt::adamw_)",
+    _C._cuda_version is None, reason="fastopt was built without CUDA kernels (no fastopt._C_cuda)"
 )
 
 
@@ -54,10 +50,10 @@ def _cuobjdump() -> str:
 
 @pytest.fixture(scope="module")
 def so_path() -> str:
-    assert _ext.load(), _ext.extension_error()
-    import fastopt._C
-
-    path = fastopt._C.__file__
+    # Found, not imported: fastopt/_ext.py loads it only with a GPU, and cuobjdump needs none.
+    spec = importlib.util.find_spec("fastopt._C_cuda")
+    assert spec is not None, "this build has CUDA kernels but no fastopt._C_cuda"
+    path = spec.origin
     assert path and Path(path).is_file(), path
     return path
 
@@ -142,5 +138,19 @@ def test_multi_tensor_kernels_do_not_spill(so_path):
 
 
 def test_cuda_registrations_match_cpu():
+    # Imported directly: loading needs a CUDA build of torch, not a GPU.
+    importlib.import_module("fastopt._C_cuda")
     for op in ("adamw_", "multi_tensor_norm", "accumulate_", "update_scale_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CUDA"), op
+
+
+def test_grid_setting_reaches_the_cuda_library():
+    """_C._set_grid_blocks_per_sm steers the launches in the other library (via a capsule)."""
+    cuda = importlib.import_module("fastopt._C_cuda")
+    assert cuda._grid_blocks_per_sm() == 0
+    previous = _C._set_grid_blocks_per_sm(7)
+    try:
+        assert cuda._grid_blocks_per_sm() == 7
+    finally:
+        _C._set_grid_blocks_per_sm(previous)
+    assert cuda._grid_blocks_per_sm() == previous

@@ -86,6 +86,67 @@ print(fastopt.availability("cpu", "cpu"))
     assert lines[2].startswith("(False,")
 
 
+# Loads fastopt with torch's CUDA version, the build's and GPU visibility set as given, asks for
+# the cuda backend three times and prints what it got, and every warning.
+_CUDA_PROBE = """
+import sys, warnings
+import torch
+torch.cuda.is_available = lambda: {gpu}
+torch.version.cuda = {torch_cuda!r}
+from fastopt import _C
+_C._cuda_version = {built!r}
+if {broken}:
+    sys.modules["fastopt._C_cuda"] = None  # makes `import fastopt._C_cuda` raise ImportError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastopt
+    for _ in range(3):
+        ok, why = fastopt.availability("cuda", "cuda")
+    backend = fastopt.select_backend("auto", "cuda")
+caught = [w for w in caught if str(w.message).startswith("fastopt")]
+print(ok)
+print(why)
+print(backend)
+print(sys.modules.get("fastopt._C_cuda") is not None)
+print(len(caught))
+for w in caught:
+    print(str(w.message).replace(chr(10), " "))
+"""
+
+
+@pytest.mark.parametrize(
+    "gpu,torch_cuda,built,broken,why,warning",
+    [
+        (True, "13.0", "12.8", False, "built for CUDA 12.8, and torch", "install fastopt built "
+         "for CUDA 13"),
+        (True, "13.0", "13.0", True, "fastopt._C_cuda could not be loaded (", "uses "
+         "CUDA 13.0; install fastopt built for CUDA 13"),
+        (False, "13.0", "13.0", False, "no CUDA GPU is visible", None),
+        (True, None, "13.0", False, "is a CPU-only build", None),
+        (True, "13.0", None, False, "fastopt was built without CUDA kernels", None),
+    ],
+    ids=["major-mismatch", "load-failure", "no-gpu", "cpu-torch", "no-cuda-build"],
+)  # fmt: skip
+def test_cuda_library_loads_only_where_it_can_run(gpu, torch_cuda, built, broken, why, warning):
+    """fastopt._C_cuda is loaded only into a CUDA torch of its CUDA major with a GPU; a
+    mismatch or a failed load warns once, naming both sides and what to install, and the cuda
+    backend says why it is unavailable. Import never fails."""
+    import subprocess
+    import sys
+
+    probe = _CUDA_PROBE.format(gpu=gpu, torch_cuda=torch_cuda, built=built, broken=broken)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    ok, reason, backend, loaded, count, *warnings = out.stdout.splitlines()
+    assert ok == "False"
+    assert why in reason, reason
+    assert backend in ("triton", "reference")
+    assert loaded == "False"
+    assert count == ("1" if warning else "0"), warnings
+    if warning:
+        assert warning in warnings[0], warnings[0]
+        assert f"CUDA {built}" in warnings[0] and f"CUDA {torch_cuda}" in warnings[0]
+
+
 def test_grid_tuning_hook_returns_previous_and_rejects_bad_values():
     from fastopt import _C
 
