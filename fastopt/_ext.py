@@ -32,7 +32,12 @@ def load() -> bool:
     global _loaded, _error
     if _loaded is None:
         try:
-            importlib.import_module("fastopt._C")
+            module = importlib.import_module("fastopt._C")
+            if not hasattr(module, "_cuda_version"):
+                # Python prefers fastopt/_C.cpython-3XX-*.so, as earlier builds named it, to
+                # the current _C.abi3.so beside it.
+                stale = getattr(module, "__file__", module.__name__)
+                raise ImportError(f"{stale} is left from an older build; delete it")
             _loaded = True
         except (ImportError, OSError) as exc:
             _loaded = False

@@ -62,14 +62,23 @@ def test_bad_op_input_names_the_argument(mutate, match):
         torch.ops.fastopt.adamw_(*args)
 
 
-def test_missing_extension_falls_back_with_one_warning():
+@pytest.mark.parametrize(
+    "setup",
+    [
+        'sys.modules["fastopt._C"] = None  # makes `import fastopt._C` raise ImportError',
+        # What Python imports when an older build's _C.cpython-3XX-*.so is beside _C.abi3.so.
+        'sys.modules["fastopt._C"] = types.ModuleType("fastopt._C")',
+    ],
+    ids=["missing", "stale"],
+)
+def test_missing_extension_falls_back_with_one_warning(setup):
     """Without fastopt._C, import still works, warns once, and 'auto' means reference."""
     import subprocess
     import sys
 
-    probe = """
-import sys, warnings
-sys.modules["fastopt._C"] = None  # makes `import fastopt._C` raise ImportError
+    probe = f"""
+import sys, types, warnings
+{setup}
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch, fastopt
