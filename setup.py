@@ -27,6 +27,8 @@ TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
 # PTX that newer GPUs compile at load time.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
 
 def _find_cuda_home():
     """The toolkit root, for when CUDA_HOME is unset.
@@ -86,8 +88,14 @@ def _extensions():
     # -fvisibility=hidden: the modules export PyInit_* alone, so no inline function of the
     # header-only torch code compiled in here interposes libtorch's own, nor the reverse.
     # No -fopenmp: the stable parallel_for runs the loop on libtorch's own thread pool.
+    # -ffile-prefix-map: __FILE__ (in torch's error checks) and the debug info name the files
+    # csrc/... and torch/include/..., not by this machine's paths, which a wheel would carry to
+    # its users. GCC applies the last map that matches: torch may lie inside ROOT (a venv).
     hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi", *hidden]
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    prefix_maps = [f"-ffile-prefix-map={ROOT}/=", f"-ffile-prefix-map={torch_dir}=torch"]
+    host = [*hidden, *prefix_maps]
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi", *host]
     cxx += stable
     cpu_cxx = list(cxx)
     if cuda:
@@ -117,7 +125,7 @@ def _extensions():
             sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
             extra_compile_args={
                 "cxx": [*cxx, "-DUSE_CUDA"],
-                "nvcc": [*nvcc, *[f"-Xcompiler={f}" for f in hidden], *stable, "-DUSE_CUDA"],
+                "nvcc": [*nvcc, *[f"-Xcompiler={f}" for f in host], *stable, "-DUSE_CUDA"],
             },
             py_limited_api=True,
         )

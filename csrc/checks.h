@@ -1,20 +1,22 @@
 // Input validation shared by the CPU and CUDA implementations of the ops: the same checks and
 // the same messages on every device, each naming the offending argument.
 //
-// Written against PyTorch's stable ABI (torch::stable::Tensor, STD_TORCH_CHECK), so one binary
-// loads into every torch from TORCH_TARGET_VERSION on. Every accessor of a stable tensor is a
-// call into libtorch (scalar_type() and device() several), so each tensor's properties are read
-// once, into a TensorInfo, which the kernels then take their pointers and sizes from.
+// Written against PyTorch's stable ABI (torch::stable::Tensor), so one binary loads into every
+// torch from TORCH_TARGET_VERSION on; failures throw through FASTOPT_CHECK (check.h), whose
+// messages carry no build paths. Every accessor of a stable tensor is a call into libtorch
+// (scalar_type() and device() several), so each tensor's properties are read once, into a
+// TensorInfo, which the kernels then take their pointers and sizes from.
 #pragma once
 
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
-#include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
 #include <ostream>
 #include <vector>
+
+#include "check.h"
 
 namespace fastopt {
 
@@ -95,15 +97,15 @@ inline std::ostream& operator<<(std::ostream& out, const Sizes& s) {
 // `list` holds n contiguous tensors of `dtype` on `first`'s device.
 inline void check_list(const std::vector<TensorInfo>& list, const TensorInfo& first, size_t n,
                        ScalarType dtype, const char* name) {
-  STD_TORCH_CHECK(list.size() == n, "fastopt.adamw_: ", name, " has ", list.size(),
-                  " tensors, expected ", n);
+  FASTOPT_CHECK(list.size() == n, "fastopt.adamw_: ", name, " has ", list.size(),
+                " tensors, expected ", n);
   for (size_t i = 0; i < n; ++i) {
     const auto& t = list[i];
-    STD_TORCH_CHECK(t.device == first.device, "fastopt.adamw_: ", name, "[", i, "] is on ",
-                    DeviceName{t.device}, ", params[0] on ", DeviceName{first.device});
-    STD_TORCH_CHECK(t.dtype == dtype, "fastopt.adamw_: ", name, "[", i, "] is ", t.dtype,
-                    ", expected ", dtype);
-    STD_TORCH_CHECK(t.contiguous, "fastopt.adamw_: ", name, "[", i, "] must be contiguous");
+    FASTOPT_CHECK(t.device == first.device, "fastopt.adamw_: ", name, "[", i, "] is on ",
+                  DeviceName{t.device}, ", params[0] on ", DeviceName{first.device});
+    FASTOPT_CHECK(t.dtype == dtype, "fastopt.adamw_: ", name, "[", i, "] is ", t.dtype,
+                  ", expected ", dtype);
+    FASTOPT_CHECK(t.contiguous, "fastopt.adamw_: ", name, "[", i, "] must be contiguous");
   }
 }
 
@@ -124,19 +126,19 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
   const size_t n = params.size();
   in.params = infos(params, Access::kWrite);
   const TensorInfo& first = in.params[0];
-  STD_TORCH_CHECK(first.device.type() == device_type, "fastopt.adamw_: params[0] is on ",
-                  DeviceName{first.device}, ", expected a ", device_type_name(device_type),
-                  " device");
+  FASTOPT_CHECK(first.device.type() == device_type, "fastopt.adamw_: params[0] is on ",
+                DeviceName{first.device}, ", expected a ", device_type_name(device_type),
+                " device");
   const auto dtype = first.dtype;
-  STD_TORCH_CHECK(is_floating(dtype),
-                  "fastopt.adamw_: params must be float32, bfloat16 or float16, got ", dtype);
+  FASTOPT_CHECK(is_floating(dtype),
+                "fastopt.adamw_: params must be float32, bfloat16 or float16, got ", dtype);
   check_list(in.params, first, n, dtype, "params");
-  STD_TORCH_CHECK(grads.size() == n, "fastopt.adamw_: grads has ", grads.size(),
-                  " tensors, expected ", n);
+  FASTOPT_CHECK(grads.size() == n, "fastopt.adamw_: grads has ", grads.size(),
+                " tensors, expected ", n);
   in.grads = infos(grads, Access::kRead);
   const auto grad_dtype = in.grads[0].dtype;
-  STD_TORCH_CHECK(grad_dtype == dtype || grad_dtype == ScalarType::Float,
-                  "fastopt.adamw_: grads must be ", dtype, " or float32, got ", grad_dtype);
+  FASTOPT_CHECK(grad_dtype == dtype || grad_dtype == ScalarType::Float,
+                "fastopt.adamw_: grads must be ", dtype, " or float32, got ", grad_dtype);
   check_list(in.grads, first, n, grad_dtype, "grads");
   in.exp_avgs = infos(exp_avgs, Access::kWrite);
   check_list(in.exp_avgs, first, n, dtype, "exp_avgs");
@@ -146,22 +148,21 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
     in.max_exp_avg_sqs = infos(max_exp_avg_sqs, Access::kWrite);
     check_list(in.max_exp_avg_sqs, first, n, dtype, "max_exp_avg_sqs");
   }
-  STD_TORCH_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
-                  " tensors, expected ", n);
+  FASTOPT_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
+                " tensors, expected ", n);
   in.steps.resize(n);
   for (size_t i = 0; i < n; ++i) {
     const int64_t numel = in.params[i].numel;
-    STD_TORCH_CHECK(in.grads[i].numel == numel && in.exp_avgs[i].numel == numel &&
-                        in.exp_avg_sqs[i].numel == numel &&
-                        (!amsgrad || in.max_exp_avg_sqs[i].numel == numel),
-                    "fastopt.adamw_: params[", i, "], grads, exp_avgs and exp_avg_sqs",
-                    amsgrad ? " and max_exp_avg_sqs" : "", " differ in size");
+    FASTOPT_CHECK(in.grads[i].numel == numel && in.exp_avgs[i].numel == numel &&
+                      in.exp_avg_sqs[i].numel == numel &&
+                      (!amsgrad || in.max_exp_avg_sqs[i].numel == numel),
+                  "fastopt.adamw_: params[", i, "], grads, exp_avgs and exp_avg_sqs",
+                  amsgrad ? " and max_exp_avg_sqs" : "", " differ in size");
     const TensorInfo step(state_steps[i], Access::kRead);
-    STD_TORCH_CHECK(
-        step.numel == 1 && step.dtype == ScalarType::Float && step.device == first.device,
-        "fastopt.adamw_: state_steps[", i, "] must be a one-element float32 tensor on ",
-        DeviceName{first.device}, ", got ", Sizes{state_steps[i]}, " of ", step.dtype, " on ",
-        DeviceName{step.device});
+    FASTOPT_CHECK(step.numel == 1 && step.dtype == ScalarType::Float && step.device == first.device,
+                  "fastopt.adamw_: state_steps[", i, "] must be a one-element float32 tensor on ",
+                  DeviceName{first.device}, ", got ", Sizes{state_steps[i]}, " of ", step.dtype,
+                  " on ", DeviceName{step.device});
     in.steps[i] = static_cast<const float*>(step.data);
   }
   return in;
@@ -171,19 +172,19 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
 // (fp32), all on one device of type `device_type`.
 inline void check_update_scale_inputs(const TensorInfo& scale, const TensorInfo& growth_tracker,
                                       const TensorInfo& found_inf, DeviceType device_type) {
-  STD_TORCH_CHECK(scale.numel == 1 && scale.dtype == ScalarType::Float,
-                  "fastopt.update_scale_: scale must be a one-element float32 tensor");
-  STD_TORCH_CHECK(growth_tracker.numel == 1 && growth_tracker.dtype == ScalarType::Int,
-                  "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor");
-  STD_TORCH_CHECK(found_inf.numel == 1 && found_inf.dtype == ScalarType::Float,
-                  "fastopt.update_scale_: found_inf must be a one-element float32 tensor");
+  FASTOPT_CHECK(scale.numel == 1 && scale.dtype == ScalarType::Float,
+                "fastopt.update_scale_: scale must be a one-element float32 tensor");
+  FASTOPT_CHECK(growth_tracker.numel == 1 && growth_tracker.dtype == ScalarType::Int,
+                "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor");
+  FASTOPT_CHECK(found_inf.numel == 1 && found_inf.dtype == ScalarType::Float,
+                "fastopt.update_scale_: found_inf must be a one-element float32 tensor");
   const Device device = scale.device;
-  STD_TORCH_CHECK(device.type() == device_type, "fastopt.update_scale_: scale is on ",
-                  DeviceName{device}, ", expected a ", device_type_name(device_type), " device");
-  STD_TORCH_CHECK(growth_tracker.device == device, "fastopt.update_scale_: growth_tracker is on ",
-                  DeviceName{growth_tracker.device}, ", scale on ", DeviceName{device});
-  STD_TORCH_CHECK(found_inf.device == device, "fastopt.update_scale_: found_inf is on ",
-                  DeviceName{found_inf.device}, ", scale on ", DeviceName{device});
+  FASTOPT_CHECK(device.type() == device_type, "fastopt.update_scale_: scale is on ",
+                DeviceName{device}, ", expected a ", device_type_name(device_type), " device");
+  FASTOPT_CHECK(growth_tracker.device == device, "fastopt.update_scale_: growth_tracker is on ",
+                DeviceName{growth_tracker.device}, ", scale on ", DeviceName{device});
+  FASTOPT_CHECK(found_inf.device == device, "fastopt.update_scale_: found_inf is on ",
+                DeviceName{found_inf.device}, ", scale on ", DeviceName{device});
 }
 
 }  // namespace fastopt

@@ -147,6 +147,18 @@ def test_uses_only_the_limited_python_api(module, path):
     assert others == [f"PyInit_{module}"], others
 
 
+@pytest.mark.parametrize("module,path", LIBRARIES, ids=IDS)
+def test_names_its_sources_without_the_build_path(module, path):
+    """__FILE__ (in torch's CUDA error checks) and the debug info say csrc/..., never the build
+    machine's directory: a wheel would show that path to its users."""
+    data = Path(path).read_bytes()
+    # An absolute path (a / not inside a name) to a file under a csrc/: ours, or torch's headers.
+    found = re.findall(rb"(?<![\w.+-])/[\w./+-]*/csrc/[\w./-]+", data)
+    absolute = sorted({m.decode() for m in found})
+    assert not absolute, f"{Path(path).name} names sources by absolute path: {absolute[:5]}"
+    assert re.search(rb"csrc/(?:cpu|cuda)/\w+\.(?:cpp|cu)", data), "no source name at all?"
+
+
 def test_abi3audit_finds_no_violation():
     pytest.importorskip("abi3audit", reason="abi3audit is not installed (pip install abi3audit)")
     paths = [path for _, path in LIBRARIES]

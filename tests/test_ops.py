@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -60,6 +62,43 @@ def test_bad_op_input_names_the_argument(mutate, match):
     mutate(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fastopt.adamw_(*args)
+
+
+def _adamw_missing_exp_avg():
+    args = list(_adamw_args(False))
+    args[2].pop()
+    torch.ops.fastopt.adamw_(*args)
+
+
+# One bad call per op and the whole message the user gets: the op and the argument, and no
+# function name, source path or line before it (what torch's STD_TORCH_CHECK would add).
+WHOLE_MESSAGES = {
+    "adamw_": (_adamw_missing_exp_avg, "fastopt.adamw_: exp_avgs has 1 tensors, expected 2"),
+    "multi_tensor_norm": (
+        lambda: torch.ops.fastopt.multi_tensor_norm([torch.ones(3), torch.ones(2).long()], 2.0),
+        "fastopt.multi_tensor_norm: tensors[1] must be float32, bfloat16 or float16, got Long",
+    ),
+    "accumulate_": (
+        lambda: torch.ops.fastopt.accumulate_([torch.ones(3)], [torch.ones(2)], 1.0, False),
+        "fastopt.accumulate_: accs[0] has 3 elements and grads[0] 2",
+    ),
+    "update_scale_": (
+        lambda: torch.ops.fastopt.update_scale_(
+            torch.tensor(8.0), torch.tensor(1), torch.tensor(0.0), 2.0, 0.5, 2
+        ),
+        "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor",
+    ),
+}
+
+
+@pytest.mark.parametrize("op", list(WHOLE_MESSAGES))
+def test_op_error_is_exactly_the_message(op):
+    call, message = WHOLE_MESSAGES[op]
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert type(info.value) is RuntimeError
+    assert str(info.value) == message
+    assert not re.search(r"/|\.(?:cpp|cu|h|cuh):", str(info.value)), str(info.value)
 
 
 @pytest.mark.parametrize(

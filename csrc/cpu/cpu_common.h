@@ -53,9 +53,9 @@ inline void store(Half* p, int64_t i, float x) { p[i] = Half(x); }
 inline const float* optional_scalar(const OptionalTensor& t, const char* name) {
   if (!t.has_value()) return nullptr;
   const TensorInfo info(*t, Access::kRead);
-  STD_TORCH_CHECK(info.numel == 1 && info.dtype == ScalarType::Float, "fastopt: ", name,
-                  " must be a one-element float32 tensor, got ", Sizes{*t}, " of ", info.dtype);
-  STD_TORCH_CHECK(info.device.is_cpu(), "fastopt: ", name, " must be on the CPU for CPU params");
+  FASTOPT_CHECK(info.numel == 1 && info.dtype == ScalarType::Float, "fastopt: ", name,
+                " must be a one-element float32 tensor, got ", Sizes{*t}, " of ", info.dtype);
+  FASTOPT_CHECK(info.device.is_cpu(), "fastopt: ", name, " must be on the CPU for CPU params");
   return static_cast<const float*>(info.data);
 }
 

@@ -130,19 +130,19 @@ std::vector<TensorInfo> check_floating(const TensorList& list, const char* op, c
   std::vector<TensorInfo> out = infos(list, Access::kRead);
   for (size_t i = 0; i < out.size(); ++i) {
     const auto& t = out[i];
-    STD_TORCH_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
-                    "] must be float32, bfloat16 or float16, got ", t.dtype);
-    STD_TORCH_CHECK(t.device.is_cpu(), "fastopt.", op, ": ", name, "[", i, "] is on ",
-                    DeviceName{t.device}, ", expected cpu");
-    STD_TORCH_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
+    FASTOPT_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
+                  "] must be float32, bfloat16 or float16, got ", t.dtype);
+    FASTOPT_CHECK(t.device.is_cpu(), "fastopt.", op, ": ", name, "[", i, "] is on ",
+                  DeviceName{t.device}, ", expected cpu");
+    FASTOPT_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
   }
   return out;
 }
 
 std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double norm_type) {
   const std::vector<TensorInfo> tensors = check_floating(list, "multi_tensor_norm", "tensors");
-  STD_TORCH_CHECK(norm_type > 0,
-                  "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ", norm_type);
+  FASTOPT_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
+                norm_type);
   NormKind kind = NormKind::kP;
   if (std::isinf(norm_type)) kind = NormKind::kInf;
   else if (norm_type == 2.0) kind = NormKind::kL2;
@@ -198,16 +198,16 @@ void accumulate_chunk(float* __restrict__ acc, const G* __restrict__ grad, int64
 
 void accumulate_cpu(const TensorList& acc_list, const TensorList& grad_list, double alpha,
                     bool overwrite) {
-  STD_TORCH_CHECK(acc_list.size() == grad_list.size(), "fastopt.accumulate_: accs has ",
-                  acc_list.size(), " tensors and grads ", grad_list.size());
+  FASTOPT_CHECK(acc_list.size() == grad_list.size(), "fastopt.accumulate_: accs has ",
+                acc_list.size(), " tensors and grads ", grad_list.size());
   const std::vector<TensorInfo> grads = check_floating(grad_list, "accumulate_", "grads");
   const std::vector<TensorInfo> accs = infos(acc_list, Access::kWrite);
   for (size_t i = 0; i < accs.size(); ++i) {
-    STD_TORCH_CHECK(
+    FASTOPT_CHECK(
         accs[i].dtype == ScalarType::Float && accs[i].device.is_cpu() && accs[i].contiguous,
         "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 CPU tensor");
-    STD_TORCH_CHECK(accs[i].numel == grads[i].numel, "fastopt.accumulate_: accs[", i, "] has ",
-                    accs[i].numel, " elements and grads[", i, "] ", grads[i].numel);
+    FASTOPT_CHECK(accs[i].numel == grads[i].numel, "fastopt.accumulate_: accs[", i, "] has ",
+                  accs[i].numel, " elements and grads[", i, "] ", grads[i].numel);
   }
   const std::vector<Chunk> chunks = make_chunks(accs);
   const float a = static_cast<float>(alpha);

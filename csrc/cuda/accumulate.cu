@@ -83,28 +83,28 @@ void launch_accumulate(InfoList accs, InfoList grads, const std::vector<int64_t>
 
 void accumulate_cuda(const TensorList& acc_list, const TensorList& grad_list, double alpha,
                      bool overwrite) {
-  STD_TORCH_CHECK(acc_list.size() == grad_list.size(), "fastopt.accumulate_: accs has ",
-                  acc_list.size(), " tensors and grads ", grad_list.size());
+  FASTOPT_CHECK(acc_list.size() == grad_list.size(), "fastopt.accumulate_: accs has ",
+                acc_list.size(), " tensors and grads ", grad_list.size());
   if (acc_list.empty()) return;
   const std::vector<TensorInfo> accs = infos(acc_list, Access::kWrite);
   const std::vector<TensorInfo> grads = infos(grad_list, Access::kRead);
   const Device device = accs[0].device;
-  STD_TORCH_CHECK(device.is_cuda(), "fastopt.accumulate_: accs[0] is on ", DeviceName{device},
-                  ", expected a CUDA device");
+  FASTOPT_CHECK(device.is_cuda(), "fastopt.accumulate_: accs[0] is on ", DeviceName{device},
+                ", expected a CUDA device");
   for (size_t i = 0; i < accs.size(); ++i) {
     const auto& acc = accs[i];
     const auto& grad = grads[i];
-    STD_TORCH_CHECK(acc.dtype == ScalarType::Float && acc.device == device && acc.contiguous,
-                    "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 tensor on ",
-                    DeviceName{device}, ", got ", acc.dtype, " on ", DeviceName{acc.device},
-                    acc.contiguous ? "" : " (not contiguous)");
-    STD_TORCH_CHECK(is_floating(grad.dtype), "fastopt.accumulate_: grads[", i,
-                    "] must be float32, bfloat16 or float16, got ", grad.dtype);
-    STD_TORCH_CHECK(grad.device == device, "fastopt.accumulate_: grads[", i, "] is on ",
-                    DeviceName{grad.device}, ", expected ", DeviceName{device});
-    STD_TORCH_CHECK(grad.contiguous, "fastopt.accumulate_: grads[", i, "] must be contiguous");
-    STD_TORCH_CHECK(acc.numel == grad.numel, "fastopt.accumulate_: accs[", i, "] has ", acc.numel,
-                    " elements and grads[", i, "] ", grad.numel);
+    FASTOPT_CHECK(acc.dtype == ScalarType::Float && acc.device == device && acc.contiguous,
+                  "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 tensor on ",
+                  DeviceName{device}, ", got ", acc.dtype, " on ", DeviceName{acc.device},
+                  acc.contiguous ? "" : " (not contiguous)");
+    FASTOPT_CHECK(is_floating(grad.dtype), "fastopt.accumulate_: grads[", i,
+                  "] must be float32, bfloat16 or float16, got ", grad.dtype);
+    FASTOPT_CHECK(grad.device == device, "fastopt.accumulate_: grads[", i, "] is on ",
+                  DeviceName{grad.device}, ", expected ", DeviceName{device});
+    FASTOPT_CHECK(grad.contiguous, "fastopt.accumulate_: grads[", i, "] must be contiguous");
+    FASTOPT_CHECK(acc.numel == grad.numel, "fastopt.accumulate_: accs[", i, "] has ", acc.numel,
+                  " elements and grads[", i, "] ", grad.numel);
   }
 
   const torch::stable::accelerator::DeviceGuard guard(device.index());

@@ -204,10 +204,10 @@ inline const float* optional_scalar(const OptionalTensor& t, const Device& devic
                                     const char* name) {
   if (!t.has_value()) return nullptr;
   const TensorInfo info(*t, Access::kRead);
-  STD_TORCH_CHECK(info.numel == 1 && info.dtype == ScalarType::Float, "fastopt.", op, ": ", name,
-                  " must be a one-element float32 tensor, got ", Sizes{*t}, " of ", info.dtype);
-  STD_TORCH_CHECK(info.device == device, "fastopt.", op, ": ", name, " is on ",
-                  DeviceName{info.device}, ", expected ", DeviceName{device});
+  FASTOPT_CHECK(info.numel == 1 && info.dtype == ScalarType::Float, "fastopt.", op, ": ", name,
+                " must be a one-element float32 tensor, got ", Sizes{*t}, " of ", info.dtype);
+  FASTOPT_CHECK(info.device == device, "fastopt.", op, ": ", name, " is on ",
+                DeviceName{info.device}, ", expected ", DeviceName{device});
   return static_cast<const float*>(info.data);
 }
 

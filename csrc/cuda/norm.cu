@@ -201,11 +201,11 @@ void launch_norm_chunks(InfoList tensors, const std::vector<int64_t>& indices, f
 void check_tensors(InfoList list, const Device& device, const char* op, const char* name) {
   for (size_t i = 0; i < list.size(); ++i) {
     const auto& t = list[i];
-    STD_TORCH_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
-                    "] must be float32, bfloat16 or float16, got ", t.dtype);
-    STD_TORCH_CHECK(t.device == device, "fastopt.", op, ": ", name, "[", i, "] is on ",
-                    DeviceName{t.device}, ", expected ", DeviceName{device});
-    STD_TORCH_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
+    FASTOPT_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
+                  "] must be float32, bfloat16 or float16, got ", t.dtype);
+    FASTOPT_CHECK(t.device == device, "fastopt.", op, ": ", name, "[", i, "] is on ",
+                  DeviceName{t.device}, ", expected ", DeviceName{device});
+    FASTOPT_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
   }
 }
 
@@ -217,12 +217,12 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& list, double
   }
   const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
   const Device device = tensors[0].device;
-  STD_TORCH_CHECK(device.is_cuda(), "fastopt.multi_tensor_norm: tensors[0] is on ",
-                  DeviceName{device}, ", expected a CUDA device");
+  FASTOPT_CHECK(device.is_cuda(), "fastopt.multi_tensor_norm: tensors[0] is on ",
+                DeviceName{device}, ", expected a CUDA device");
   check_tensors(tensors, device, "multi_tensor_norm", "tensors");
   // Other orders (0, -inf, negative p) are computed by the Python side with torch's norm.
-  STD_TORCH_CHECK(norm_type > 0,
-                  "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ", norm_type);
+  FASTOPT_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
+                norm_type);
   NormKind kind = NormKind::kP;
   if (std::isinf(norm_type)) {
     kind = NormKind::kInf;
