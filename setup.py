@@ -13,21 +13,27 @@ built with (fastopt/_ext.py checks before loading it).
 """
 
 import glob
+import json
 import os
+import re
 import shutil
 import subprocess
+import sysconfig
 
 from setuptools import setup
 
 # The oldest torch the binaries load into: torch/csrc/stable/version.h's encoding of 2.10.0.
 # With it defined, including an ATen or c10 header (not part of the stable ABI) is an error.
 TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
+TORCH_TARGET = f"{int(TORCH_TARGET_VERSION[2:4], 16)}.{int(TORCH_TARGET_VERSION[4:6], 16)}"
 
 # Architectures built when TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper machine code, and
 # PTX that newer GPUs compile at load time.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# What a build records of itself, beside the libraries (fastopt/_build.py reads it).
+BUILD_INFO = "_build_info.json"
 
 
 def _find_cuda_home():
@@ -133,9 +139,59 @@ def _extensions():
     return extensions
 
 
+def _version():
+    """fastopt.__version__ (one place for it: fastopt/__init__.py)."""
+    with open(os.path.join(ROOT, "fastopt", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _output_line(*cmd, containing=""):
+    """The first line of cmd's output containing `containing`; None if it fails or has none."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return next((line for line in out.splitlines() if containing in line), None)
+
+
+def _build_info(cuda):
+    git = ["git", "-C", ROOT]
+    nvcc = os.path.join(CUDA_HOME or "", "bin", "nvcc")
+    commit = _output_line(*git, "rev-parse", "HEAD")  # None when built from an sdist
+    return {
+        "version": _version(),
+        "git_commit": commit,
+        "git_dirty": bool(commit and _output_line(*git, "status", "--porcelain", "--", ".")),
+        "torch": torch.__version__,
+        "stable_abi_target": TORCH_TARGET,
+        "python_limited_api": "3.10",
+        "cuda": torch.version.cuda if cuda else None,
+        "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None,
+        "cxx": _output_line(sysconfig.get_config_var("CXX").split()[0], "--version"),
+        "nvcc": _output_line(nvcc, "--version", containing="release") if cuda else None,
+    }
+
+
+class BuildWithInfo(BuildExtension.with_options(use_ninja=True)):
+    """Builds the extensions, then writes fastopt/_build_info.json beside them (in the build
+    tree, which the wheel is made from, and in the source tree too for an in-place build)."""
+
+    def run(self):
+        super().run()
+        text = json.dumps(_build_info(_want_cuda()), indent=2) + "\n"
+        dirs = [os.path.join(self.build_lib, "fastopt")]
+        if self.inplace:
+            dirs.append(os.path.join(ROOT, "fastopt"))
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, BUILD_INFO), "w") as f:
+                f.write(text)
+
+
 setup(
+    version=_version(),
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithInfo},
     # One wheel for every CPython from 3.10: the modules use only the limited API.
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from ._build import build_info, version_tuple
+
 __all__ = ["cuda_error", "extension_error", "has_kernel", "load", "load_cuda"]
 
 _loaded: bool | None = None
@@ -21,6 +23,7 @@ _cuda_loaded: bool | None = None
 _cuda_error: str | None = None
 
 _REBUILD = "pip install --no-build-isolation -e ."
+_BUILD_INFO = "fastopt/_build_info.json"
 
 
 def load() -> bool:
@@ -32,12 +35,14 @@ def load() -> bool:
     global _loaded, _error
     if _loaded is None:
         try:
+            _check_torch_version()
             module = importlib.import_module("fastopt._C")
             if not hasattr(module, "_cuda_version"):
                 # Python prefers fastopt/_C.cpython-3XX-*.so, as earlier builds named it, to
                 # the current _C.abi3.so beside it.
                 stale = getattr(module, "__file__", module.__name__)
                 raise ImportError(f"{stale} is left from an older build; delete it")
+            _check_build_info(module)
             _loaded = True
         except (ImportError, OSError) as exc:
             _loaded = False
@@ -52,6 +57,33 @@ def load() -> bool:
     return _loaded
 
 
+def _check_torch_version() -> None:
+    """The running torch is at least the one the stable-ABI build targets (else the libraries
+    would fail on a missing shim function, at load or at the first call)."""
+    info = build_info()
+    if info is None:
+        return  # no build: importing fastopt._C fails and says so
+    target = info["stable_abi_target"]
+    if version_tuple(torch.__version__) < version_tuple(target):
+        raise ImportError(
+            f"fastopt {info['version']} needs torch >= {target}, found torch {torch.__version__}"
+        )
+
+
+def _check_build_info(module) -> None:
+    """fastopt/_build_info.json describes the fastopt._C that was imported."""
+    info = build_info()
+    if info is None:
+        raise ImportError(
+            f"{module.__file__} has no {_BUILD_INFO} beside it: it is left from an older build"
+        )
+    if info["cuda"] != module._cuda_version:
+        raise ImportError(
+            f"{_BUILD_INFO} says CUDA {info['cuda']} and {module.__file__} CUDA "
+            f"{module._cuda_version}: they are from different builds"
+        )
+
+
 def extension_error() -> str | None:
     """Why fastopt._C failed to load, or None."""
     load()
@@ -60,9 +92,7 @@ def extension_error() -> str | None:
 
 def _built_cuda_version() -> str | None:
     """The CUDA version ("13.0") fastopt._C_cuda was built for; None if this build has none."""
-    import fastopt._C
-
-    return fastopt._C._cuda_version
+    return build_info()["cuda"]  # load() checked it is there and matches fastopt._C
 
 
 def _major(version: str) -> str:

@@ -141,8 +141,10 @@ import sys, warnings
 import torch
 torch.cuda.is_available = lambda: {gpu}
 torch.version.cuda = {torch_cuda!r}
-from fastopt import _C
+from fastopt import _C, _ext
 _C._cuda_version = {built!r}
+_info = dict(_ext.build_info(), cuda={built!r})  # the build's record says the same
+_ext.build_info = lambda: _info
 if {broken}:
     sys.modules["fastopt._C_cuda"] = None  # makes `import fastopt._C_cuda` raise ImportError
 with warnings.catch_warnings(record=True) as caught:
