@@ -27,9 +27,12 @@ from setuptools import setup
 TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
 TORCH_TARGET = f"{int(TORCH_TARGET_VERSION[2:4], 16)}.{int(TORCH_TARGET_VERSION[4:6], 16)}"
 
-# Architectures built when TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper machine code, and
-# PTX that newer GPUs compile at load time.
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# Architectures built when TORCH_CUDA_ARCH_LIST is unset: machine code for the data-centre and
+# workstation GPUs of each generation (A100, H100, B200, RTX 50xx / RTX PRO), and PTX of the
+# newest (compute_120) for GPUs after it, compiled by the driver at load time. sm_86/89 run the
+# sm_80 code; sm_103 the sm_100 code; sm_121 the sm_120 code. nvcc 13 knows nothing older
+# than sm_75, and nothing older than sm_80 runs torch's CUDA 13 wheels.
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # What a build records of itself, beside the libraries (fastopt/_build.py reads it).

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fastopt import _C
+from fastopt._build import build_info
 
 # Mangled-name fragments of the kernels (template arguments P, G, amsgrad):
 # adamw_kernel<float, float, false> is the fp32 fast path.
@@ -95,9 +96,30 @@ def _resources(so: str) -> dict[str, dict[str, int]]:
     return usage
 
 
-def test_carries_sm90_machine_code(so_path):
-    elves = _run("--list-elf", so_path)
-    assert re.search(r"\bsm_90a?\b", elves), f"no sm_90 ELF in {so_path}:\n{elves}"
+def _archs(listing: str, kind: str) -> set[str]:
+    """{"sm_80", ...} from cuobjdump's --list-elf (kind "cubin") or --list-ptx ("ptx")."""
+    return set(re.findall(rf"\.(sm_\d+a?)\.{kind}\b", listing))
+
+
+def _built_for() -> tuple[set[str], set[str]]:
+    """The machine code and the PTX this build was asked for, from its TORCH_CUDA_ARCH_LIST
+    ("8.0;9.0;10.0;12.0+PTX": sm_80, sm_90, sm_100, sm_120, and PTX of 12.0)."""
+    cubins, ptx = set(), set()
+    for entry in re.split(r"[;\s]+", build_info()["cuda_archs"].strip()):
+        arch = "sm_" + entry.removesuffix("+PTX").replace(".", "")
+        cubins.add(arch)
+        if entry.endswith("+PTX"):
+            ptx.add(arch)
+    return cubins, ptx
+
+
+def test_carries_machine_code_and_ptx_for_every_architecture(so_path):
+    cubins, ptx = _built_for()
+    assert ARCH in cubins, f"the SASS tests below read {ARCH}, which this build lacks"
+    elves = _archs(_run("--list-elf", so_path), "cubin")
+    assert elves == cubins, f"machine code for {sorted(elves)}, asked for {sorted(cubins)}"
+    ptxs = _archs(_run("--list-ptx", so_path), "ptx")
+    assert ptxs == ptx, f"PTX for {sorted(ptxs)}, asked for {sorted(ptx)}"
 
 
 def test_every_kernel_is_built(so_path):
