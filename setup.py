@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 from setuptools import setup
@@ -37,6 +38,8 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # What a build records of itself, beside the libraries (fastopt/_build.py reads it).
 BUILD_INFO = "_build_info.json"
+# setuptools' name for a build's directories: build/temp.linux-x86_64-cpython-311.
+PLATFORM = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
 
 
 def _find_cuda_home():
@@ -143,9 +146,15 @@ def _extensions():
 
 
 def _version():
-    """fastopt.__version__ (one place for it: fastopt/__init__.py)."""
+    """fastopt.__version__; with FASTOPT_LOCAL_VERSION=1 (tools/release.py sets it for the
+    wheel) and CUDA kernels, the toolkit as a local version, "0.1.0+cu130", so an index can
+    hold a wheel per CUDA major. Opt-in: an sdist and the wheel pip builds from it must agree
+    on the version, whatever the machine that builds it."""
     with open(os.path.join(ROOT, "fastopt", "__init__.py")) as f:
-        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+        version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+    if os.environ.get("FASTOPT_LOCAL_VERSION") == "1" and _want_cuda():
+        version += "+cu" + "".join(torch.version.cuda.split(".")[:2])
+    return version
 
 
 def _output_line(*cmd, containing=""):
@@ -195,6 +204,12 @@ setup(
     version=_version(),
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildWithInfo},
-    # One wheel for every CPython from 3.10: the modules use only the limited API.
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    options={
+        # One wheel for every CPython from 3.10: the modules use only the limited API.
+        "bdist_wheel": {"py_limited_api": "cp310"},
+        # The objects go where a plain build puts them, for an editable install too (which
+        # would use a new temporary directory): with the same torch and flags, the wheel and
+        # the editable install of one checkout share one compilation (CI builds once).
+        "build_ext": {"build_temp": os.path.join("build", f"temp.{PLATFORM}")},
+    },
 )
