@@ -1,87 +1,190 @@
 // Input validation shared by the CPU and CUDA implementations of the ops: the same checks and
 // the same messages on every device, each naming the offending argument.
+//
+// Written against PyTorch's stable ABI (torch::stable::Tensor), so one binary loads into every
+// torch from TORCH_TARGET_VERSION on; failures throw through FASTOPT_CHECK (check.h), whose
+// messages carry no build paths. Every accessor of a stable tensor is a call into libtorch
+// (scalar_type() and device() several), so each tensor's properties are read once, into a
+// TensorInfo, which the kernels then take their pointers and sizes from.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <vector>
+
+#include "check.h"
 
 namespace fastopt {
 
-inline bool is_floating(at::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
+using torch::headeronly::ScalarType;
+using torch::stable::Device;
+using torch::stable::DeviceType;
+using torch::stable::Tensor;
+// Tensor[] arguments arrive as a vector of owning handles; Tensor? as an optional.
+using TensorList = std::vector<Tensor>;
+using OptionalTensor = std::optional<Tensor>;
+
+inline bool is_floating(ScalarType dt) {
+  return dt == ScalarType::Float || dt == ScalarType::BFloat16 || dt == ScalarType::Half;
+}
+
+// torch's name of a device type, for the types a tensor reaching these kernels can have.
+inline const char* device_type_name(DeviceType type) {
+  switch (type) {
+    case DeviceType::CPU: return "cpu";
+    case DeviceType::CUDA: return "cuda";
+    case DeviceType::Meta: return "meta";
+    case DeviceType::XPU: return "xpu";
+    case DeviceType::MPS: return "mps";
+    case DeviceType::PrivateUse1: return "privateuseone";
+    default: return "unknown";
+  }
+}
+
+// For messages: "cpu", "cuda:1", as torch prints a device (the stable Device has no <<).
+struct DeviceName {
+  Device device;
+};
+inline std::ostream& operator<<(std::ostream& out, const DeviceName& d) {
+  out << device_type_name(d.device.type());
+  if (d.device.has_index() && !d.device.is_cpu()) out << ":" << int(d.device.index());
+  return out;
+}
+
+// Whether a kernel writes a tensor (its pointer comes from mutable_data_ptr, which unshares a
+// copy-on-write tensor first) or only reads it (const_data_ptr, which leaves it shared).
+enum class Access { kRead, kWrite };
+
+// One tensor's properties, read once.
+struct TensorInfo {
+  void* data;  // const unless read with Access::kWrite
+  int64_t numel;
+  ScalarType dtype;
+  Device device;
+  bool contiguous;
+
+  TensorInfo(const Tensor& t, Access access)
+      : data(access == Access::kWrite ? t.mutable_data_ptr()
+                                      : const_cast<void*>(t.const_data_ptr())),
+        numel(t.numel()),
+        dtype(t.scalar_type()),
+        device(t.device()),
+        contiguous(t.is_contiguous()) {}
+};
+
+inline std::vector<TensorInfo> infos(const TensorList& list, Access access) {
+  std::vector<TensorInfo> out;
+  out.reserve(list.size());
+  for (const auto& t : list) out.emplace_back(t, access);
+  return out;
+}
+
+// For messages: a tensor's shape as torch prints it, "[2, 3]".
+struct Sizes {
+  const Tensor& t;
+};
+inline std::ostream& operator<<(std::ostream& out, const Sizes& s) {
+  out << "[";
+  const auto sizes = s.t.sizes();
+  for (size_t d = 0; d < sizes.size(); ++d) out << (d ? ", " : "") << sizes[d];
+  return out << "]";
 }
 
 // `list` holds n contiguous tensors of `dtype` on `first`'s device.
-inline void check_list(at::TensorList list, const at::Tensor& first, size_t n,
-                       at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(list.size() == n, "fastopt.adamw_: ", name, " has ", list.size(),
-              " tensors, expected ", n);
+inline void check_list(const std::vector<TensorInfo>& list, const TensorInfo& first, size_t n,
+                       ScalarType dtype, const char* name) {
+  FASTOPT_CHECK(list.size() == n, "fastopt.adamw_: ", name, " has ", list.size(),
+                " tensors, expected ", n);
   for (size_t i = 0; i < n; ++i) {
     const auto& t = list[i];
-    TORCH_CHECK(t.device() == first.device(), "fastopt.adamw_: ", name, "[", i, "] is on ",
-                t.device(), ", params[0] on ", first.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "fastopt.adamw_: ", name, "[", i, "] is ",
-                t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.is_contiguous(), "fastopt.adamw_: ", name, "[", i, "] must be contiguous");
+    FASTOPT_CHECK(t.device == first.device, "fastopt.adamw_: ", name, "[", i, "] is on ",
+                  DeviceName{t.device}, ", params[0] on ", DeviceName{first.device});
+    FASTOPT_CHECK(t.dtype == dtype, "fastopt.adamw_: ", name, "[", i, "] is ", t.dtype,
+                  ", expected ", dtype);
+    FASTOPT_CHECK(t.contiguous, "fastopt.adamw_: ", name, "[", i, "] must be contiguous");
   }
 }
 
-// adamw_'s tensor arguments, for a non-empty params on a device of type `device_type`.
-inline void check_adamw_inputs(at::TensorList params, at::TensorList grads,
-                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                               at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                               bool amsgrad, c10::DeviceType device_type) {
+// adamw_'s tensor lists, read once (the kernels take their pointers and sizes from here).
+struct AdamWInputs {
+  std::vector<TensorInfo> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+  std::vector<const float*> steps;  // the one-element fp32 step counts
+};
+
+// Reads and checks adamw_'s tensor arguments, for a non-empty params on a device of type
+// `device_type`.
+inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList& grads,
+                                      const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
+                                      const TensorList& max_exp_avg_sqs,
+                                      const TensorList& state_steps, bool amsgrad,
+                                      DeviceType device_type) {
+  AdamWInputs in;
   const size_t n = params.size();
-  const auto& first = params[0];
-  TORCH_CHECK(first.device().type() == device_type, "fastopt.adamw_: params[0] is on ",
-              first.device(), ", expected a ", c10::DeviceTypeName(device_type), " device");
-  const auto dtype = first.scalar_type();
-  TORCH_CHECK(is_floating(dtype),
-              "fastopt.adamw_: params must be float32, bfloat16 or float16, got ", dtype);
-  check_list(params, first, n, dtype, "params");
-  TORCH_CHECK(grads.size() == n, "fastopt.adamw_: grads has ", grads.size(),
-              " tensors, expected ", n);
-  const auto grad_dtype = grads[0].scalar_type();
-  TORCH_CHECK(grad_dtype == dtype || grad_dtype == at::kFloat, "fastopt.adamw_: grads must be ",
-              dtype, " or float32, got ", grad_dtype);
-  check_list(grads, first, n, grad_dtype, "grads");
-  check_list(exp_avgs, first, n, dtype, "exp_avgs");
-  check_list(exp_avg_sqs, first, n, dtype, "exp_avg_sqs");
-  if (amsgrad) check_list(max_exp_avg_sqs, first, n, dtype, "max_exp_avg_sqs");
-  TORCH_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
-              " tensors, expected ", n);
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel();
-    TORCH_CHECK(grads[i].numel() == numel && exp_avgs[i].numel() == numel &&
-                    exp_avg_sqs[i].numel() == numel &&
-                    (!amsgrad || max_exp_avg_sqs[i].numel() == numel),
-                "fastopt.adamw_: params[", i, "], grads, exp_avgs and exp_avg_sqs",
-                amsgrad ? " and max_exp_avg_sqs" : "", " differ in size");
-    const auto& step = state_steps[i];
-    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat &&
-                    step.device() == first.device(),
-                "fastopt.adamw_: state_steps[", i, "] must be a one-element float32 tensor on ",
-                first.device(), ", got ", step.sizes(), " of ", step.scalar_type(), " on ",
-                step.device());
+  in.params = infos(params, Access::kWrite);
+  const TensorInfo& first = in.params[0];
+  FASTOPT_CHECK(first.device.type() == device_type, "fastopt.adamw_: params[0] is on ",
+                DeviceName{first.device}, ", expected a ", device_type_name(device_type),
+                " device");
+  const auto dtype = first.dtype;
+  FASTOPT_CHECK(is_floating(dtype),
+                "fastopt.adamw_: params must be float32, bfloat16 or float16, got ", dtype);
+  check_list(in.params, first, n, dtype, "params");
+  FASTOPT_CHECK(grads.size() == n, "fastopt.adamw_: grads has ", grads.size(),
+                " tensors, expected ", n);
+  in.grads = infos(grads, Access::kRead);
+  const auto grad_dtype = in.grads[0].dtype;
+  FASTOPT_CHECK(grad_dtype == dtype || grad_dtype == ScalarType::Float,
+                "fastopt.adamw_: grads must be ", dtype, " or float32, got ", grad_dtype);
+  check_list(in.grads, first, n, grad_dtype, "grads");
+  in.exp_avgs = infos(exp_avgs, Access::kWrite);
+  check_list(in.exp_avgs, first, n, dtype, "exp_avgs");
+  in.exp_avg_sqs = infos(exp_avg_sqs, Access::kWrite);
+  check_list(in.exp_avg_sqs, first, n, dtype, "exp_avg_sqs");
+  if (amsgrad) {
+    in.max_exp_avg_sqs = infos(max_exp_avg_sqs, Access::kWrite);
+    check_list(in.max_exp_avg_sqs, first, n, dtype, "max_exp_avg_sqs");
   }
+  FASTOPT_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
+                " tensors, expected ", n);
+  in.steps.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = in.params[i].numel;
+    FASTOPT_CHECK(in.grads[i].numel == numel && in.exp_avgs[i].numel == numel &&
+                      in.exp_avg_sqs[i].numel == numel &&
+                      (!amsgrad || in.max_exp_avg_sqs[i].numel == numel),
+                  "fastopt.adamw_: params[", i, "], grads, exp_avgs and exp_avg_sqs",
+                  amsgrad ? " and max_exp_avg_sqs" : "", " differ in size");
+    const TensorInfo step(state_steps[i], Access::kRead);
+    FASTOPT_CHECK(step.numel == 1 && step.dtype == ScalarType::Float && step.device == first.device,
+                  "fastopt.adamw_: state_steps[", i, "] must be a one-element float32 tensor on ",
+                  DeviceName{first.device}, ", got ", Sizes{state_steps[i]}, " of ", step.dtype,
+                  " on ", DeviceName{step.device});
+    in.steps[i] = static_cast<const float*>(step.data);
+  }
+  return in;
 }
 
 // update_scale_'s arguments: one-element scale (fp32), growth_tracker (int32) and found_inf
 // (fp32), all on one device of type `device_type`.
-inline void check_update_scale_inputs(const at::Tensor& scale, const at::Tensor& growth_tracker,
-                                      const at::Tensor& found_inf, c10::DeviceType device_type) {
-  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat,
-              "fastopt.update_scale_: scale must be a one-element float32 tensor");
-  TORCH_CHECK(growth_tracker.numel() == 1 && growth_tracker.scalar_type() == at::kInt,
-              "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor");
-  TORCH_CHECK(found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat,
-              "fastopt.update_scale_: found_inf must be a one-element float32 tensor");
-  const c10::Device device = scale.device();
-  TORCH_CHECK(device.type() == device_type, "fastopt.update_scale_: scale is on ", device,
-              ", expected a ", c10::DeviceTypeName(device_type), " device");
-  TORCH_CHECK(growth_tracker.device() == device, "fastopt.update_scale_: growth_tracker is on ",
-              growth_tracker.device(), ", scale on ", device);
-  TORCH_CHECK(found_inf.device() == device, "fastopt.update_scale_: found_inf is on ",
-              found_inf.device(), ", scale on ", device);
+inline void check_update_scale_inputs(const TensorInfo& scale, const TensorInfo& growth_tracker,
+                                      const TensorInfo& found_inf, DeviceType device_type) {
+  FASTOPT_CHECK(scale.numel == 1 && scale.dtype == ScalarType::Float,
+                "fastopt.update_scale_: scale must be a one-element float32 tensor");
+  FASTOPT_CHECK(growth_tracker.numel == 1 && growth_tracker.dtype == ScalarType::Int,
+                "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor");
+  FASTOPT_CHECK(found_inf.numel == 1 && found_inf.dtype == ScalarType::Float,
+                "fastopt.update_scale_: found_inf must be a one-element float32 tensor");
+  const Device device = scale.device;
+  FASTOPT_CHECK(device.type() == device_type, "fastopt.update_scale_: scale is on ",
+                DeviceName{device}, ", expected a ", device_type_name(device_type), " device");
+  FASTOPT_CHECK(growth_tracker.device == device, "fastopt.update_scale_: growth_tracker is on ",
+                DeviceName{growth_tracker.device}, ", scale on ", DeviceName{device});
+  FASTOPT_CHECK(found_inf.device == device, "fastopt.update_scale_: found_inf is on ",
+                DeviceName{found_inf.device}, ", scale on ", DeviceName{device});
 }
 
 }  // namespace fastopt

@@ -1,5 +1,5 @@
-// Process-wide launch settings of the CUDA multi-tensor kernels, kept in the host part of
-// fastopt._C so a benchmark can change them between launches without a rebuild.
+// Process-wide launch settings of the CUDA multi-tensor kernels, kept in fastopt._C so a
+// benchmark can change them between launches without a rebuild.
 #pragma once
 
 namespace fastopt {
@@ -10,6 +10,11 @@ namespace fastopt {
 // up). Any value gives the same results: blocks walk the chunks with a grid-stride loop and
 // every element's arithmetic and every reduction order is fixed by its chunk, not its block.
 // Set through fastopt._C._set_grid_blocks_per_sm, for tuning sweeps (bench/sweep_grid.py).
+// Defined in fastopt._C_cuda (csrc/cuda/module.cpp).
 int grid_blocks_per_sm();
+
+// The setting is a std::atomic<int> in fastopt._C (csrc/ops.cpp), which fastopt._C_cuda finds
+// through a PyCapsule of this name (the capsule's name is the module path of its attribute).
+inline constexpr const char* kGridSettingCapsule = "fastopt._C._grid_blocks_per_sm";
 
 }  // namespace fastopt

@@ -1,9 +1,13 @@
 // Schemas of every fastopt op, in one place. Implementations register per device in
 // csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) implementations live in fastopt/_ops.py so
 // torch.compile can trace around the ops.
-#include <torch/library.h>
+//
+// This library, fastopt._C, holds the schemas and the CPU kernels and loads into any torch; the
+// CUDA kernels are a second library, fastopt._C_cuda, that fastopt/_ext.py loads only into a
+// CUDA build of torch with a GPU (csrc/cuda/module.cpp).
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(fastopt, m) {
+STABLE_TORCH_LIBRARY(fastopt, m) {
   // AdamW update of many tensors at once. grads may be the params' dtype or fp32. state_steps
   // already hold this step's count. lr_tensor, when given, overrides lr (read on device).
   m.def(
@@ -32,13 +36,12 @@ namespace fastopt {
 namespace {
 std::atomic<int> g_grid_blocks_per_sm{0};
 }  // namespace
-
-int grid_blocks_per_sm() { return g_grid_blocks_per_sm.load(std::memory_order_relaxed); }
-
 }  // namespace fastopt
 
 // `import fastopt._C` loads this library (and so runs the registrations above). Ops are
-// reached through torch.ops.fastopt; the module itself holds only a private tuning hook.
+// reached through torch.ops.fastopt; the module itself holds a private tuning hook, the
+// address of its setting for fastopt._C_cuda, and the CUDA version that library was built for.
+// Python's limited API only: the module is built once for every CPython from 3.10 (abi3).
 #include <Python.h>
 
 namespace {
@@ -63,9 +66,39 @@ PyMethodDef methods[] = {
      "previous value. A benchmarking hook, not an API."},
     {nullptr, nullptr, 0, nullptr}};
 
+// Adds `value` (a new reference, or null with an error set) to `module` as `name`.
+bool add(PyObject* module, const char* name, PyObject* value) {
+  if (value == nullptr) return false;
+  const int rc = PyModule_AddObjectRef(module, name, value);
+  Py_DECREF(value);
+  return rc == 0;
+}
+
+// The CUDA version fastopt._C_cuda was built for ("13.0"; setup.py defines it), or None when
+// this build has no CUDA kernels: fastopt/_ext.py compares it with torch's before it loads
+// that library.
+PyObject* cuda_version() {
+#if defined(FASTOPT_CUDA_MAJOR) && defined(FASTOPT_CUDA_MINOR)
+  return PyUnicode_FromFormat("%d.%d", FASTOPT_CUDA_MAJOR, FASTOPT_CUDA_MINOR);
+#else
+  return Py_NewRef(Py_None);
+#endif
+}
+
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module);
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  // fastopt._C_cuda reads the grid setting through this capsule (launch_config.h), so the hook
+  // above steers the CUDA launches without the two libraries linking to each other.
+  PyObject* setting = PyCapsule_New(static_cast<void*>(&fastopt::g_grid_blocks_per_sm),
+                                    fastopt::kGridSettingCapsule, nullptr);
+  if (!add(module, "_grid_blocks_per_sm", setting) ||
+      !add(module, "_cuda_version", cuda_version())) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

@@ -32,10 +32,26 @@ def info(argv: list[str]) -> int:
     import torch
 
     import fastopt
+    from fastopt._build import build_info
     from fastopt.backends import BACKENDS, availability
 
     print(f"fastopt {fastopt.__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+    info = build_info()
+    if info is None:
+        print("built: unknown (no fastopt/_build_info.json: not built, or an older build)")
+    else:
+        commit = (info["git_commit"] or "unknown")[:12]
+        modified = " (with uncommitted changes)" if info["git_dirty"] else ""
+        print(f"built: fastopt {info['version']} from commit {commit}{modified}")
+        target, limited = info["stable_abi_target"], info["python_limited_api"]
+        print(f"  against torch {info['torch']} (stable ABI: loads into torch >= {target}), "
+              f"CPython limited API {limited}")  # fmt: skip
+        if info["cuda"]:
+            print(f"  CUDA {info['cuda']}, architectures {info['cuda_archs']}")
+        else:
+            print("  CUDA: none (CPU kernels only)")
+        print(f"  compilers: {info['cxx']}" + (f"; {info['nvcc']}" if info["nvcc"] else ""))
+    print(f"running: python {platform.python_version()}, torch {torch.__version__}, "
           f"CUDA build {torch.version.cuda or 'none'}")  # fmt: skip
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()} (capability "

@@ -1,4 +1,10 @@
-"""Loads the compiled extension fastopt._C once, and remembers why when it cannot."""
+"""Loads the compiled extensions once, and remembers why when one cannot be loaded.
+
+fastopt._C holds the op schemas and the CPU kernels and loads into any torch it was built for
+(every torch from 2.10: it uses only PyTorch's stable ABI). fastopt._C_cuda holds the CUDA
+kernels; it is loaded on first need, and only into a CUDA build of torch of the CUDA major it
+was built for, with a GPU visible.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,21 @@ import warnings
 
 import torch
 
-__all__ = ["extension_error", "has_kernel", "load"]
+from ._build import build_info, version_tuple
+
+__all__ = ["cuda_error", "extension_error", "has_kernel", "load", "load_cuda"]
 
 _loaded: bool | None = None
 _error: str | None = None
+_cuda_loaded: bool | None = None
+_cuda_error: str | None = None
+
+_REBUILD = "pip install --no-build-isolation -e ."
+_BUILD_INFO = "fastopt/_build_info.json"
 
 
 def load() -> bool:
-    """Imports fastopt._C (registering torch.ops.fastopt.*); True on success.
+    """Imports fastopt._C (registering torch.ops.fastopt.* and the CPU kernels); True on success.
 
     A missing or broken extension never breaks ``import fastopt``: it warns once and every
     op falls back to the reference backend.
@@ -22,7 +35,14 @@ def load() -> bool:
     global _loaded, _error
     if _loaded is None:
         try:
-            importlib.import_module("fastopt._C")
+            _check_torch_version()
+            module = importlib.import_module("fastopt._C")
+            if not hasattr(module, "_cuda_version"):
+                # Python prefers fastopt/_C.cpython-3XX-*.so, as earlier builds named it, to
+                # the current _C.abi3.so beside it.
+                stale = getattr(module, "__file__", module.__name__)
+                raise ImportError(f"{stale} is left from an older build; delete it")
+            _check_build_info(module)
             _loaded = True
         except (ImportError, OSError) as exc:
             _loaded = False
@@ -30,11 +50,38 @@ def load() -> bool:
             warnings.warn(
                 f"fastopt: the compiled extension fastopt._C could not be loaded ({_error}); "
                 "the 'cpu' and 'cuda' backends are unavailable and 'auto' uses the reference "
-                "or Triton backend. Rebuild with `pip install --no-build-isolation -e .`.",
+                f"or Triton backend. Rebuild with `{_REBUILD}`.",
                 RuntimeWarning,
                 stacklevel=3,
             )
     return _loaded
+
+
+def _check_torch_version() -> None:
+    """The running torch is at least the one the stable-ABI build targets (else the libraries
+    would fail on a missing shim function, at load or at the first call)."""
+    info = build_info()
+    if info is None:
+        return  # no build: importing fastopt._C fails and says so
+    target = info["stable_abi_target"]
+    if version_tuple(torch.__version__) < version_tuple(target):
+        raise ImportError(
+            f"fastopt {info['version']} needs torch >= {target}, found torch {torch.__version__}"
+        )
+
+
+def _check_build_info(module) -> None:
+    """fastopt/_build_info.json describes the fastopt._C that was imported."""
+    info = build_info()
+    if info is None:
+        raise ImportError(
+            f"{module.__file__} has no {_BUILD_INFO} beside it: it is left from an older build"
+        )
+    if info["cuda"] != module._cuda_version:
+        raise ImportError(
+            f"{_BUILD_INFO} says CUDA {info['cuda']} and {module.__file__} CUDA "
+            f"{module._cuda_version}: they are from different builds"
+        )
 
 
 def extension_error() -> str | None:
@@ -43,6 +90,69 @@ def extension_error() -> str | None:
     return _error
 
 
+def _built_cuda_version() -> str | None:
+    """The CUDA version ("13.0") fastopt._C_cuda was built for; None if this build has none."""
+    return build_info()["cuda"]  # load() checked it is there and matches fastopt._C
+
+
+def _major(version: str) -> str:
+    return version.split(".")[0]
+
+
+def _try_load_cuda() -> tuple[bool, str | None, str | None]:
+    """(loaded, why not, a warning to give) for fastopt._C_cuda."""
+    if not load():
+        return False, f"fastopt._C is not loaded: {_error}", None
+    built = _built_cuda_version()
+    if built is None:
+        return False, "fastopt was built without CUDA kernels", None
+    torch_cuda = torch.version.cuda
+    if torch_cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build", None
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)", None
+    sides = (
+        f"fastopt's CUDA kernels (fastopt._C_cuda) are built for CUDA {built}, and torch "
+        f"{torch.__version__} uses CUDA {torch_cuda}"
+    )
+    remedy = (
+        f"install fastopt built for CUDA {_major(torch_cuda)} (or rebuild it against this "
+        f"torch with `{_REBUILD}`); until then the 'cuda' backend is unavailable and 'auto' "
+        "uses the Triton or reference backend"
+    )
+    if _major(built) != _major(torch_cuda):
+        why = f"{sides}: the CUDA majors differ"
+        return False, why, f"{why}; {remedy}."
+    try:
+        importlib.import_module("fastopt._C_cuda")
+    except (ImportError, OSError) as exc:
+        why = f"fastopt._C_cuda could not be loaded ({type(exc).__name__}: {exc})"
+        return False, why, f"{why}; {sides}; {remedy}."
+    return True, None, None
+
+
+def load_cuda() -> bool:
+    """Imports fastopt._C_cuda (registering the CUDA kernels) where they can run; True then.
+
+    Not attempted, silently, without a GPU or CUDA kernels in this build; a CUDA major other
+    than torch's, or a library that fails to load, warns once. Either way the 'cuda' backend
+    reports why it is unavailable (cuda_error()).
+    """
+    global _cuda_loaded, _cuda_error
+    if _cuda_loaded is None:
+        _cuda_loaded, _cuda_error, warning = _try_load_cuda()
+        if warning is not None:
+            warnings.warn(warning, RuntimeWarning, stacklevel=3)
+    return _cuda_loaded
+
+
+def cuda_error() -> str | None:
+    """Why fastopt._C_cuda is not loaded, or None when it is."""
+    load_cuda()
+    return _cuda_error
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether fastopt._C registered ``fastopt::op`` for ``dispatch_key`` ("CPU", "CUDA")."""
-    return load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", dispatch_key)
+    """Whether fastopt registered ``fastopt::op`` for ``dispatch_key`` ("CPU", "CUDA")."""
+    loaded = load_cuda() if dispatch_key == "CUDA" else load()
+    return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", dispatch_key)

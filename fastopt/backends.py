@@ -1,9 +1,10 @@
 """Which implementation runs an op: the one place that decides.
 
-Backends: 'reference' (plain PyTorch, any device), 'cpu' (the C++ kernel), 'cuda' (the CUDA
-kernels), 'triton' (the Triton kernels; on CPU tensors only under TRITON_INTERPRET=1).
-'auto' picks, for CUDA tensors, cuda, then triton, then reference; for CPU tensors, cpu, then
-reference; for float64 tensors, reference, which computes in float64 as torch does.
+Backends: 'reference' (plain PyTorch, any device), 'cpu' (the C++ kernel, fastopt._C), 'cuda'
+(the CUDA kernels, fastopt._C_cuda), 'triton' (the Triton kernels; on CPU tensors only under
+TRITON_INTERPRET=1). 'auto' picks, for CUDA tensors, cuda, then triton, then reference; for CPU
+tensors, cpu, then reference; for float64 tensors, reference, which computes in float64 as torch
+does.
 """
 
 from __future__ import annotations
@@ -46,9 +47,8 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
         if device_type != "cuda":
             return False, f"the cuda backend runs on CUDA tensors, not {device_type}"
         if not _ext.has_kernel("adamw_", "CUDA"):
-            reason = _ext.extension_error() or "fastopt._C was built without CUDA kernels"
-            return False, reason
-        return True, "CUDA kernels in fastopt._C"
+            return False, _ext.cuda_error() or "fastopt._C_cuda registered no CUDA kernels"
+        return True, "CUDA kernels in fastopt._C_cuda"
     if backend == "triton":
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         if device_type == "cpu" and not interpret:

@@ -1,7 +1,8 @@
-"""The CUDA build of fastopt._C: what machine code it carries, read with cuobjdump.
+"""The CUDA kernels' library, fastopt._C_cuda: what machine code it carries, read with
+cuobjdump, and what it registers.
 
-Runs without a GPU (it reads the shared library, it launches nothing). Skipped only when the
-extension was built without CUDA kernels; a missing cuobjdump is a failure, not a skip.
+Runs without a GPU (it reads the shared library, it launches nothing). Skipped only when this
+build has no CUDA kernels; a missing cuobjdump is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastopt import _ext
+from fastopt import _C
+from fastopt._build import build_info
 
 # Mangled-name fragments of the kernels (template arguments P, G, amsgrad):
 # adamw_kernel<float, float, false> is the fp32 fast path.
@@ -26,13 +28,8 @@ MULTI_TENSOR_KERNELS = ("adamw_kernel", "norm_chunk_kernel", "accumulate_kernel"
 ARCH = "sm_90"
 
 
-def _built_with_cuda() -> bool:
-    return _ext.has_kernel("adamw_", "CUDA")
-
-
 pytestmark = pytest.mark.skipif(
-    _ext.load() and not _built_with_cuda(),
-    reason="fastopt._C was built without CUDA kernels (no CUDA registration of fastopt::adamw_)",
+    _C._cuda_version is None, reason="fastopt was built without CUDA kernels (no fastopt._C_cuda)"
 )
 
 
@@ -54,10 +51,10 @@ def _cuobjdump() -> str:
 
 @pytest.fixture(scope="module")
 def so_path() -> str:
-    assert _ext.load(), _ext.extension_error()
-    import fastopt._C
-
-    path = fastopt._C.__file__
+    # Found, not imported: fastopt/_ext.py loads it only with a GPU, and cuobjdump needs none.
+    spec = importlib.util.find_spec("fastopt._C_cuda")
+    assert spec is not None, "this build has CUDA kernels but no fastopt._C_cuda"
+    path = spec.origin
     assert path and Path(path).is_file(), path
     return path
 
@@ -99,9 +96,30 @@ def _resources(so: str) -> dict[str, dict[str, int]]:
     return usage
 
 
-def test_carries_sm90_machine_code(so_path):
-    elves = _run("--list-elf", so_path)
-    assert re.search(r"\bsm_90a?\b", elves), f"no sm_90 ELF in {so_path}:\n{elves}"
+def _archs(listing: str, kind: str) -> set[str]:
+    """{"sm_80", ...} from cuobjdump's --list-elf (kind "cubin") or --list-ptx ("ptx")."""
+    return set(re.findall(rf"\.(sm_\d+a?)\.{kind}\b", listing))
+
+
+def _built_for() -> tuple[set[str], set[str]]:
+    """The machine code and the PTX this build was asked for, from its TORCH_CUDA_ARCH_LIST
+    ("8.0;9.0;10.0;12.0+PTX": sm_80, sm_90, sm_100, sm_120, and PTX of 12.0)."""
+    cubins, ptx = set(), set()
+    for entry in re.split(r"[;\s]+", build_info()["cuda_archs"].strip()):
+        arch = "sm_" + entry.removesuffix("+PTX").replace(".", "")
+        cubins.add(arch)
+        if entry.endswith("+PTX"):
+            ptx.add(arch)
+    return cubins, ptx
+
+
+def test_carries_machine_code_and_ptx_for_every_architecture(so_path):
+    cubins, ptx = _built_for()
+    assert ARCH in cubins, f"the SASS tests below read {ARCH}, which this build lacks"
+    elves = _archs(_run("--list-elf", so_path), "cubin")
+    assert elves == cubins, f"machine code for {sorted(elves)}, asked for {sorted(cubins)}"
+    ptxs = _archs(_run("--list-ptx", so_path), "ptx")
+    assert ptxs == ptx, f"PTX for {sorted(ptxs)}, asked for {sorted(ptx)}"
 
 
 def test_every_kernel_is_built(so_path):
@@ -142,5 +160,19 @@ def test_multi_tensor_kernels_do_not_spill(so_path):
 
 
 def test_cuda_registrations_match_cpu():
+    # Imported directly: loading needs a CUDA build of torch, not a GPU.
+    importlib.import_module("fastopt._C_cuda")
     for op in ("adamw_", "multi_tensor_norm", "accumulate_", "update_scale_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CUDA"), op
+
+
+def test_grid_setting_reaches_the_cuda_library():
+    """_C._set_grid_blocks_per_sm steers the launches in the other library (via a capsule)."""
+    cuda = importlib.import_module("fastopt._C_cuda")
+    assert cuda._grid_blocks_per_sm() == 0
+    previous = _C._set_grid_blocks_per_sm(7)
+    try:
+        assert cuda._grid_blocks_per_sm() == 7
+    finally:
+        _C._set_grid_blocks_per_sm(previous)
+    assert cuda._grid_blocks_per_sm() == previous

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -62,14 +64,60 @@ def test_bad_op_input_names_the_argument(mutate, match):
         torch.ops.fastopt.adamw_(*args)
 
 
-def test_missing_extension_falls_back_with_one_warning():
+def _adamw_missing_exp_avg():
+    args = list(_adamw_args(False))
+    args[2].pop()
+    torch.ops.fastopt.adamw_(*args)
+
+
+# One bad call per op and the whole message the user gets: the op and the argument, and no
+# function name, source path or line before it (what torch's STD_TORCH_CHECK would add).
+WHOLE_MESSAGES = {
+    "adamw_": (_adamw_missing_exp_avg, "fastopt.adamw_: exp_avgs has 1 tensors, expected 2"),
+    "multi_tensor_norm": (
+        lambda: torch.ops.fastopt.multi_tensor_norm([torch.ones(3), torch.ones(2).long()], 2.0),
+        "fastopt.multi_tensor_norm: tensors[1] must be float32, bfloat16 or float16, got Long",
+    ),
+    "accumulate_": (
+        lambda: torch.ops.fastopt.accumulate_([torch.ones(3)], [torch.ones(2)], 1.0, False),
+        "fastopt.accumulate_: accs[0] has 3 elements and grads[0] 2",
+    ),
+    "update_scale_": (
+        lambda: torch.ops.fastopt.update_scale_(
+            torch.tensor(8.0), torch.tensor(1), torch.tensor(0.0), 2.0, 0.5, 2
+        ),
+        "fastopt.update_scale_: growth_tracker must be a one-element int32 tensor",
+    ),
+}
+
+
+@pytest.mark.parametrize("op", list(WHOLE_MESSAGES))
+def test_op_error_is_exactly_the_message(op):
+    call, message = WHOLE_MESSAGES[op]
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert type(info.value) is RuntimeError
+    assert str(info.value) == message
+    assert not re.search(r"/|\.(?:cpp|cu|h|cuh):", str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        'sys.modules["fastopt._C"] = None  # makes `import fastopt._C` raise ImportError',
+        # What Python imports when an older build's _C.cpython-3XX-*.so is beside _C.abi3.so.
+        'sys.modules["fastopt._C"] = types.ModuleType("fastopt._C")',
+    ],
+    ids=["missing", "stale"],
+)
+def test_missing_extension_falls_back_with_one_warning(setup):
     """Without fastopt._C, import still works, warns once, and 'auto' means reference."""
     import subprocess
     import sys
 
-    probe = """
-import sys, warnings
-sys.modules["fastopt._C"] = None  # makes `import fastopt._C` raise ImportError
+    probe = f"""
+import sys, types, warnings
+{setup}
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch, fastopt
@@ -84,6 +132,69 @@ print(fastopt.availability("cpu", "cpu"))
     assert lines[0] == "reference"
     assert lines[1] == "1"
     assert lines[2].startswith("(False,")
+
+
+# Loads fastopt with torch's CUDA version, the build's and GPU visibility set as given, asks for
+# the cuda backend three times and prints what it got, and every warning.
+_CUDA_PROBE = """
+import sys, warnings
+import torch
+torch.cuda.is_available = lambda: {gpu}
+torch.version.cuda = {torch_cuda!r}
+from fastopt import _C, _ext
+_C._cuda_version = {built!r}
+_info = dict(_ext.build_info(), cuda={built!r})  # the build's record says the same
+_ext.build_info = lambda: _info
+if {broken}:
+    sys.modules["fastopt._C_cuda"] = None  # makes `import fastopt._C_cuda` raise ImportError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastopt
+    for _ in range(3):
+        ok, why = fastopt.availability("cuda", "cuda")
+    backend = fastopt.select_backend("auto", "cuda")
+caught = [w for w in caught if str(w.message).startswith("fastopt")]
+print(ok)
+print(why)
+print(backend)
+print(sys.modules.get("fastopt._C_cuda") is not None)
+print(len(caught))
+for w in caught:
+    print(str(w.message).replace(chr(10), " "))
+"""
+
+
+@pytest.mark.parametrize(
+    "gpu,torch_cuda,built,broken,why,warning",
+    [
+        (True, "13.0", "12.8", False, "built for CUDA 12.8, and torch", "install fastopt built "
+         "for CUDA 13"),
+        (True, "13.0", "13.0", True, "fastopt._C_cuda could not be loaded (", "uses "
+         "CUDA 13.0; install fastopt built for CUDA 13"),
+        (False, "13.0", "13.0", False, "no CUDA GPU is visible", None),
+        (True, None, "13.0", False, "is a CPU-only build", None),
+        (True, "13.0", None, False, "fastopt was built without CUDA kernels", None),
+    ],
+    ids=["major-mismatch", "load-failure", "no-gpu", "cpu-torch", "no-cuda-build"],
+)  # fmt: skip
+def test_cuda_library_loads_only_where_it_can_run(gpu, torch_cuda, built, broken, why, warning):
+    """fastopt._C_cuda is loaded only into a CUDA torch of its CUDA major with a GPU; a
+    mismatch or a failed load warns once, naming both sides and what to install, and the cuda
+    backend says why it is unavailable. Import never fails."""
+    import subprocess
+    import sys
+
+    probe = _CUDA_PROBE.format(gpu=gpu, torch_cuda=torch_cuda, built=built, broken=broken)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    ok, reason, backend, loaded, count, *warnings = out.stdout.splitlines()
+    assert ok == "False"
+    assert why in reason, reason
+    assert backend in ("triton", "reference")
+    assert loaded == "False"
+    assert count == ("1" if warning else "0"), warnings
+    if warning:
+        assert warning in warnings[0], warnings[0]
+        assert f"CUDA {built}" in warnings[0] and f"CUDA {torch_cuda}" in warnings[0]
 
 
 def test_grid_tuning_hook_returns_previous_and_rejects_bad_values():

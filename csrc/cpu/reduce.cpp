@@ -1,13 +1,12 @@
 // Multi-tensor global norm with a non-finite flag, fp32 gradient accumulation and the
 // loss-scale update, on the CPU.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 
 #include "../adamw_math.h"
 #include "../checks.h"
@@ -43,12 +42,12 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
   std::memcpy(&v, x + i, sizeof(v));
   return v;
 }
-[[gnu::always_inline]] inline f32x16 load16(const c10::BFloat16* x, int64_t i) {
+[[gnu::always_inline]] inline f32x16 load16(const BFloat16* x, int64_t i) {
   u16x16 raw;  // a bf16 is the top half of an fp32
   std::memcpy(&raw, x + i, sizeof(raw));
   return reinterpret_cast<f32x16>(__builtin_convertvector(raw, u32x16) << 16);
 }
-[[gnu::always_inline]] inline f32x16 load16(const c10::Half* x, int64_t i) {
+[[gnu::always_inline]] inline f32x16 load16(const Half* x, int64_t i) {
   f32x16 v;
   for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(x[i + l]);
   return v;
@@ -116,32 +115,34 @@ Partial norm_chunk(const T* __restrict__ x, int64_t begin, int64_t end, float p)
 }
 
 template <NormKind kKind>
-Partial norm_chunk_any(const at::Tensor& t, const Chunk& ch, float p) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return norm_chunk<kKind>(t.const_data_ptr<float>(), ch.begin, ch.end, p);
-    case at::kBFloat16:
-      return norm_chunk<kKind>(t.const_data_ptr<c10::BFloat16>(), ch.begin, ch.end, p);
-    default: return norm_chunk<kKind>(t.const_data_ptr<c10::Half>(), ch.begin, ch.end, p);
+Partial norm_chunk_any(const TensorInfo& t, const Chunk& ch, float p) {
+  switch (t.dtype) {
+    case ScalarType::Float:
+      return norm_chunk<kKind>(static_cast<const float*>(t.data), ch.begin, ch.end, p);
+    case ScalarType::BFloat16:
+      return norm_chunk<kKind>(static_cast<const BFloat16*>(t.data), ch.begin, ch.end, p);
+    default: return norm_chunk<kKind>(static_cast<const Half*>(t.data), ch.begin, ch.end, p);
   }
 }
 
-void check_floating(at::TensorList list, const char* op, const char* name) {
-  for (size_t i = 0; i < list.size(); ++i) {
-    const auto& t = list[i];
-    const auto dt = t.scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "fastopt.", op, ": ",
-                name, "[", i, "] must be float32, bfloat16 or float16, got ", dt);
-    TORCH_CHECK(t.device().is_cpu(), "fastopt.", op, ": ", name, "[", i, "] is on ", t.device(),
-                ", expected cpu");
-    TORCH_CHECK(t.is_contiguous(), "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
+// Reads `list` (read-only) and checks it holds contiguous floating CPU tensors.
+std::vector<TensorInfo> check_floating(const TensorList& list, const char* op, const char* name) {
+  std::vector<TensorInfo> out = infos(list, Access::kRead);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const auto& t = out[i];
+    FASTOPT_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
+                  "] must be float32, bfloat16 or float16, got ", t.dtype);
+    FASTOPT_CHECK(t.device.is_cpu(), "fastopt.", op, ": ", name, "[", i, "] is on ",
+                  DeviceName{t.device}, ", expected cpu");
+    FASTOPT_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
   }
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
-                                                         double norm_type) {
-  check_floating(tensors, "multi_tensor_norm", "tensors");
-  TORCH_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
-              norm_type);
+std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double norm_type) {
+  const std::vector<TensorInfo> tensors = check_floating(list, "multi_tensor_norm", "tensors");
+  FASTOPT_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
+                norm_type);
   NormKind kind = NormKind::kP;
   if (std::isinf(norm_type)) kind = NormKind::kInf;
   else if (norm_type == 2.0) kind = NormKind::kL2;
@@ -150,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
 
   const std::vector<Chunk> chunks = make_chunks(tensors);
   std::vector<Partial> partials(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const auto& t = tensors[chunks[k].tensor];
       switch (kind) {
@@ -177,11 +178,10 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
   if (kind == NormKind::kInf && nonfinite && !std::isinf(norm)) {
     norm = std::numeric_limits<double>::quiet_NaN();
   }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  auto norm_t = at::empty({}, opts);
-  auto inf_t = at::empty({}, opts);
-  *norm_t.data_ptr<float>() = static_cast<float>(norm);
-  *inf_t.data_ptr<float>() = nonfinite ? 1.f : 0.f;
+  Tensor norm_t = torch::stable::empty({}, ScalarType::Float);
+  Tensor inf_t = torch::stable::empty({}, ScalarType::Float);
+  *norm_t.mutable_data_ptr<float>() = static_cast<float>(norm);
+  *inf_t.mutable_data_ptr<float>() = nonfinite ? 1.f : 0.f;
   return {norm_t, inf_t};
 }
 
@@ -196,51 +196,56 @@ void accumulate_chunk(float* __restrict__ acc, const G* __restrict__ grad, int64
   }
 }
 
-void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha, bool overwrite) {
-  TORCH_CHECK(accs.size() == grads.size(), "fastopt.accumulate_: accs has ", accs.size(),
-              " tensors and grads ", grads.size());
-  check_floating(grads, "accumulate_", "grads");
+void accumulate_cpu(const TensorList& acc_list, const TensorList& grad_list, double alpha,
+                    bool overwrite) {
+  FASTOPT_CHECK(acc_list.size() == grad_list.size(), "fastopt.accumulate_: accs has ",
+                acc_list.size(), " tensors and grads ", grad_list.size());
+  const std::vector<TensorInfo> grads = check_floating(grad_list, "accumulate_", "grads");
+  const std::vector<TensorInfo> accs = infos(acc_list, Access::kWrite);
   for (size_t i = 0; i < accs.size(); ++i) {
-    TORCH_CHECK(accs[i].scalar_type() == at::kFloat && accs[i].device().is_cpu() &&
-                    accs[i].is_contiguous(),
-                "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 CPU tensor");
-    TORCH_CHECK(accs[i].numel() == grads[i].numel(), "fastopt.accumulate_: accs[", i, "] has ",
-                accs[i].numel(), " elements and grads[", i, "] ", grads[i].numel());
+    FASTOPT_CHECK(
+        accs[i].dtype == ScalarType::Float && accs[i].device.is_cpu() && accs[i].contiguous,
+        "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 CPU tensor");
+    FASTOPT_CHECK(accs[i].numel == grads[i].numel, "fastopt.accumulate_: accs[", i, "] has ",
+                  accs[i].numel, " elements and grads[", i, "] ", grads[i].numel);
   }
   const std::vector<Chunk> chunks = make_chunks(accs);
   const float a = static_cast<float>(alpha);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& ch = chunks[k];
-      float* acc = accs[ch.tensor].data_ptr<float>();
+      float* acc = static_cast<float*>(accs[ch.tensor].data);
       const auto& g = grads[ch.tensor];
-      switch (g.scalar_type()) {
-        case at::kFloat:
-          accumulate_chunk(acc, g.const_data_ptr<float>(), ch.begin, ch.end, a, overwrite);
+      switch (g.dtype) {
+        case ScalarType::Float:
+          accumulate_chunk(acc, static_cast<const float*>(g.data), ch.begin, ch.end, a, overwrite);
           break;
-        case at::kBFloat16:
-          accumulate_chunk(acc, g.const_data_ptr<c10::BFloat16>(), ch.begin, ch.end, a, overwrite);
+        case ScalarType::BFloat16:
+          accumulate_chunk(acc, static_cast<const BFloat16*>(g.data), ch.begin, ch.end, a,
+                           overwrite);
           break;
         default:
-          accumulate_chunk(acc, g.const_data_ptr<c10::Half>(), ch.begin, ch.end, a, overwrite);
+          accumulate_chunk(acc, static_cast<const Half*>(g.data), ch.begin, ch.end, a, overwrite);
       }
     }
   });
 }
 
-void update_scale_cpu(at::Tensor& scale, at::Tensor& growth_tracker, const at::Tensor& found_inf,
+void update_scale_cpu(const Tensor& scale, const Tensor& growth_tracker, const Tensor& found_inf,
                       double growth_factor, double backoff_factor, int64_t growth_interval) {
-  check_update_scale_inputs(scale, growth_tracker, found_inf, c10::DeviceType::CPU);
-  update_scale(scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(),
-               *found_inf.const_data_ptr<float>(), static_cast<float>(growth_factor),
+  const TensorInfo s(scale, Access::kWrite), tracker(growth_tracker, Access::kWrite),
+      inf(found_inf, Access::kRead);
+  check_update_scale_inputs(s, tracker, inf, DeviceType::CPU);
+  update_scale(static_cast<float*>(s.data), static_cast<int32_t*>(tracker.data),
+               *static_cast<const float*>(inf.data), static_cast<float>(growth_factor),
                static_cast<float>(backoff_factor), growth_interval);
 }
 
 }  // namespace
 }  // namespace fastopt::cpu
 
-TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
-  m.impl("multi_tensor_norm", &fastopt::cpu::multi_tensor_norm_cpu);
-  m.impl("accumulate_", &fastopt::cpu::accumulate_cpu);
-  m.impl("update_scale_", &fastopt::cpu::update_scale_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("multi_tensor_norm", TORCH_BOX(&fastopt::cpu::multi_tensor_norm_cpu));
+  m.impl("accumulate_", TORCH_BOX(&fastopt::cpu::accumulate_cpu));
+  m.impl("update_scale_", TORCH_BOX(&fastopt::cpu::update_scale_cpu));
 }

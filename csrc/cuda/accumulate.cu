@@ -1,10 +1,7 @@
 // fp32 gradient accumulation on CUDA: acc = alpha * grad (the first micro-batch) or
 // acc += alpha * grad, for many tensors per launch.
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
 
 #include "multi_tensor.cuh"
 
@@ -73,51 +70,54 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
 }
 
 template <typename G, bool kOverwrite>
-void launch_accumulate(at::TensorList accs, at::TensorList grads,
-                       const std::vector<int64_t>& indices, float alpha, cudaStream_t stream) {
+void launch_accumulate(InfoList accs, InfoList grads, const std::vector<int64_t>& indices,
+                       float alpha, cudaStream_t stream, int device) {
   constexpr auto kernel = accumulate_kernel<G, kOverwrite>;
   multi_tensor_apply<2, false>({accs, grads}, {}, indices,
                                [&](const AccumulateMeta& meta, int64_t /*first_chunk*/) {
-                                 const int grid = persistent_grid<kernel>(meta.num_chunks);
+                                 const int grid = persistent_grid<kernel>(meta.num_chunks, device);
                                  kernel<<<grid, kBlockThreads, 0, stream>>>(meta, alpha);
-                                 C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                 STD_CUDA_KERNEL_LAUNCH_CHECK();
                                });
 }
 
-void accumulate_cuda(at::TensorList accs, at::TensorList grads, double alpha, bool overwrite) {
-  TORCH_CHECK(accs.size() == grads.size(), "fastopt.accumulate_: accs has ", accs.size(),
-              " tensors and grads ", grads.size());
-  if (accs.empty()) return;
-  const c10::Device device = accs[0].device();
-  TORCH_CHECK(device.is_cuda(), "fastopt.accumulate_: accs[0] is on ", device,
-              ", expected a CUDA device");
+void accumulate_cuda(const TensorList& acc_list, const TensorList& grad_list, double alpha,
+                     bool overwrite) {
+  FASTOPT_CHECK(acc_list.size() == grad_list.size(), "fastopt.accumulate_: accs has ",
+                acc_list.size(), " tensors and grads ", grad_list.size());
+  if (acc_list.empty()) return;
+  const std::vector<TensorInfo> accs = infos(acc_list, Access::kWrite);
+  const std::vector<TensorInfo> grads = infos(grad_list, Access::kRead);
+  const Device device = accs[0].device;
+  FASTOPT_CHECK(device.is_cuda(), "fastopt.accumulate_: accs[0] is on ", DeviceName{device},
+                ", expected a CUDA device");
   for (size_t i = 0; i < accs.size(); ++i) {
     const auto& acc = accs[i];
     const auto& grad = grads[i];
-    TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.device() == device && acc.is_contiguous(),
-                "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 tensor on ",
-                device, ", got ", acc.scalar_type(), " on ", acc.device(),
-                acc.is_contiguous() ? "" : " (not contiguous)");
-    TORCH_CHECK(is_floating(grad.scalar_type()), "fastopt.accumulate_: grads[", i,
-                "] must be float32, bfloat16 or float16, got ", grad.scalar_type());
-    TORCH_CHECK(grad.device() == device, "fastopt.accumulate_: grads[", i, "] is on ",
-                grad.device(), ", expected ", device);
-    TORCH_CHECK(grad.is_contiguous(), "fastopt.accumulate_: grads[", i, "] must be contiguous");
-    TORCH_CHECK(acc.numel() == grad.numel(), "fastopt.accumulate_: accs[", i, "] has ",
-                acc.numel(), " elements and grads[", i, "] ", grad.numel());
+    FASTOPT_CHECK(acc.dtype == ScalarType::Float && acc.device == device && acc.contiguous,
+                  "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 tensor on ",
+                  DeviceName{device}, ", got ", acc.dtype, " on ", DeviceName{acc.device},
+                  acc.contiguous ? "" : " (not contiguous)");
+    FASTOPT_CHECK(is_floating(grad.dtype), "fastopt.accumulate_: grads[", i,
+                  "] must be float32, bfloat16 or float16, got ", grad.dtype);
+    FASTOPT_CHECK(grad.device == device, "fastopt.accumulate_: grads[", i, "] is on ",
+                  DeviceName{grad.device}, ", expected ", DeviceName{device});
+    FASTOPT_CHECK(grad.contiguous, "fastopt.accumulate_: grads[", i, "] must be contiguous");
+    FASTOPT_CHECK(acc.numel == grad.numel, "fastopt.accumulate_: accs[", i, "] has ", acc.numel,
+                  " elements and grads[", i, "] ", grad.numel);
   }
 
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const torch::stable::accelerator::DeviceGuard guard(device.index());
+  const cudaStream_t stream = current_stream(device.index());
   const float a = static_cast<float>(alpha);
   for (const auto& indices : group_by_dtype(grads)) {
     if (indices.empty()) continue;
-    dispatch_float_type(grads[indices[0]].scalar_type(), [&](auto tag) {
+    dispatch_float_type(grads[indices[0]].dtype, [&](auto tag) {
       using G = decltype(tag);
       if (overwrite) {
-        launch_accumulate<G, true>(accs, grads, indices, a, stream);
+        launch_accumulate<G, true>(accs, grads, indices, a, stream, device.index());
       } else {
-        launch_accumulate<G, false>(accs, grads, indices, a, stream);
+        launch_accumulate<G, false>(accs, grads, indices, a, stream, device.index());
       }
     });
   }
@@ -126,4 +126,6 @@ void accumulate_cuda(at::TensorList accs, at::TensorList grads, double alpha, bo
 }  // namespace
 }  // namespace fastopt::cuda
 
-TORCH_LIBRARY_IMPL(fastopt, CUDA, m) { m.impl("accumulate_", &fastopt::cuda::accumulate_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("accumulate_", TORCH_BOX(&fastopt::cuda::accumulate_cuda));
+}

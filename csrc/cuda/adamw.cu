@@ -4,11 +4,8 @@
 //
 // No host synchronisation: found_inf, grad_scale, grad_norm, lr_tensor and the step counts
 // are read by the kernel from device memory, so the launch can be captured in a CUDA graph.
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
 
 #include "../adamw_math.h"
 #include "../checks.h"
@@ -158,35 +155,33 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
 }
 
 template <typename P, typename G, bool kAmsgrad>
-void launch_adamw(const std::array<at::TensorList, kAmsgrad ? 5 : 4>& lists,
-                  at::TensorList state_steps, const AdamWScalars& s, cudaStream_t stream) {
+void launch_adamw(const std::array<InfoList, kAmsgrad ? 5 : 4>& lists,
+                  std::span<const float* const> state_steps, const AdamWScalars& s,
+                  cudaStream_t stream, int device) {
   std::vector<int64_t> all(lists[0].size());
   for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
   constexpr auto kernel = adamw_kernel<P, G, kAmsgrad>;
   multi_tensor_apply<kAmsgrad ? 5 : 4, true>(
       lists, state_steps, all, [&](const AdamWMeta<kAmsgrad>& meta, int64_t /*first_chunk*/) {
-        const int grid = persistent_grid<kernel>(meta.num_chunks);
+        const int grid = persistent_grid<kernel>(meta.num_chunks, device);
         kernel<<<grid, kBlockThreads, 0, stream>>>(meta, s);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        STD_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
-void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
+                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs,
+                const TensorList& state_steps, double lr, const OptionalTensor& lr_tensor,
                 double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                bool maximize, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
-                double grad_factor) {
+                bool maximize, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor) {
   const size_t n = params.size();
   if (n == 0) return;
-  const auto& first = params[0];
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
-                     c10::DeviceType::CUDA);
-  const auto dtype = first.scalar_type();
-  const auto grad_dtype = grads[0].scalar_type();
-  const c10::Device device = first.device();
+  const AdamWInputs in = check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                            state_steps, amsgrad, DeviceType::CUDA);
+  const auto dtype = in.params[0].dtype;
+  const auto grad_dtype = in.grads[0].dtype;
+  const Device device = in.params[0].device;
   AdamWScalars s;
   s.lr_tensor = optional_scalar(lr_tensor, device, "adamw_", "lr_tensor");
   s.grad_scale = optional_scalar(grad_scale, device, "adamw_", "grad_scale");
@@ -201,23 +196,24 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   s.grad_factor = static_cast<float>(grad_factor);
   s.maximize = maximize;
 
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const torch::stable::accelerator::DeviceGuard guard(device.index());
+  const cudaStream_t stream = current_stream(device.index());
   dispatch_float_type(dtype, [&](auto p_tag) {
     using P = decltype(p_tag);
     auto with_grad = [&](auto g_tag) {
       using G = decltype(g_tag);
       if (amsgrad) {
-        launch_adamw<P, G, true>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                                 state_steps, s, stream);
+        launch_adamw<P, G, true>(
+            {in.params, in.grads, in.exp_avgs, in.exp_avg_sqs, in.max_exp_avg_sqs}, in.steps, s,
+            stream, device.index());
       } else {
-        launch_adamw<P, G, false>({params, grads, exp_avgs, exp_avg_sqs}, state_steps, s,
-                                  stream);
+        launch_adamw<P, G, false>({in.params, in.grads, in.exp_avgs, in.exp_avg_sqs}, in.steps, s,
+                                  stream, device.index());
       }
     };
     if constexpr (std::is_same_v<P, float>) {
       with_grad(float{});
-    } else if (grad_dtype == at::kFloat) {
+    } else if (grad_dtype == ScalarType::Float) {
       with_grad(float{});
     } else {
       with_grad(P{});
@@ -228,4 +224,6 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
 }  // namespace
 }  // namespace fastopt::cuda
 
-TORCH_LIBRARY_IMPL(fastopt, CUDA, m) { m.impl("adamw_", &fastopt::cuda::adamw_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("adamw_", TORCH_BOX(&fastopt::cuda::adamw_cuda));
+}

@@ -16,25 +16,27 @@
 // the alignment, so reductions give the same bits for a tensor wherever it lies in memory.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <cuda_runtime.h>
+#include <torch/csrc/stable/c/shim.h>
+#include <torch/csrc/stable/macros.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <optional>
+#include <span>
 #include <vector>
 
 #include "../checks.h"
 #include "../launch_config.h"
 
 namespace fastopt::cuda {
+
+using BFloat16 = torch::headeronly::BFloat16;
+using Half = torch::headeronly::Half;
 
 // Threads per block for every multi-tensor kernel. 256 lets two or more blocks share an SM,
 // so one block's chunk set-up (tensor search, bias corrections, the barrier) overlaps another
@@ -87,12 +89,12 @@ inline int multiprocessor_count(int device) {
   static std::array<std::atomic<int>, 64> cache{};
   if (device < 0 || device >= static_cast<int>(cache.size())) {
     int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
     return n;
   }
   int n = cache[device].load(std::memory_order_relaxed);
   if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
     cache[device].store(n, std::memory_order_relaxed);
   }
   return n;
@@ -105,48 +107,59 @@ template <auto kKernel>
 int blocks_per_multiprocessor() {
   static const int blocks = [] {
     int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kBlockThreads, 0));
+    STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kBlockThreads, 0));
     return std::max(n, 1);
   }();
   return blocks;
 }
 
-// A persistent grid: as many blocks as are resident at once on the current device (SMs times
-// blocks per SM), never more than there are chunks. Each block loops over chunks, so any grid
-// size is correct; this one fills the GPU with one wave and no tail wave. grid_blocks_per_sm()
+// A persistent grid: as many blocks as are resident at once on `device` (SMs times blocks per
+// SM), never more than there are chunks. Each block loops over chunks, so any grid size is
+// correct; this one fills the GPU with one wave and no tail wave. grid_blocks_per_sm()
 // overrides the blocks per SM, for tuning sweeps.
 template <auto kKernel>
-int persistent_grid(int64_t num_chunks) {
+int persistent_grid(int64_t num_chunks, int device) {
   const int override_per_sm = grid_blocks_per_sm();
   const int per_sm = override_per_sm > 0 ? override_per_sm : blocks_per_multiprocessor<kKernel>();
-  const int64_t blocks =
-      static_cast<int64_t>(multiprocessor_count(c10::cuda::current_device())) * per_sm;
+  const int64_t blocks = static_cast<int64_t>(multiprocessor_count(device)) * per_sm;
   return static_cast<int>(std::max<int64_t>(1, std::min(num_chunks, blocks)));
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side: packing tensor lists into TensorListMeta launches.
+// Host side: the current stream, and packing tensor lists into TensorListMeta launches.
+
+// torch's current CUDA stream on `device`, through the stable shim (the C++ Stream of the stable
+// ABI gives its native handle only from torch 2.13 on).
+inline cudaStream_t current_stream(int device) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// The properties of a list of tensors, read once (checks.h).
+using InfoList = std::span<const TensorInfo>;
 
 // Calls launch(meta, first_chunk) once per TensorListMeta::kCapacity non-empty tensors among
 // lists[*][indices[i]], in order. first_chunk is the global number of the launch's first chunk
 // (over all launches of this call), for kernels that write one result per chunk.
 template <int kDepth, bool kWithStep, typename Launch>
-void multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists, at::TensorList steps,
-                        const std::vector<int64_t>& indices, Launch&& launch) {
+void multi_tensor_apply(const std::array<InfoList, kDepth>& lists,
+                        std::span<const float* const> steps, const std::vector<int64_t>& indices,
+                        Launch&& launch) {
   using Meta = TensorListMeta<kDepth, kWithStep>;
   Meta meta;
   meta.num_tensors = 0;
   meta.num_chunks = 0;
   int64_t first_chunk = 0;
   for (const int64_t i : indices) {
-    const int64_t n = lists[0][i].numel();
+    const int64_t n = lists[0][i].numel;
     if (n == 0) continue;
     const int k = meta.num_tensors;
-    for (int d = 0; d < kDepth; ++d) meta.ptr[d][k] = lists[d][i].data_ptr();
+    for (int d = 0; d < kDepth; ++d) meta.ptr[d][k] = lists[d][i].data;
     meta.numel[k] = n;
     meta.num_chunks += (n + kChunk - 1) / kChunk;
     meta.chunk_end[k] = meta.num_chunks;
-    if constexpr (kWithStep) meta.step[k] = steps[i].const_data_ptr<float>();
+    if constexpr (kWithStep) meta.step[k] = steps[i];
     meta.num_tensors = k + 1;
     if (meta.num_tensors == Meta::kCapacity) {
       launch(meta, first_chunk);
@@ -158,44 +171,44 @@ void multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists, at::Ten
   if (meta.num_tensors > 0) launch(meta, first_chunk);
 }
 
-inline int64_t count_chunks(at::TensorList list) {
+inline int64_t count_chunks(InfoList list) {
   int64_t chunks = 0;
-  for (const auto& t : list) chunks += (t.numel() + kChunk - 1) / kChunk;
+  for (const auto& t : list) chunks += (t.numel + kChunk - 1) / kChunk;
   return chunks;
 }
 
 // Indices of list's tensors grouped by dtype (float, bfloat16, half), list order kept within a
 // group: each group is launched with its own kernel instantiation.
-inline std::array<std::vector<int64_t>, 3> group_by_dtype(at::TensorList list) {
+inline std::array<std::vector<int64_t>, 3> group_by_dtype(InfoList list) {
   std::array<std::vector<int64_t>, 3> groups;
   for (int64_t i = 0; i < static_cast<int64_t>(list.size()); ++i) {
-    const auto dt = list[i].scalar_type();
-    groups[dt == at::kFloat ? 0 : dt == at::kBFloat16 ? 1 : 2].push_back(i);
+    const auto dt = list[i].dtype;
+    groups[dt == ScalarType::Float ? 0 : dt == ScalarType::BFloat16 ? 1 : 2].push_back(i);
   }
   return groups;
 }
 
 // Calls f(T{}) with the storage type of dtype (float, bfloat16 or half; checked beforehand).
 template <typename F>
-void dispatch_float_type(at::ScalarType dtype, F&& f) {
+void dispatch_float_type(ScalarType dtype, F&& f) {
   switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: return f(c10::Half{});
+    case ScalarType::Float: return f(float{});
+    case ScalarType::BFloat16: return f(BFloat16{});
+    default: return f(Half{});
   }
 }
 
 // Reads an optional one-element float32 tensor on `device` as a device pointer (nullptr when
 // absent).
-inline const float* optional_scalar(const std::optional<at::Tensor>& t, const c10::Device& device,
-                                    const char* op, const char* name) {
+inline const float* optional_scalar(const OptionalTensor& t, const Device& device, const char* op,
+                                    const char* name) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "fastopt.", op, ": ", name,
-              " must be a one-element float32 tensor, got ", t->sizes(), " of ",
-              t->scalar_type());
-  TORCH_CHECK(t->device() == device, "fastopt.", op, ": ", name, " is on ", t->device(),
-              ", expected ", device);
-  return t->const_data_ptr<float>();
+  const TensorInfo info(*t, Access::kRead);
+  FASTOPT_CHECK(info.numel == 1 && info.dtype == ScalarType::Float, "fastopt.", op, ": ", name,
+                " must be a one-element float32 tensor, got ", Sizes{*t}, " of ", info.dtype);
+  FASTOPT_CHECK(info.device == device, "fastopt.", op, ": ", name, " is on ",
+                DeviceName{info.device}, ", expected ", DeviceName{device});
+  return static_cast<const float*>(info.data);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,10 +240,11 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
-// Storage <-> fp32 conversions. c10's types round to nearest even on the way down, like torch.
+// Storage <-> fp32 conversions. torch's (header-only) types round to nearest even on the way
+// down, like torch.
 __device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-__device__ __forceinline__ float to_float(c10::Half x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(BFloat16 x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(Half x) { return static_cast<float>(x); }
 template <typename T>
 __device__ __forceinline__ T from_float(float x) {
   return static_cast<T>(x);

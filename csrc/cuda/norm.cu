@@ -4,14 +4,10 @@
 // block in a fixed order and written to its own slot of a buffer; a second, single-block kernel
 // combines the slots in a fixed order (in double) and writes the norm and the flag. No atomics,
 // so the result does not depend on the grid size or on scheduling, and no host sync.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <math_constants.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <cmath>
 #include <tuple>
@@ -189,44 +185,44 @@ __global__ void __launch_bounds__(kFinalThreads)
 }
 
 template <typename T, NormKind kKind>
-void launch_norm_chunks(at::TensorList tensors, const std::vector<int64_t>& indices,
-                        float* partials, int64_t total_chunks, int64_t group_first_chunk,
-                        float p, cudaStream_t stream) {
+void launch_norm_chunks(InfoList tensors, const std::vector<int64_t>& indices, float* partials,
+                        int64_t total_chunks, int64_t group_first_chunk, float p,
+                        cudaStream_t stream, int device) {
   constexpr auto kernel = norm_chunk_kernel<T, kKind>;
   multi_tensor_apply<1, false>(
       {tensors}, {}, indices, [&](const NormMeta& meta, int64_t first_chunk) {
-        const int grid = persistent_grid<kernel>(meta.num_chunks);
+        const int grid = persistent_grid<kernel>(meta.num_chunks, device);
         kernel<<<grid, kBlockThreads, 0, stream>>>(meta, partials, total_chunks,
                                                    group_first_chunk + first_chunk, p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        STD_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
-void check_tensors(at::TensorList list, const c10::Device& device, const char* op,
-                   const char* name) {
+void check_tensors(InfoList list, const Device& device, const char* op, const char* name) {
   for (size_t i = 0; i < list.size(); ++i) {
     const auto& t = list[i];
-    TORCH_CHECK(is_floating(t.scalar_type()), "fastopt.", op, ": ", name, "[", i,
-                "] must be float32, bfloat16 or float16, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == device, "fastopt.", op, ": ", name, "[", i, "] is on ",
-                t.device(), ", expected ", device);
-    TORCH_CHECK(t.is_contiguous(), "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
+    FASTOPT_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
+                  "] must be float32, bfloat16 or float16, got ", t.dtype);
+    FASTOPT_CHECK(t.device == device, "fastopt.", op, ": ", name, "[", i, "] is on ",
+                  DeviceName{t.device}, ", expected ", DeviceName{device});
+    FASTOPT_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors,
-                                                          double norm_type) {
-  if (tensors.empty()) {  // as the reference: (0, 0) on the CPU
-    auto zero = at::zeros({}, at::TensorOptions().dtype(at::kFloat));
-    return {zero, zero.clone()};
+std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& list, double norm_type) {
+  if (list.empty()) {  // as the reference: (0, 0) on the CPU
+    Tensor zero = torch::stable::empty({}, ScalarType::Float);
+    torch::stable::zero_(zero);
+    return {zero, torch::stable::clone(zero)};
   }
-  const c10::Device device = tensors[0].device();
-  TORCH_CHECK(device.is_cuda(), "fastopt.multi_tensor_norm: tensors[0] is on ", device,
-              ", expected a CUDA device");
+  const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
+  const Device device = tensors[0].device;
+  FASTOPT_CHECK(device.is_cuda(), "fastopt.multi_tensor_norm: tensors[0] is on ",
+                DeviceName{device}, ", expected a CUDA device");
   check_tensors(tensors, device, "multi_tensor_norm", "tensors");
   // Other orders (0, -inf, negative p) are computed by the Python side with torch's norm.
-  TORCH_CHECK(norm_type > 0,
-              "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ", norm_type);
+  FASTOPT_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
+                norm_type);
   NormKind kind = NormKind::kP;
   if (std::isinf(norm_type)) {
     kind = NormKind::kInf;
@@ -237,48 +233,48 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
   }
   const float p = static_cast<float>(norm_type);
 
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
+  const torch::stable::accelerator::DeviceGuard guard(device.index());
+  const cudaStream_t stream = current_stream(device.index());
   const int64_t total_chunks = count_chunks(tensors);
-  at::Tensor partials = at::empty({2 * total_chunks}, opts);
-  at::Tensor norm = at::empty({}, opts);
-  at::Tensor found_inf = at::empty({}, opts);
+  Tensor partials =
+      torch::stable::empty({2 * total_chunks}, ScalarType::Float, std::nullopt, device);
+  Tensor norm = torch::stable::empty({}, ScalarType::Float, std::nullopt, device);
+  Tensor found_inf = torch::stable::empty({}, ScalarType::Float, std::nullopt, device);
 
   // One set of launches per dtype; the groups' partials sit one after another in chunk order.
   const auto groups = group_by_dtype(tensors);
+  float* out = partials.mutable_data_ptr<float>();
   int64_t group_first_chunk = 0;
   for (const auto& indices : groups) {
     if (indices.empty()) continue;
-    dispatch_float_type(tensors[indices[0]].scalar_type(), [&](auto tag) {
+    dispatch_float_type(tensors[indices[0]].dtype, [&](auto tag) {
       using T = decltype(tag);
-      float* out = partials.data_ptr<float>();
       switch (kind) {
         case NormKind::kL2:
           launch_norm_chunks<T, NormKind::kL2>(tensors, indices, out, total_chunks,
-                                               group_first_chunk, p, stream);
+                                               group_first_chunk, p, stream, device.index());
           break;
         case NormKind::kL1:
           launch_norm_chunks<T, NormKind::kL1>(tensors, indices, out, total_chunks,
-                                               group_first_chunk, p, stream);
+                                               group_first_chunk, p, stream, device.index());
           break;
         case NormKind::kInf:
           launch_norm_chunks<T, NormKind::kInf>(tensors, indices, out, total_chunks,
-                                                group_first_chunk, p, stream);
+                                                group_first_chunk, p, stream, device.index());
           break;
         case NormKind::kP:
           launch_norm_chunks<T, NormKind::kP>(tensors, indices, out, total_chunks,
-                                              group_first_chunk, p, stream);
+                                              group_first_chunk, p, stream, device.index());
           break;
       }
     });
-    for (const int64_t i : indices) group_first_chunk += (tensors[i].numel() + kChunk - 1) / kChunk;
+    for (const int64_t i : indices) group_first_chunk += (tensors[i].numel + kChunk - 1) / kChunk;
   }
 
-  norm_finalize_kernel<<<1, kFinalThreads, 0, stream>>>(
-      partials.const_data_ptr<float>(), total_chunks, static_cast<int>(kind), norm_type,
-      norm.data_ptr<float>(), found_inf.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  norm_finalize_kernel<<<1, kFinalThreads, 0, stream>>>(out, total_chunks, static_cast<int>(kind),
+                                                        norm_type, norm.mutable_data_ptr<float>(),
+                                                        found_inf.mutable_data_ptr<float>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   return {norm, found_inf};
 }
 
@@ -292,23 +288,24 @@ __global__ void update_scale_kernel(float* scale, int32_t* growth_tracker,
                growth_interval);
 }
 
-void update_scale_cuda(at::Tensor& scale, at::Tensor& growth_tracker, const at::Tensor& found_inf,
+void update_scale_cuda(const Tensor& scale, const Tensor& growth_tracker, const Tensor& found_inf,
                        double growth_factor, double backoff_factor, int64_t growth_interval) {
-  check_update_scale_inputs(scale, growth_tracker, found_inf, c10::DeviceType::CUDA);
-  const c10::Device device = scale.device();
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const TensorInfo s(scale, Access::kWrite), tracker(growth_tracker, Access::kWrite),
+      inf(found_inf, Access::kRead);
+  check_update_scale_inputs(s, tracker, inf, DeviceType::CUDA);
+  const torch::stable::accelerator::DeviceGuard guard(s.device.index());
+  const cudaStream_t stream = current_stream(s.device.index());
   update_scale_kernel<<<1, 1, 0, stream>>>(
-      scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(),
-      found_inf.const_data_ptr<float>(), static_cast<float>(growth_factor),
+      static_cast<float*>(s.data), static_cast<int32_t*>(tracker.data),
+      static_cast<const float*>(inf.data), static_cast<float>(growth_factor),
       static_cast<float>(backoff_factor), growth_interval);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 }  // namespace fastopt::cuda
 
-TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
-  m.impl("multi_tensor_norm", &fastopt::cuda::multi_tensor_norm_cuda);
-  m.impl("update_scale_", &fastopt::cuda::update_scale_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("multi_tensor_norm", TORCH_BOX(&fastopt::cuda::multi_tensor_norm_cuda));
+  m.impl("update_scale_", TORCH_BOX(&fastopt::cuda::update_scale_cuda));
 }
