@@ -188,6 +188,14 @@ class BuildWithInfo(BuildExtension.with_options(use_ninja=True)):
     """Builds the extensions, then writes fastopt/_build_info.json beside them (in the build
     tree, which the wheel is made from, and in the source tree too for an in-place build)."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # The objects go where a plain build puts them, for an editable install too (setuptools
+        # gives that a new temporary directory, overriding setup()'s options): with the same
+        # torch and flags, the wheel and the editable install of one checkout share one
+        # compilation, which is what lets CI build the CUDA kernels once.
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{PLATFORM}")
+
     def run(self):
         super().run()
         text = json.dumps(_build_info(_want_cuda()), indent=2) + "\n"
@@ -204,12 +212,6 @@ setup(
     version=_version(),
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildWithInfo},
-    options={
-        # One wheel for every CPython from 3.10: the modules use only the limited API.
-        "bdist_wheel": {"py_limited_api": "cp310"},
-        # The objects go where a plain build puts them, for an editable install too (which
-        # would use a new temporary directory): with the same torch and flags, the wheel and
-        # the editable install of one checkout share one compilation (CI builds once).
-        "build_ext": {"build_temp": os.path.join("build", f"temp.{PLATFORM}")},
-    },
+    # One wheel for every CPython from 3.10: the modules use only the limited API.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -52,6 +52,10 @@ def build() -> tuple[Path, Path]:
     """(sdist, manylinux wheel) in dist/."""
     raw = DIST / "raw"
     shutil.rmtree(DIST, ignore_errors=True)
+    # The wheel is made of build/lib.*: no file of an earlier build (a library of a CUDA build in
+    # a CPU one, a module since deleted) may ride along. The objects, in build/temp.*, stay.
+    for lib in (ROOT / "build").glob("lib.*"):
+        shutil.rmtree(lib)
     # --no-isolation: against the torch of this environment; from the source tree (not from the
     # sdist), so the objects of an earlier build in build/ are reused.
     run(sys.executable, "-m", "build", "--no-isolation", "--sdist", "--outdir", str(raw))
