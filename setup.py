@@ -106,7 +106,9 @@ def _extensions():
     hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
     prefix_maps = [f"-ffile-prefix-map={ROOT}/=", f"-ffile-prefix-map={torch_dir}=torch"]
-    host = [*hidden, *prefix_maps]
+    # -include csrc/glibc_compat.h: the wheel loads on glibc 2.28 though built on a newer one.
+    compat = [f"-include{ROOT}/csrc/glibc_compat.h"] if sys.platform.startswith("linux") else []
+    host = [*hidden, *prefix_maps, *compat]
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi", *host]
     cxx += stable
     cpu_cxx = list(cxx)

@@ -169,3 +169,22 @@ def test_abi3audit_finds_no_violation():
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 ABI version mismatches and 0" in re.sub(r"\s+", " ", out.stdout + out.stderr)
+
+
+# manylinux_2_28's ceiling (RHEL 8's glibc; torch's wheels need the same), and GCC 8's
+# libstdc++ and C++ runtime there. csrc/glibc_compat.h keeps a build on a newer glibc under it.
+SYMBOL_CEILING = {"GLIBC": (2, 28), "GLIBCXX": (3, 4, 25), "CXXABI": (1, 3, 11)}
+
+
+@pytest.mark.parametrize("module,path", LIBRARIES, ids=IDS)
+def test_needs_no_glibc_or_libstdcxx_newer_than_manylinux_2_28(module, path):
+    versions = set()
+    for line in _nm("--undefined-only", path):
+        match = re.search(r"@(GLIBC|GLIBCXX|CXXABI)_([\d.]+)$", line.split()[-1])
+        if match:
+            versions.add((match.group(1), tuple(int(x) for x in match.group(2).split("."))))
+    assert versions, "no versioned symbol at all?"
+    newer = sorted(
+        f"{lib}_{'.'.join(map(str, v))}" for lib, v in versions if v > SYMBOL_CEILING[lib]
+    )
+    assert not newer, f"{Path(path).name} needs {newer}: it would not load on glibc 2.28"
