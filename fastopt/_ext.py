@@ -115,8 +115,10 @@ def _try_load_cuda() -> tuple[bool, str | None, str | None]:
         f"fastopt's CUDA kernels (fastopt._C_cuda) are built for CUDA {built}, and torch "
         f"{torch.__version__} uses CUDA {torch_cuda}"
     )
+    major = _major(torch_cuda)
     remedy = (
-        f"install fastopt built for CUDA {_major(torch_cuda)} (or rebuild it against this "
+        f"install fastopt built for CUDA {major} (a release's wheel for it: `pip install "
+        f"--index-url <release folder>/cu{major}/simple fastopt`; or rebuild against this "
         f"torch with `{_REBUILD}`); until then the 'cuda' backend is unavailable and 'auto' "
         "uses the Triton or reference backend"
     )

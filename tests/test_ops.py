@@ -168,7 +168,8 @@ for w in caught:
     "gpu,torch_cuda,built,broken,why,warning",
     [
         (True, "13.0", "12.8", False, "built for CUDA 12.8, and torch", "install fastopt built "
-         "for CUDA 13"),
+         "for CUDA 13 (a release's wheel for it: `pip install --index-url <release "
+         "folder>/cu13/simple fastopt`"),
         (True, "13.0", "13.0", True, "fastopt._C_cuda could not be loaded (", "uses "
          "CUDA 13.0; install fastopt built for CUDA 13"),
         (False, "13.0", "13.0", False, "no CUDA GPU is visible", None),
