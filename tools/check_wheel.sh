@@ -6,9 +6,12 @@
 #      sm_80/90/100/120 and PTX of 12.0, resolves every symbol once torch is loaded, and without a
 #      GPU the cuda backend is unavailable with its reason (no warning) and the CPU kernels run;
 #   4. in a fresh venv with torch 2.13.0 (a CPU build, older than the torch it was built
-#      against): import, `python -m fastopt info`, and the lockstep AdamW and fused-pipeline
-#      tests on the cpu and reference backends, run from outside the checkout.
+#      against), the wheel installed from its release index as the README says: import,
+#      `python -m fastopt info`, and the lockstep AdamW and fused-pipeline tests on the cpu and
+#      reference backends, run from outside the checkout.
 # Usage, from anywhere:  tools/check_wheel.sh dist/fastopt-*.whl   (python3: CPython >= 3.10)
+# Step 4 on another torch or Python (the README's support table):
+#   CHECK_TORCH=torch==2.15.0 CHECK_PYTHON=python3.13 tools/check_wheel.sh dist/fastopt-*.whl
 set -euo pipefail
 
 [ $# -eq 1 ] || { echo "usage: $0 WHEEL" >&2; exit 2; }
@@ -92,11 +95,25 @@ print("cuda backend:", "available" if ok else why)
 PY
 fi
 
-step "venv with torch 2.13.0 (CPU build)"
-python3 -m venv "$work/cpu"
+check_torch=${CHECK_TORCH:-torch==2.13.0}
+step "venv with $check_torch (${CHECK_PYTHON:-python3})"
+"${CHECK_PYTHON:-python3}" -m venv "$work/cpu"
 cpu_py="$work/cpu/bin/python"
-pip_install "$cpu_py" "torch==2.13.0" pytest
-pip_install "$cpu_py" "$wheel"
+# The cluster install of the README: torch and the rest first, then fastopt from the release's
+# index for the wheel's CUDA major (tools/release.py writes it beside the wheel), that index
+# alone. pytest and hypothesis: what tests/conftest.py imports.
+pip_install "$cpu_py" "$check_torch" numpy matplotlib pyyaml tqdm pytest hypothesis
+version=$(cut -d- -f2 <<<"$name")
+variant=cpu
+if [[ $version =~ \+cu([0-9]+)[0-9]$ ]]; then variant=cu${BASH_REMATCH[1]}; fi
+index="$(dirname "$wheel")/$variant/simple"
+if [ -d "$index" ]; then
+  echo "from the index $index"
+  PIP_CONFIG_FILE=/dev/null "$cpu_py" -m pip install -q --index-url "file://$index" "fastopt==$version"
+else
+  echo "no index at $index: the wheel itself"
+  pip_install "$cpu_py" "$wheel"
+fi
 "$cpu_py" -c "import fastopt, sys; assert fastopt.__file__.startswith(sys.prefix), fastopt.__file__"
 "$cpu_py" -m fastopt info | tee "$work/info.txt"
 grep -q "^cpu  *cpu  *yes" "$work/info.txt" || fail "the cpu backend is not available"
