@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FASTOPT_HD __host__ __device__ __forceinline__
@@ -99,6 +100,85 @@ FASTOPT_HD void adamw_math(float& p, float grad, float& m, float& v, float& vmax
   // instead of two (1 ulp apart), which took the CPU kernel from compute-bound to par.
   const float denom = sqrtf(second) * c.inv_bc2_sqrt + c.eps;
   p = p - c.step_size * (m / denom);
+}
+
+// ---- Rounding into 16-bit storage: fastopt/rounding.py is the oracle and explains why. ----
+
+FASTOPT_HD uint32_t f32_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+
+FASTOPT_HD float bits_f32(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+#endif
+}
+
+// lowbias32 (Chris Wellons): the counter-based hash behind the stochastic-rounding noise.
+FASTOPT_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+// Two noise words per element: (param << 16 | exp_avg) and (exp_avg_sq << 16 | max_exp_avg_sq).
+constexpr uint32_t kStreamParamMoment1 = 0;
+constexpr uint32_t kStreamMoments2 = 1;
+
+// A 64-bit seed folded to 32 bits (rounding.seed_key).
+FASTOPT_HD uint32_t seed_key(uint64_t seed) {
+  return mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32)));
+}
+
+// One tensor's noise key at one step (rounding.noise_key); `step` is the count after it.
+FASTOPT_HD uint32_t noise_key(uint32_t seed32, uint32_t position, uint32_t step, uint32_t stream) {
+  uint32_t k = mix32(seed32 ^ position);
+  k = mix32(k ^ step);
+  return mix32(k ^ stream);
+}
+
+// The key of the elements [2**32 * hi, 2**32 * (hi + 1)) of a tensor (rounding.element_noise):
+// the element's noise word is then mix32(key ^ low 32 bits of its index).
+FASTOPT_HD uint32_t noise_key_for_high_word(uint32_t key, uint32_t hi) {
+  return hi == 0 ? key : key ^ mix32(hi);
+}
+
+// fp32 to bf16 bits, rounded up in magnitude with probability (distance to the bf16 below) /
+// ulp, from 16 noise bits. NaN stays NaN.
+FASTOPT_HD uint16_t bf16_stochastic(float x, uint32_t noise16) {
+  const uint32_t top = (f32_bits(x) + noise16) >> 16;
+  return x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(top);
+}
+
+// An fp32 master into bf16 bits (the master rounded to nearest even) and an int16 remainder,
+// an exact tie first moved one ulp the way it rounds (rounding.split_master).
+FASTOPT_HD void split_master(float x, uint16_t& param_bits, int16_t& remainder) {
+  uint32_t b = f32_bits(x);
+  const bool tie = (b & 0xFFFFu) == 0x8000u;
+  const bool up = ((b >> 16) & 1u) != 0;
+  b = tie ? (up ? b + 1u : b - 1u) : b;
+  const uint32_t top = (b + 0x8000u) >> 16;
+  const bool nan = x != x;
+  param_bits = nan ? uint16_t{0x7FC0} : static_cast<uint16_t>(top);
+  remainder = nan ? int16_t{0} : static_cast<int16_t>(static_cast<uint16_t>(b - (top << 16)));
+}
+
+// The fp32 master of bf16 bits and their int16 remainder (rounding.join_master).
+FASTOPT_HD float join_master(uint16_t param_bits, int16_t remainder) {
+  return bits_f32((static_cast<uint32_t>(param_bits) << 16) +
+                  static_cast<uint32_t>(static_cast<int32_t>(remainder)));
 }
 
 // Dynamic loss-scale update: torch._amp_update_scale_'s rule. The scale never grows past the

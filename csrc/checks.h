@@ -111,17 +111,20 @@ inline void check_list(const std::vector<TensorInfo>& list, const TensorInfo& fi
 
 // adamw_'s tensor lists, read once (the kernels take their pointers and sizes from here).
 struct AdamWInputs {
-  std::vector<TensorInfo> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+  std::vector<TensorInfo> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters;
   std::vector<const float*> steps;  // the one-element fp32 step counts
+  ScalarType state_dtype;           // of the moments: the params' or (lean) fp32 or bf16
 };
 
 // Reads and checks adamw_'s tensor arguments, for a non-empty params on a device of type
-// `device_type`.
+// `device_type`. `lean`: whether this device's kernel takes masters and moments in another
+// dtype than the params (else both are refused with a message saying so).
 inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList& grads,
                                       const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
                                       const TensorList& max_exp_avg_sqs,
                                       const TensorList& state_steps, bool amsgrad,
-                                      DeviceType device_type) {
+                                      DeviceType device_type, const TensorList& masters = {},
+                                      bool lean = false) {
   AdamWInputs in;
   const size_t n = params.size();
   in.params = infos(params, Access::kWrite);
@@ -141,12 +144,34 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
                 "fastopt.adamw_: grads must be ", dtype, " or float32, got ", grad_dtype);
   check_list(in.grads, first, n, grad_dtype, "grads");
   in.exp_avgs = infos(exp_avgs, Access::kWrite);
-  check_list(in.exp_avgs, first, n, dtype, "exp_avgs");
+  in.state_dtype = in.exp_avgs.empty() ? dtype : in.exp_avgs[0].dtype;
+  if (in.state_dtype != dtype) {
+    FASTOPT_CHECK(lean, "fastopt.adamw_: exp_avgs are ", in.state_dtype, " and params ", dtype,
+                  ": moments in another dtype are not implemented on ",
+                  device_type_name(device_type), " yet");
+    FASTOPT_CHECK(in.state_dtype == ScalarType::Float || in.state_dtype == ScalarType::BFloat16,
+                  "fastopt.adamw_: exp_avgs must be ", dtype, " (as params), float32 or "
+                  "bfloat16, got ", in.state_dtype);
+  }
+  check_list(in.exp_avgs, first, n, in.state_dtype, "exp_avgs");
   in.exp_avg_sqs = infos(exp_avg_sqs, Access::kWrite);
-  check_list(in.exp_avg_sqs, first, n, dtype, "exp_avg_sqs");
+  check_list(in.exp_avg_sqs, first, n, in.state_dtype, "exp_avg_sqs");
   if (amsgrad) {
     in.max_exp_avg_sqs = infos(max_exp_avg_sqs, Access::kWrite);
-    check_list(in.max_exp_avg_sqs, first, n, dtype, "max_exp_avg_sqs");
+    check_list(in.max_exp_avg_sqs, first, n, in.state_dtype, "max_exp_avg_sqs");
+  }
+  if (!masters.empty()) {
+    FASTOPT_CHECK(lean, "fastopt.adamw_: masters are not implemented on ",
+                  device_type_name(device_type), " yet");
+    FASTOPT_CHECK(dtype != ScalarType::Float, "fastopt.adamw_: float32 params take no masters");
+    // A bf16 param's master is the param and an int16 remainder; a fp16 param's an fp32 copy.
+    const auto master_dtype = dtype == ScalarType::BFloat16 ? ScalarType::Short : ScalarType::Float;
+    in.masters = infos(masters, Access::kWrite);
+    check_list(in.masters, first, n, master_dtype, "masters");
+    for (size_t i = 0; i < n; ++i) {
+      FASTOPT_CHECK(in.masters[i].numel == in.params[i].numel, "fastopt.adamw_: masters[", i,
+                    "] and params[", i, "] differ in size");
+    }
   }
   FASTOPT_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
                 " tensors, expected ", n);

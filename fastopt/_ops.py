@@ -40,6 +40,10 @@ def adamw_step(
     grad_norm: Tensor | None = None,
     max_grad_norm: float = 0.0,
     grad_factor: float = 1.0,
+    masters: list[Tensor] = (),
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    positions: list[int] = (),
 ) -> None:
     if not params:
         return
@@ -50,7 +54,8 @@ def adamw_step(
         0.0 if lr_tensor is not None else float(lr), lr_tensor,
         float(beta1), float(beta2), float(weight_decay), float(eps), bool(amsgrad),
         bool(maximize), _on(grad_scale, device), _on(found_inf, device), _on(grad_norm, device),
-        float(max_grad_norm), float(grad_factor),
+        float(max_grad_norm), float(grad_factor), list(masters), bool(stochastic_rounding),
+        int(seed), [int(i) for i in positions],
     )  # fmt: skip
 
 
@@ -86,7 +91,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastopt::adamw_")
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor,
           beta1, beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, grad_norm,
-          max_grad_norm, grad_factor):  # fmt: skip
+          max_grad_norm, grad_factor, masters, stochastic_rounding, seed, positions):  # fmt: skip
         return None
 
     @torch.library.register_fake("fastopt::multi_tensor_norm")

@@ -19,17 +19,26 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, backend_ops, select_backend
+from .backends import BACKENDS, LEAN_BACKENDS, backend_ops, select_backend
 from .norm import global_norm
+from .rounding import join_master
 from .sharded import dtensor_type, is_dtensor, is_fsdp1_flat, like_param, local
 
 __all__ = ["AdamW"]
 
-# The state tensors the kernels update, per param, without and with amsgrad.
+# The state tensors the kernels update, per param, by (amsgrad, master key or None).
 _STATE_KEYS = {
-    False: operator.itemgetter("step", "exp_avg", "exp_avg_sq"),
-    True: operator.itemgetter("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-}
+    (amsgrad, master): operator.itemgetter(
+        "step", "exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else []),
+        *([master] if master else []),
+    )
+    for amsgrad in (False, True)
+    for master in (None, "master_remainder", "master")
+}  # fmt: skip
+# A bf16 param's fp32 master is the param and this int16 remainder (fastopt.rounding); a fp16
+# param's is a full fp32 copy.
+_MASTER_KEY = {torch.bfloat16: "master_remainder", torch.float16: "master"}
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 class AdamW(Optimizer):
@@ -46,6 +55,20 @@ class AdamW(Optimizer):
     After each step, ``last_grad_norm`` holds the pre-clip, unscaled global gradient norm
     (a 0-dim tensor, read without a sync) when it was computed, and ``last_found_inf`` a
     0-dim tensor that is non-zero if the step was skipped (None when nothing was checked).
+
+    Memory-lean precision (keyword-only, per param group; the defaults are torch's behaviour):
+        master_weights: bf16 params keep an exact fp32 master as the param plus an int16
+            remainder (state ``master_remainder``: 2 bytes per parameter), fp16 params a full
+            fp32 copy (state ``master``); the param is always the master rounded to nearest.
+            fp32 params ignore it. :meth:`master_param` returns the master.
+        state_dtype: storage of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None (the
+            param's dtype, as torch), ``torch.float32`` or ``torch.bfloat16``. Math is fp32.
+        stochastic_rounding: every other store into bf16 (params without a master, bf16
+            moments) rounds stochastically, so updates below half an ulp survive on average.
+        seed: the rounding noise is a function of (seed, the param's position in the
+            optimizer, the element, the step), the same on every backend and after a resume.
+            None draws one from torch's default generator, only when stochastic_rounding is on.
+    :meth:`state_nbytes` gives the bytes the state holds.
 
     ``foreach`` and ``fused`` are accepted for compatibility and change nothing: every
     backend fuses. ``capturable`` is accepted: on CUDA the step is always capturable (step
@@ -72,6 +95,10 @@ class AdamW(Optimizer):
         fused: bool | None = None,
         backend: str = "auto",
         max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -96,18 +123,65 @@ class AdamW(Optimizer):
             raise ValueError(f"Invalid backend {backend!r}; expected 'auto' or one of {BACKENDS}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be positive or None)")
+        _check_lean(master_weights, state_dtype, stochastic_rounding)
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
+            raise ValueError(f"Invalid seed: {seed!r} (an int from 0 to 2**63 - 1, or None)")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
         )  # fmt: skip
+        # The lean settings join the defaults (and so every group and the state_dict) only
+        # when set: with none, defaults and state_dict are torch.optim.AdamW's exactly.
+        lean = dict(master_weights=master_weights, state_dtype=state_dtype,
+                    stochastic_rounding=stochastic_rounding, seed=seed)  # fmt: skip
+        defaults.update((k, v) for k, v in lean.items() if v != _LEAN_DEFAULTS[k])
         super().__init__(params, defaults)
+        for group in self.param_groups:  # per-group overrides, checked as the defaults are
+            _check_lean(_lean(group, "master_weights"), _lean(group, "state_dtype"),
+                        _lean(group, "stochastic_rounding"))  # fmt: skip
+        if backend not in ("auto", *LEAN_BACKENDS) and any(map(_is_lean, self.param_groups)):
+            raise ValueError(
+                f"fastopt.AdamW: backend {backend!r} does not implement master_weights, "
+                f"state_dtype or stochastic_rounding yet (they run on {', '.join(LEAN_BACKENDS)}"
+                "); use backend='auto'"
+            )
+        # Drawn here, once, and only for stochastic rounding: an optimizer that does not round
+        # stochastically leaves torch's generator as torch.optim.AdamW does.
+        if seed is None and any(_lean(g, "stochastic_rounding") for g in self.param_groups):
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            for group in self.param_groups:
+                group.setdefault("seed", seed)
+            self.defaults["seed"] = seed
         self.backend = backend
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Tensor | None = None
         self.last_found_inf: Tensor | None = None
         self._accumulator = None  # set by fastopt.GradAccumulator
+        self._loading: dict | None = None  # the saved state while load_state_dict runs
         self._plans: dict[int, tuple] = {}  # group index -> (key, buckets, state); see _plan
+
+    def master_param(self, p: Tensor) -> Tensor:
+        """``p``'s fp32 master as a new tensor: the exact value its updates start from (a bf16
+        param and its remainder, a fp16 param's fp32 copy), or ``p.float()`` without one."""
+        state = self.state.get(p, {})
+        key = _master_key(state)
+        if key == "master_remainder":
+            return join_master(local(p).detach(), local(state[key])).reshape(local(p).shape)
+        if key == "master":
+            return local(state[key]).detach().clone()
+        return local(p).detach().to(torch.float32, copy=True)
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the optimizer's state tensors (moments, masters, remainders, step
+        counts) on this process: a sharded param's local shard."""
+        total = 0
+        for state in self.state.values():
+            for value in state.values() if isinstance(state, dict) else ():
+                if isinstance(value, Tensor):
+                    t = local(value)
+                    total += t.numel() * t.element_size()
+        return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Resets the gradients, as torch's, and discards any a GradAccumulator holds."""
@@ -120,12 +194,54 @@ class AdamW(Optimizer):
         state.update(backend=self.backend, max_grad_norm=self.max_grad_norm)
         return state
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, keeping what its cast to the param's dtype would lose: moments stay in the
+        group's ``state_dtype`` and fp32 masters in fp32, converted from the saved tensors (so
+        torch's own state_dict loads too: moments converted, masters taken from the params)."""
+        saved = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
+        pairs = zip(state_dict.get("param_groups", ()) if isinstance(state_dict, dict) else (),
+                    self.param_groups)  # fmt: skip
+        id_map = {k: p for old, new in pairs for k, p in zip(old["params"], new["params"])}
+        self._loading = {id(id_map[k]): v for k, v in saved.items() if k in id_map}
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._loading = None
+
+    def _restore_dtypes(self, originals: dict[int, dict]) -> None:
+        """After torch's load: each group's state dtype for the moments, fp32 for masters."""
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for param, entry in self.state.items():
+            saved = originals.get(id(param)) if isinstance(param, Tensor) else None
+            if not isinstance(saved, dict) or not isinstance(entry, dict):
+                continue
+            group = group_of.get(id(param), self.defaults)
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                value = saved.get(key)
+                if isinstance(value, Tensor) and value.is_floating_point() and key in entry:
+                    dtype = _lean(group, "state_dtype") or param.dtype
+                    entry[key] = value.to(dtype=dtype, device=param.device)
+            # A master saved by fastopt comes back exact. One that went through torch's
+            # load_state_dict was cast to the param's dtype (the int16 remainder converted as
+            # a number) and is stale besides, since torch then stepped the param without it:
+            # the param is the master then, as when a checkpoint has none.
+            for key, dtype in (("master_remainder", torch.int16), ("master", torch.float32)):
+                value = saved.get(key)
+                if key not in entry:
+                    continue
+                if isinstance(value, Tensor) and value.dtype == dtype:
+                    entry[key] = value.to(device=param.device)
+                else:
+                    del entry[key]
+                    if _lean(group, "master_weights"):
+                        _init_master(entry, param)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Called by unpickling (all keys present) and by Optimizer.load_state_dict (only state
         # and param_groups): keep this instance's settings when the state does not carry them.
         self.backend = state.pop("backend", getattr(self, "backend", "auto"))
         self.max_grad_norm = state.pop("max_grad_norm", getattr(self, "max_grad_norm", None))
-        for attr in ("last_grad_norm", "last_found_inf", "_accumulator"):
+        for attr in ("last_grad_norm", "last_found_inf", "_accumulator", "_loading"):
             setattr(self, attr, getattr(self, attr, None))
         self._plans = {}  # the buckets hold state tensors, which this replaces
         super().__setstate__(state)
@@ -139,6 +255,9 @@ class AdamW(Optimizer):
         for param, entry in self.state.items():
             if isinstance(param, Tensor) and isinstance(entry, dict) and "step" in entry:
                 entry["step"] = torch.as_tensor(entry["step"], dtype=torch.float32).to(param.device)
+        originals = getattr(self, "_loading", None)
+        if originals:
+            self._restore_dtypes(originals)
 
     # ------------------------------------------------------------------------------------
     def _collect(self, group: dict[str, Any], acc_grads: dict | None):
@@ -197,7 +316,7 @@ class AdamW(Optimizer):
         key = (tuple(map(id, params)), tuple(p.dtype for p in params),
                tuple(g.dtype for g in grads), amsgrad)  # fmt: skip
         cached = self._plans.get(index)
-        if cached is not None and cached[0] == key and self._state_is(params, amsgrad, cached[2]):
+        if cached is not None and cached[0] == key and self._state_is(params, cached[2]):
             return cached[1]
         if len({p.device for p in params}) > 1:
             devices = sorted({str(p.device) for p in params})
@@ -206,40 +325,63 @@ class AdamW(Optimizer):
                 f"({', '.join(devices)}); put each group's params on one device"
             )
         for p in params:
-            self._init_state(p, amsgrad)
+            self._init_state(p, group)
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (p, g) in enumerate(zip(params, grads)):
-            buckets[(p.dtype, g.dtype)].append(i)
-        plan = [_Bucket(self.state, params, idx, amsgrad) for idx in buckets.values()]
-        self._plans[index] = (key, plan, list(self._state_tensors(params, amsgrad)))
+            state = self.state[p]
+            buckets[(p.dtype, g.dtype, state["exp_avg"].dtype, _master_key(state))].append(i)
+        positions = self._positions()
+        plan = [_Bucket(self.state, params, idx, amsgrad, positions) for idx in buckets.values()]
+        self._plans[index] = (key, plan, list(self._state_tensors(params)))
         return plan
 
-    def _state_tensors(self, params: list[Tensor], amsgrad: bool):
-        """The state tensors the kernels update, param by param (KeyError if one is missing)."""
-        return chain.from_iterable(map(_STATE_KEYS[amsgrad], map(self.state.__getitem__, params)))
+    def _positions(self) -> dict[int, int]:
+        """id(param) -> its position in the optimizer (all groups' params in order): the key
+        of its stochastic-rounding noise, the same as long as the param groups are."""
+        listed = (p for group in self.param_groups for p in group["params"])
+        return {id(p): i for i, p in reversed(list(enumerate(listed)))}
 
-    def _state_is(self, params: list[Tensor], amsgrad: bool, tensors: list[Tensor]) -> bool:
+    def _state_tensors(self, params: list[Tensor]):
+        """The state tensors the kernels update, param by param (KeyError if one is missing)."""
+
+        def keys(state):
+            return _STATE_KEYS["max_exp_avg_sq" in state, _master_key(state)](state)
+
+        return chain.from_iterable(map(keys, map(self.state.__getitem__, params)))
+
+    def _state_is(self, params: list[Tensor], tensors: list[Tensor]) -> bool:
         """Whether params' state still holds exactly these tensors: a user may clear the state,
         delete a param's entry or assign new tensors to it, and the next step must use what
         the state holds then, as torch's does (about 40 us per step for 300 params)."""
         try:
-            return all(map(operator.is_, self._state_tensors(params, amsgrad), tensors))
+            mine = list(self._state_tensors(params))
         except KeyError:  # an entry cleared or deleted: rebuilt (and re-initialised) below
             return False
+        return len(mine) == len(tensors) and all(map(operator.is_, mine, tensors))
 
-    def _init_state(self, p: Tensor, amsgrad: bool) -> None:
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
+        amsgrad = group["amsgrad"]
         if len(state) == 0:
+            if _is_lean(group):
+                _check_lean_param(p, group)
+            dtype = _lean(group, "state_dtype") or p.dtype
+            zeros = dict(dtype=dtype, memory_format=torch.preserve_format)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, **zeros)
+            state["exp_avg_sq"] = torch.zeros_like(p, **zeros)
             if amsgrad:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = torch.zeros_like(p, **zeros)
+            if _lean(group, "master_weights"):
+                _init_master(state, p)
         elif amsgrad and "max_exp_avg_sq" not in state:
             raise RuntimeError(
                 "fastopt.AdamW: amsgrad was turned on after the first step; the state has "
                 "no max_exp_avg_sq"
             )
+        elif _lean(group, "master_weights") and _master_key(state) is None:
+            _check_lean_param(p, group)
+            _init_master(state, p)  # loaded from a checkpoint without masters: from the param
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -334,9 +476,16 @@ class AdamW(Optimizer):
         if found_inf is not None:  # a skipped step is not counted, decided on the device
             # found_inf is "non-zero", not 0/1: GradScaler sums the flags of several devices.
             increment = (found_inf.to(device, non_blocking=True) == 0).to(torch.float32)
+        lean = _is_lean(group)
+        extra = {}
         for bucket in plan:
-            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies = bucket.views()
-            ops = backend_ops(select_backend(self.backend, device, params[0].dtype))
+            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, copies = bucket.views()
+            ops = backend_ops(select_backend(self.backend, device, params[0].dtype, lean=lean))
+            if lean:
+                extra = dict(
+                    masters=masters, stochastic_rounding=_lean(group, "stochastic_rounding"),
+                    seed=_lean(group, "seed") or 0, positions=bucket.positions,
+                )  # fmt: skip
             bucket_grads = bucket.readable_grads(grads)
             if found_inf is None:
                 torch._foreach_add_(bucket.steps, 1.0)
@@ -347,7 +496,7 @@ class AdamW(Optimizer):
                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                 eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                 grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                max_grad_norm=self.max_grad_norm or 0.0, grad_factor=grad_factor,
+                max_grad_norm=self.max_grad_norm or 0.0, grad_factor=grad_factor, **extra,
             )  # fmt: skip
             for original, copy in copies:
                 original.copy_(copy)
@@ -364,16 +513,21 @@ class _Bucket:
     updated through contiguous copies written back after the kernel, so any layout updates
     correctly; the common case keeps the lists from step to step and copies nothing."""
 
-    def __init__(self, state, params: list[Tensor], indices: list[int], amsgrad: bool):
+    def __init__(self, state, params: list[Tensor], indices: list[int], amsgrad: bool,
+                 positions: dict[int, int]):  # fmt: skip
         self.indices = indices
         states = [state[params[i]] for i in indices]
         self.steps = [s["step"] for s in states]
+        master = _master_key(states[0])  # one kind per bucket (its key says)
         self._tensors = [
             [params[i] for i in indices],
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [s[master] for s in states] if master else [],
         ]
+        self.positions = [positions[id(params[i])] for i in indices]
+        self.state_dtype = states[0]["exp_avg"].dtype
         # DTensor params (FSDP2) and their state update shard by shard: the kernels get each
         # rank's local tensors, looked up at every step.
         self._sharded = any(map(is_dtensor, self._tensors[0]))  # plain params may join them
@@ -400,7 +554,7 @@ class _Bucket:
         return [g if g.is_contiguous() else g.contiguous() for g in own]
 
     def views(self):
-        """(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, copies to write back)."""
+        """(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, copies to write back)."""
         tensors = self._locals()
         if self._direct:
             return (*tensors, [])
@@ -418,3 +572,68 @@ class _Bucket:
                     out.append(copy)
             lists.append(out)
         return (*lists, copies)
+
+
+_LEAN_DEFAULTS = dict(master_weights=False, state_dtype=None, stochastic_rounding=False, seed=None)
+
+
+def _lean(group: dict[str, Any], key: str):
+    """A group's lean-precision setting (absent from groups that use the default)."""
+    return group.get(key, _LEAN_DEFAULTS[key])
+
+
+def _check_lean(master_weights, state_dtype, stochastic_rounding) -> None:
+    """The lean-precision settings of a group, or a one-line ValueError naming what is wrong."""
+    if not isinstance(master_weights, bool):
+        raise ValueError(f"Invalid master_weights: {master_weights!r} (True or False)")
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"Invalid stochastic_rounding: {stochastic_rounding!r} (True or False)")
+    if state_dtype not in _STATE_DTYPES:
+        raise ValueError(
+            f"Invalid state_dtype: {state_dtype!r} (None for the param's dtype, torch.float32 "
+            "or torch.bfloat16)"
+        )
+
+
+def _is_lean(group: dict[str, Any]) -> bool:
+    """Whether a group uses any lean-precision setting (else it runs exactly as before)."""
+    return bool(
+        _lean(group, "master_weights") or _lean(group, "state_dtype") is not None
+        or _lean(group, "stochastic_rounding")
+    )  # fmt: skip
+
+
+def _master_key(state: dict[str, Any]) -> str | None:
+    """The state key of the param's fp32 master ("master_remainder", "master"), or None."""
+    if "master_remainder" in state:
+        return "master_remainder"
+    return "master" if "master" in state else None
+
+
+def _init_master(state: dict[str, Any], p: Tensor) -> None:
+    """The master of a param that has none yet: the param itself, exactly."""
+    if p.dtype == torch.bfloat16:
+        state["master_remainder"] = torch.zeros_like(
+            p, dtype=torch.int16, memory_format=torch.preserve_format
+        )
+    elif p.dtype == torch.float16:
+        state["master"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+
+
+def _check_lean_param(p: Tensor, group: dict[str, Any]) -> None:
+    """The lean settings apply to real fp32/bf16/fp16 params; one line says what does not."""
+    if p.is_complex() or p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"fastopt.AdamW: master_weights, state_dtype and stochastic_rounding apply to "
+            f"float32, bfloat16 and float16 params, not {p.dtype}; put this param in a group "
+            "without them"
+        )
+    state_dtype = _lean(group, "state_dtype") or p.dtype
+    fp16_store = state_dtype == torch.float16 or (
+        p.dtype == torch.float16 and not _lean(group, "master_weights")
+    )
+    if _lean(group, "stochastic_rounding") and fp16_store:
+        raise ValueError(
+            "fastopt.AdamW: stochastic_rounding rounds bfloat16 stores only; for float16 "
+            "params use master_weights=True with state_dtype=torch.float32 or torch.bfloat16"
+        )

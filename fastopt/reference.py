@@ -22,9 +22,20 @@ The arithmetic contract every backend follows:
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 from torch import Tensor
+
+from .rounding import (
+    STREAM_MOMENTS2,
+    STREAM_PARAM_MOMENT1,
+    element_noise,
+    join_master,
+    noise_key,
+    round_bf16_stochastic,
+    split_master,
+)
 
 __all__ = [
     "CLIP_EPS",
@@ -64,6 +75,20 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """The correctly rounded square root, as the kernels' sqrtf: torch's fp32 sqrt on the CPU
+    is not (about 0.7% of results 1 ulp off, torch 2.14). Through float64, whose rounding of
+    the exact root to fp32 is exact for a square root."""
+    if x.dtype != torch.float32:
+        return x.sqrt()
+    return x.to(torch.float64).sqrt_().to(torch.float32)
+
+
+def _fp32(x: float) -> float:
+    """x rounded to fp32, as the kernels take their scalar weights."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
 def _lr_value(lr: float | Tensor) -> float:
     return lr.item() if isinstance(lr, Tensor) else float(lr)
 
@@ -89,11 +114,22 @@ def adamw_step(
     grad_norm: Tensor | None = None,
     max_grad_norm: float = 0.0,
     grad_factor: float = 1.0,
+    masters: list[Tensor] = (),
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    positions: list[int] = (),
 ) -> None:
     """One AdamW update (decoupled weight decay) of every tensor in ``params``, in place.
 
     ``grads`` may be the params' dtype or fp32 (accumulation buffers). ``state_steps`` hold
-    the step count *after* this step. ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
+    the step count *after* this step. ``max_exp_avg_sqs`` is empty unless ``amsgrad``. The
+    moments may be stored in another dtype than the params (fp32, bf16); the math is fp32.
+
+    ``masters`` is empty or holds one tensor per param: the int16 remainder of a bf16 param's
+    fp32 master, or the fp32 master of a fp16 param (fastopt.rounding). The update then starts
+    from the master, and the param is stored as the new master rounded to nearest.
+    ``stochastic_rounding``: every other store into bf16 rounds stochastically, with noise
+    keyed by ``seed``, ``positions[i]`` (the param's place in the optimizer) and the step.
     """
     if not params:
         return
@@ -105,7 +141,13 @@ def adamw_step(
         return
     lr = _lr_value(lr)
     for i, param in enumerate(params):
-        p = param.to(math_dtype)
+        master = masters[i] if masters else None
+        if master is None:
+            p = param.to(math_dtype)
+        elif master.dtype == torch.int16:
+            p = join_master(param, master)
+        else:
+            p = master.to(torch.float32)
         g = grads[i].to(math_dtype) * coef
         if maximize:
             g = -g
@@ -115,20 +157,62 @@ def adamw_step(
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
 
+        # Each operation a separate elementwise op, in csrc/adamw_math.h's order, so that no
+        # torch kernel fuses a multiply-add (its lerp and addcdiv may): in fp32 this is the
+        # compiled kernels' arithmetic to the bit, and stochastic rounding sees the same values.
         p.mul_(1 - lr * weight_decay)  # decoupled weight decay
-        m.lerp_(g, 1 - beta1)  # m = beta1 * m + (1 - beta1) * g
+        if math_dtype == torch.float32:  # m = lerp(m, g, 1 - beta1), in torch's two forms
+            w = _fp32(1 - beta1)
+            d = g - m
+            m = m + d * w if w < 0.5 else g + d * (w - 1)
+        else:
+            m.lerp_(g, 1 - beta1)
         v.mul_(beta2).add_((g * g).mul_(1 - beta2))  # v = beta2 * v + (1 - beta2) * g^2
         second = v
         if amsgrad:
             second = torch.maximum(max_exp_avg_sqs[i].to(math_dtype), v)
-            max_exp_avg_sqs[i].copy_(second)
         # Times the reciprocal where torch divides: one division per element in the kernels.
-        denom = (second.sqrt() * (1 / bias_correction2_sqrt)).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bias_correction1)
+        denom = (_sqrt(second) * (1 / bias_correction2_sqrt)).add_(eps)
+        p.sub_((m / denom).mul_(lr / bias_correction1))
 
-        param.copy_(p)
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
+        # 16 noise bits per bf16 store: the param's, exp_avg's, exp_avg_sq's, max_exp_avg_sq's
+        n_p, n_m, n_v, n_vmax = _noise(stochastic_rounding, seed, positions, i, state_steps[i], p)
+        if master is None:
+            _store(param, p, n_p)
+        elif master.dtype == torch.int16:
+            rounded, remainder = split_master(p)
+            param.copy_(rounded)
+            master.copy_(remainder)
+        else:
+            master.copy_(p)
+            param.copy_(p)
+        _store(exp_avgs[i], m, n_m)
+        _store(exp_avg_sqs[i], v, n_v)
+        if amsgrad:
+            _store(max_exp_avg_sqs[i], second, n_vmax)
+
+
+def _noise(on: bool, seed: int, positions, i: int, step: Tensor, like: Tensor):
+    """The four 16-bit noise halves of every element of params[i] at this step (Nones when
+    off): the high and low halves of two noise words."""
+    if not on:
+        return None, None, None, None
+    step = int(_lr_value(step))
+    halves = []
+    for stream in (STREAM_PARAM_MOMENT1, STREAM_MOMENTS2):
+        key = noise_key(seed, positions[i], step, stream)
+        word = element_noise(key, like.numel(), like.device).view(like.shape)
+        halves += [word >> 16, word & 0xFFFF]
+    return halves
+
+
+def _store(dst: Tensor, value: Tensor, noise16: Tensor | None) -> None:
+    """dst = value: stochastically rounded when noise is given and dst is bf16, else to
+    nearest."""
+    if noise16 is not None and dst.dtype == torch.bfloat16:
+        dst.copy_(round_bf16_stochastic(value, noise16))
+    else:
+        dst.copy_(value)
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ def _adamw_args(amsgrad, dtype=torch.float32):
     mk = lambda: [torch.randn(s, generator=gen).to(dtype) for s in shapes]  # noqa: E731
     return (mk(), mk(), mk(), [t.abs() for t in mk()], [t.abs() for t in mk()] if amsgrad else [],
             [torch.tensor(3.0) for _ in shapes], 1e-3, None, 0.9, 0.999, 0.01, 1e-8, amsgrad,
-            False, torch.tensor(4.0), torch.tensor(0.0), torch.tensor(2.0), 1.0, 0.5)  # fmt: skip
+            False, torch.tensor(4.0), torch.tensor(0.0), torch.tensor(2.0), 1.0, 0.5,
+            [], False, 0, [])  # fmt: skip
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])

@@ -7,43 +7,176 @@
 #include "../checks.h"
 #include "cpu_common.h"
 
+#include <algorithm>
+#include <type_traits>
+
 namespace fastopt::cpu {
 namespace {
 
-// One chunk of one tensor. Each clone is compiled for its instruction set and picked at load
-// time, so the same wheel uses AVX2 or AVX-512 where the CPU has it; the plain loop below is
-// what GCC vectorises.
-template <typename P, typename G, bool kAmsgrad>
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, P* __restrict__ exp_avg,
-                 P* __restrict__ exp_avg_sq, P* __restrict__ max_exp_avg_sq, int64_t begin,
-                 int64_t end, const AdamWCoeffs c) {
-  for (int64_t i = begin; i < end; ++i) {
-    float p = load(param, i), m = load(exp_avg, i), v = load(exp_avg_sq, i);
-    float vmax = kAmsgrad ? load(max_exp_avg_sq, i) : 0.f;
-    adamw_math<kAmsgrad>(p, load(grad, i), m, v, vmax, c);
-    store(param, i, p);
-    store(exp_avg, i, m);
-    store(exp_avg_sq, i, v);
-    if (kAmsgrad) store(max_exp_avg_sq, i, vmax);
+// Where a param's fp32 master lives: nowhere (the param is it), as the param plus an int16
+// remainder (bf16 params), or in an fp32 copy (fp16 params).
+enum class Master { kNone, kRemainder, kCopy };
+
+// A store of the fp32 result x into element i: stochastically rounded into bf16 with 16 bits
+// of noise when kSR, else rounded to nearest.
+template <bool kSR, typename T>
+inline void store_rounded(T* p, int64_t i, float x, uint32_t noise16) {
+  if constexpr (kSR && std::is_same_v<T, BFloat16>) {
+    p[i].x = bf16_stochastic(x, noise16);
+  } else {
+    store(p, i, x);
   }
 }
 
-// Calls f(P{}, G{}) with the param storage type P and grad storage type G (G is P or float).
-template <typename F>
-void dispatch_param_grad(ScalarType param, ScalarType grad, F&& f) {
-  auto with_grad = [&](auto p) {
-    if (grad == ScalarType::Float) {
-      f(p, float{});
-    } else {
-      f(p, p);
-    }
-  };
-  switch (param) {
-    case ScalarType::Float: return with_grad(float{});
-    case ScalarType::BFloat16: return with_grad(BFloat16{});
-    default: return with_grad(Half{});
+// Elements per block of the blocked loop below: five fp32 scratch rows of 2 KB, in L1.
+constexpr int64_t kBlock = 512;
+
+// Requests the cache lines of n elements from p (for writing: they are all updated in place).
+template <typename T>
+inline void prefetch_block(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) {
+    __builtin_prefetch(bytes + off, 1, 3);
   }
+}
+
+// One chunk of one tensor. Each clone is compiled for its instruction set and picked at load
+// time, so the same wheel uses AVX2 or AVX-512 where the CPU has it; the plain loops below are
+// what GCC vectorises. P, G, S: the storage of params, grads and moments; M: the master's
+// (int16 remainder or fp32 copy; unused for Master::kNone).
+//
+// All-fp32 storage runs as one loop. Otherwise the chunk goes block by block, through fp32
+// scratch rows: GCC 12 picks a loop's vector width from its narrowest type, and a loop whose
+// memory is all 16-bit then fails on the fp32 math ("unsupported data-type float" with V16HI,
+// no V16SF under AVX2) and runs scalar, 5x slower. Loops that convert one row, and the math on
+// fp32 rows alone, each vectorise.
+template <typename P, typename G, typename S, Master kMaster, bool kSR, bool kAmsgrad,
+          typename M>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restrict__ exp_avg,
+                 S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq,
+                 M* __restrict__ master, int64_t begin, int64_t end, const AdamWCoeffs c,
+                 uint32_t key1, uint32_t key2) {
+  constexpr bool kAllFloat = std::is_same_v<P, float> && std::is_same_v<G, float> &&
+                             std::is_same_v<S, float> && kMaster == Master::kNone;
+  if constexpr (kAllFloat) {
+    for (int64_t i = begin; i < end; ++i) {
+      float vmax = kAmsgrad ? max_exp_avg_sq[i] : 0.f;
+      adamw_math<kAmsgrad>(param[i], grad[i], exp_avg[i], exp_avg_sq[i], vmax, c);
+      if (kAmsgrad) max_exp_avg_sq[i] = vmax;
+    }
+    return;
+  }
+  alignas(64) float p[kBlock], g[kBlock], m[kBlock], v[kBlock], vm[kBlock];
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, end - b0);
+    P* __restrict__ pb = param + b0;
+    M* __restrict__ mb = master + b0;
+    // The block after next is requested now, so that memory streams while this one computes:
+    // the hardware prefetchers follow demand misses, and a block's math phase has none.
+    if (b0 + 2 * kBlock < end) {
+      prefetch_block(param + b0 + 2 * kBlock, kBlock);
+      prefetch_block(grad + b0 + 2 * kBlock, kBlock);
+      prefetch_block(exp_avg + b0 + 2 * kBlock, kBlock);
+      prefetch_block(exp_avg_sq + b0 + 2 * kBlock, kBlock);
+      if constexpr (kAmsgrad) prefetch_block(max_exp_avg_sq + b0 + 2 * kBlock, kBlock);
+      if constexpr (kMaster != Master::kNone) prefetch_block(master + b0 + 2 * kBlock, kBlock);
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      if constexpr (kMaster == Master::kRemainder) {
+        p[j] = join_master(pb[j].x, mb[j]);
+      } else if constexpr (kMaster == Master::kCopy) {
+        p[j] = mb[j];
+      } else {
+        p[j] = load(pb, j);
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) g[j] = load(grad + b0, j);
+    for (int64_t j = 0; j < len; ++j) m[j] = load(exp_avg + b0, j);
+    for (int64_t j = 0; j < len; ++j) v[j] = load(exp_avg_sq + b0, j);
+    if constexpr (kAmsgrad) {
+      for (int64_t j = 0; j < len; ++j) vm[j] = load(max_exp_avg_sq + b0, j);
+    }
+    for (int64_t j = 0; j < len; ++j) adamw_math<kAmsgrad>(p[j], g[j], m[j], v[j], vm[j], c);
+    // The element's noise words (rounding.element_noise): mix32(key ^ the index's low word);
+    // its high word is in the keys. Word 1 rounds the param (high half) and exp_avg (low),
+    // word 2 exp_avg_sq (high) and max_exp_avg_sq (low).
+    const auto base = static_cast<uint32_t>(b0);
+    for (int64_t j = 0; j < len; ++j) {
+      const uint32_t w1 = kSR ? mix32(key1 ^ (base + static_cast<uint32_t>(j))) : 0u;
+      if constexpr (kMaster == Master::kRemainder) {
+        uint16_t bits;
+        split_master(p[j], bits, mb[j]);
+        pb[j].x = bits;
+      } else if constexpr (kMaster == Master::kCopy) {
+        mb[j] = p[j];
+        store(pb, j, p[j]);
+      } else {
+        store_rounded<kSR>(pb, j, p[j], w1 >> 16);
+      }
+      store_rounded<kSR>(exp_avg + b0, j, m[j], w1 & 0xFFFFu);
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      const uint32_t w2 = kSR ? mix32(key2 ^ (base + static_cast<uint32_t>(j))) : 0u;
+      store_rounded<kSR>(exp_avg_sq + b0, j, v[j], w2 >> 16);
+      if constexpr (kAmsgrad) store_rounded<kSR>(max_exp_avg_sq + b0, j, vm[j], w2 & 0xFFFFu);
+    }
+  }
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+inline auto storage_tag(ScalarType dtype, auto&& f) {
+  switch (dtype) {
+    case ScalarType::Float: return f(Tag<float>{});
+    case ScalarType::BFloat16: return f(Tag<BFloat16>{});
+    default: return f(Tag<Half>{});
+  }
+}
+
+// Calls f(Tag<P>, Tag<G>, Tag<S>, constant<Master>, constant<kSR>) for the storage of params,
+// grads and moments and the master's kind, instantiating only the combinations that exist:
+// a remainder only for bf16 params, an fp32 copy only for fp16 ones, stochastic rounding only
+// where some store is bf16 (fastopt.AdamW refuses it where a store is fp16).
+template <typename F>
+void dispatch_adamw(ScalarType param, ScalarType grad, ScalarType state, Master master, bool sr,
+                    F&& f) {
+  storage_tag(param, [&](auto p) {
+    using P = typename decltype(p)::type;
+    auto with_grad = [&](auto g) {
+      storage_tag(state, [&](auto s) {
+        using S = typename decltype(s)::type;
+        auto with_master = [&](auto kind) {
+          constexpr Master kM = decltype(kind)::value;
+          constexpr bool kBf16Store = std::is_same_v<S, BFloat16> ||
+                                      (std::is_same_v<P, BFloat16> && kM == Master::kNone);
+          if constexpr (kBf16Store) {
+            if (sr) return f(p, g, s, kind, std::true_type{});
+          }
+          f(p, g, s, kind, std::false_type{});
+        };
+        if constexpr (std::is_same_v<P, BFloat16>) {
+          if (master == Master::kRemainder) {
+            return with_master(std::integral_constant<Master, Master::kRemainder>{});
+          }
+        }
+        if constexpr (std::is_same_v<P, Half>) {
+          if (master == Master::kCopy) {
+            return with_master(std::integral_constant<Master, Master::kCopy>{});
+          }
+        }
+        with_master(std::integral_constant<Master, Master::kNone>{});
+      });
+    };
+    if (grad == ScalarType::Float) {
+      with_grad(Tag<float>{});
+    } else {
+      with_grad(Tag<P>{});
+    }
+  });
 }
 
 void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
@@ -51,13 +184,27 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
                const TensorList& state_steps, double lr, const OptionalTensor& lr_tensor,
                double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                bool maximize, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-               const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor) {
+               const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor,
+               const TensorList& masters, bool stochastic_rounding, int64_t seed,
+               const std::vector<int64_t>& positions) {
   const size_t n = params.size();
   if (n == 0) return;
   const AdamWInputs in = check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                            state_steps, amsgrad, DeviceType::CPU);
+                                            state_steps, amsgrad, DeviceType::CPU, masters,
+                                            /*lean=*/true);
   const auto dtype = in.params[0].dtype;
   const auto grad_dtype = in.grads[0].dtype;
+  const Master master = in.masters.empty()            ? Master::kNone
+                        : dtype == ScalarType::BFloat16 ? Master::kRemainder
+                                                        : Master::kCopy;
+  if (stochastic_rounding) {
+    FASTOPT_CHECK(positions.size() == n, "fastopt.adamw_: positions has ", positions.size(),
+                  " entries, expected ", n);
+    const bool fp16_store = in.state_dtype == ScalarType::Half ||
+                            (dtype == ScalarType::Half && master == Master::kNone);
+    FASTOPT_CHECK(!fp16_store, "fastopt.adamw_: stochastic rounding rounds bfloat16 stores "
+                  "only, and this step stores float16");
+  }
 
   const float* inf = optional_scalar(found_inf, "found_inf");
   if (inf != nullptr && *inf != 0.f) return;  // a skipped step touches nothing
@@ -68,9 +215,17 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
                                       static_cast<float>(max_grad_norm),
                                       static_cast<float>(grad_factor));
   std::vector<AdamWCoeffs> coeffs(n);
+  std::vector<uint32_t> keys1(n), keys2(n);
+  const uint32_t seed32 = seed_key(static_cast<uint64_t>(seed));
   for (size_t i = 0; i < n; ++i) {
     coeffs[i] = adamw_coeffs(lr, beta1, beta2, weight_decay, eps, static_cast<double>(*in.steps[i]),
                              coef, maximize);
+    if (stochastic_rounding) {
+      const auto position = static_cast<uint32_t>(positions[i]);
+      const auto step = static_cast<uint32_t>(*in.steps[i]);
+      keys1[i] = noise_key(seed32, position, step, kStreamParamMoment1);
+      keys2[i] = noise_key(seed32, position, step, kStreamMoments2);
+    }
   }
 
   const std::vector<Chunk> chunks = make_chunks(in.params);
@@ -78,18 +233,30 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& ch = chunks[k];
       const auto t = ch.tensor;
-      dispatch_param_grad(dtype, grad_dtype, [&](auto p_tag, auto g_tag) {
-        using P = decltype(p_tag);
-        using G = decltype(g_tag);
+      // A chunk never straddles 2**32 elements (kChunk divides it): one high word per chunk.
+      const auto high = static_cast<uint32_t>(ch.begin >> 32);
+      const uint32_t key1 = noise_key_for_high_word(keys1[t], high);
+      const uint32_t key2 = noise_key_for_high_word(keys2[t], high);
+      dispatch_adamw(dtype, grad_dtype, in.state_dtype, master, stochastic_rounding,
+                     [&](auto p_tag, auto g_tag, auto s_tag, auto kind, auto sr) {
+        using P = typename decltype(p_tag)::type;
+        using G = typename decltype(g_tag)::type;
+        using S = typename decltype(s_tag)::type;
+        constexpr Master kM = decltype(kind)::value;
+        constexpr bool kSR = decltype(sr)::value;
+        using M = std::conditional_t<kM == Master::kRemainder, int16_t, float>;
         auto* p = static_cast<P*>(in.params[t].data);
         auto* g = static_cast<const G*>(in.grads[t].data);
-        auto* m = static_cast<P*>(in.exp_avgs[t].data);
-        auto* v = static_cast<P*>(in.exp_avg_sqs[t].data);
+        auto* m = static_cast<S*>(in.exp_avgs[t].data);
+        auto* v = static_cast<S*>(in.exp_avg_sqs[t].data);
+        auto* mw = kM == Master::kNone ? nullptr : static_cast<M*>(in.masters[t].data);
         if (amsgrad) {
-          auto* vmax = static_cast<P*>(in.max_exp_avg_sqs[t].data);
-          adamw_chunk<P, G, true>(p, g, m, v, vmax, ch.begin, ch.end, coeffs[t]);
+          auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
+          adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, ch.begin, ch.end, coeffs[t],
+                                              key1, key2);
         } else {
-          adamw_chunk<P, G, false>(p, g, m, v, nullptr, ch.begin, ch.end, coeffs[t]);
+          adamw_chunk<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, ch.begin, ch.end,
+                                               coeffs[t], key1, key2);
         }
       });
     }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../adamw_math.h"
 #include "../checks.h"
 
 namespace fastopt::cpu {
@@ -42,11 +43,20 @@ inline std::vector<Chunk> make_chunks(const std::vector<TensorInfo>& list) {
 
 // Conversions the compiler can inline and vectorise: the BFloat16/Half constructors do the
 // same bit manipulation, but this keeps the hot loops free of class wrappers.
+// bf16 as bit operations on the fp32 word (round to nearest even, NaN to the canonical NaN:
+// the same bits as BFloat16(x)), which GCC if-converts and vectorises; with the class's
+// conversion the loops kept a branch and ran scalar (5x slower with bf16 moments).
 inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load(const BFloat16* p, int64_t i) {
+  return bits_f32(static_cast<uint32_t>(p[i].x) << 16);
+}
 inline float load(const Half* p, int64_t i) { return static_cast<float>(p[i]); }
 inline void store(float* p, int64_t i, float x) { p[i] = x; }
-inline void store(BFloat16* p, int64_t i, float x) { p[i] = BFloat16(x); }
+inline void store(BFloat16* p, int64_t i, float x) {
+  const uint32_t b = f32_bits(x);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  p[i].x = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
 inline void store(Half* p, int64_t i, float x) { p[i] = Half(x); }
 
 // Reads an optional fp32 0-dim tensor as a pointer (nullptr when absent).

@@ -174,11 +174,18 @@ void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorL
                 const TensorList& state_steps, double lr, const OptionalTensor& lr_tensor,
                 double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                 bool maximize, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-                const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor) {
+                const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor,
+                const TensorList& masters, bool stochastic_rounding, int64_t /*seed*/,
+                const std::vector<int64_t>& /*positions*/) {
   const size_t n = params.size();
   if (n == 0) return;
+  // The lean-precision arguments are not implemented in the CUDA kernels yet: the checks
+  // refuse masters and moments of another dtype, and this stochastic rounding.
+  FASTOPT_CHECK(!stochastic_rounding,
+                "fastopt.adamw_: stochastic rounding is not implemented on cuda yet");
   const AdamWInputs in = check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                            state_steps, amsgrad, DeviceType::CUDA);
+                                            state_steps, amsgrad, DeviceType::CUDA, masters,
+                                            /*lean=*/false);
   const auto dtype = in.params[0].dtype;
   const auto grad_dtype = in.grads[0].dtype;
   const Device device = in.params[0].device;
