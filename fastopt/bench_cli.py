@@ -19,15 +19,19 @@ def _percent(gbps: float, copy_gbps: float | None) -> str:
 
 def _table(title: str, rows: list[dict], baseline: str, copy_gbps: float | None) -> str:
     idle = "idle_ms" in rows[0]
-    lines = [f"\n{title}", f"{'implementation':<30}{'ms/step':>9}{'min-max ms':>15}{'B/param':>9}"
-             f"{'GB/s':>8}{'% copy':>8}{'speed-up':>10}{'min-max':>13}"
+    state = "state_bytes" in rows[0]
+    width = max(30, *(len(r["name"]) + 2 for r in rows))
+    lines = [f"\n{title}", f"{'implementation':<{width}}{'ms/step':>9}{'min-max ms':>15}"
+             f"{'B/param':>9}{'GB/s':>8}{'% copy':>8}{'speed-up':>10}{'min-max':>13}"
+             + (f"{'state B/param':>15}" if state else "")
              + (f"{'from idle':>11}" if idle else "")]  # fmt: skip
     for r in rows:
         spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
         ratios = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"
-        lines.append(f"{r['name']:<30}{r['ms']:>9.2f}{spread:>15}{r['bytes_per_param']:>9}"
+        lines.append(f"{r['name']:<{width}}{r['ms']:>9.2f}{spread:>15}{r['bytes_per_param']:>9}"
                      f"{r['gbps']:>8.1f}{_percent(r['gbps'], copy_gbps):>8}"
                      f"{r['speedup']:>9.2f}x{ratios:>13}"
+                     + (f"{r['state_bytes']:>15.2f}" if state else "")
                      + (f"{r['idle_ms']:>11.2f}" if idle else "")
                      + ("  (wide spread)" if r["wide"] else ""))  # fmt: skip
     lines.append(f"speed-up: median over repeats of {baseline}'s ms / this row's ms, timed "
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="parameter count (default 30e6 on CPU, 1e9 on GPU)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per implementation")  # fmt: skip
-    parser.add_argument("--suite", choices=["adamw", "pipeline", "all"], default="all")
+    parser.add_argument("--suite", choices=["adamw", "pipeline", "lean", "all"], default="all")
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -120,5 +124,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = B.summarize(times, n, B.PIPELINE_BYTES, "torch unfused (fused AdamW)", idle)
         print(_table("Mixed-precision step with clipping: unscale, norm, clip, AdamW",
                      rows, "torch unfused (fused AdamW)", copy_gbps))  # fmt: skip
+        print(*_warnings(rows, other, device), sep="\n")
+        del steps
+
+    if args.suite in ("lean", "all"):
+        del params, grads
+        cases = B.lean_cases(device, shapes)
+        steps = {name: step for name, (step, _, _) in cases.items()}
+        with B.OtherLoad() as other:
+            times, idle = _timed(steps, device, repeats)
+        moved = {name: bpp for name, (_, bpp, _) in cases.items()}
+        baseline = "torch fused, fp32 params"
+        rows = B.summarize(times, n, moved, baseline, idle)
+        for row in rows:
+            row["state_bytes"] = cases[row["name"]][2]
+        print(_table("Lean precision: bf16 params with exact masters or stochastic rounding",
+                     rows, baseline, copy_gbps))  # fmt: skip
         print(*_warnings(rows, other, device), sep="\n")
     return 0

@@ -19,11 +19,13 @@ from .backends import availability
 
 __all__ = [
     "BYTES_PER_PARAM",
+    "LEAN_CASES",
     "PIPELINE_BYTES",
     "WIDE_SPREAD",
     "OtherLoad",
     "adamw_cases",
     "copy_bandwidth",
+    "lean_cases",
     "make_params",
     "pipeline_cases",
     "summarize",
@@ -182,6 +184,46 @@ def pipeline_cases(device: str, max_norm: float = 1.0) -> dict[str, Callable]:
     return cases
 
 
+# Bytes moved per parameter by the lean-precision AdamW steps (bf16 params, bf16 grads), and
+# bytes of optimizer state held per parameter. master_weights + bf16 moments: reads param,
+# remainder, grad, exp_avg, exp_avg_sq (2 each: 10) and writes param, remainder and the moments
+# (8): 18, against 28 for fp32 params; state 6 (moments 4, remainder 2) against 8.
+LEAN_CASES = {
+    # name: (param dtype, bytes moved, optimizer kwargs or None for torch's fused AdamW)
+    "torch fused, fp32 params": (torch.float32, 28, None),
+    "torch fused, bf16 params": (torch.bfloat16, 14, None),
+    "fastopt, bf16 + master + bf16 moments": (
+        torch.bfloat16, 18, dict(master_weights=True, state_dtype=torch.bfloat16)),
+    "fastopt, bf16 + stochastic rounding + bf16 moments": (
+        torch.bfloat16, 14, dict(stochastic_rounding=True, state_dtype=torch.bfloat16, seed=0)),
+    "fastopt, fp32 params": (torch.float32, 28, {}),
+}  # fmt: skip
+
+
+def lean_cases(device: str, shapes, seed: int = 0) -> dict[str, tuple[Callable, int, Callable]]:
+    """name -> (step function, bytes moved per parameter, state bytes per parameter function):
+    each case with its own params and gradients of its dtype (the same values, rounded)."""
+    from . import AdamW
+
+    backend = _fastopt_backends(device)[0] if _fastopt_backends(device) else "reference"
+    out = {}
+    for name, (dtype, moved, kwargs) in LEAN_CASES.items():
+        params, grads = make_params(shapes, device, seed=seed)
+        params = [torch.nn.Parameter(p.detach().to(dtype)) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.to(dtype)
+        if kwargs is None:
+            opt = torch.optim.AdamW(params, fused=True)
+        else:
+            opt = AdamW(params, backend=backend, **kwargs)
+        opt.step()  # creates the state, so its size can be read before timing
+        n = sum(p.numel() for p in params)
+        nbytes = sum(t.numel() * t.element_size() for st in opt.state.values()
+                     for t in st.values() if isinstance(t, Tensor))  # fmt: skip
+        out[name] = (opt.step, moved, nbytes / n)
+    return out
+
+
 def time_interleaved(
     steps: dict[str, Callable[[], None]],
     device: str,
@@ -259,8 +301,12 @@ def summarize(times: dict[str, list[float]], n_params: int, bytes_per_param: dic
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        bpp = bytes_per_param if isinstance(bytes_per_param, int) else (
-            bytes_per_param["fastopt" if name.startswith("fastopt") else "torch"])  # fmt: skip
+        if isinstance(bytes_per_param, int):
+            bpp = bytes_per_param
+        elif name in bytes_per_param:
+            bpp = bytes_per_param[name]
+        else:
+            bpp = bytes_per_param["fastopt" if name.startswith("fastopt") else "torch"]
         ratios = [b / t for b, t in zip(base, ts)]
         speedup = statistics.median(ratios)
         row = {"name": name, "ms": med, "min_ms": min(ts), "max_ms": max(ts),

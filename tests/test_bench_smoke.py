@@ -21,6 +21,15 @@ def test_bench_command_prints_both_tables():
     assert "Mixed-precision step with clipping" in out
     assert f"{torch.get_num_threads()} threads" in out
     assert "min-max" in out  # each row's spread beside its median
+    assert "Lean precision" in out and "state B/param" in out
+    for name, state in (("torch fused, fp32 params", "8.00"), ("bf16 + master + bf16 moments",
+                                                                "6.00")):  # fmt: skip
+        (line,) = [
+            line
+            for line in out.splitlines()
+            if line.startswith(("torch", "fastopt")) and name in line
+        ]
+        assert line.split()[-1] == state, line  # the memory column, from the state itself
 
 
 def test_other_load_sees_a_busy_process():
