@@ -76,7 +76,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The backends whose AdamW step takes the lean-precision arguments (masters, state dtypes
 # other than the params', stochastic rounding).
-LEAN_BACKENDS = ("reference", "cpu")
+LEAN_BACKENDS = ("reference", "cpu", "triton")
 
 
 def select_backend(

@@ -189,13 +189,15 @@ def get_table(
     device: torch.device,
     scalar_lists: tuple[list[Tensor], ...] = (),
     numels: tuple[int, ...] | None = None,
+    value_rows: tuple[tuple[int, ...], ...] = (),
 ) -> Table:
     """The table for ``lists`` (parallel lists of same-size tensors), built or from the cache.
 
     ``scalar_lists`` (state_steps) add pointer rows after ``lists`` but are read once per
     program, not streamed, so their alignment does not matter: they may be views into one
     buffer without costing the streamed data its 128-bit loads. ``numels``: the sizes, when
-    the caller has them (check_lists returns them).
+    the caller has them (check_lists returns them). ``value_rows``: rows of one int per
+    tensor (the params' positions), after the pointer rows.
     """
     if INTERPRET and device.type != "cpu":
         # The interpreter copies kernel arguments to the host, but not what the table's raw
@@ -204,19 +206,20 @@ def get_table(
     if numels is None:
         numels = tuple(map(Tensor.numel, lists[0]))
     ptrs = tuple(chain.from_iterable(map(Tensor.data_ptr, lst) for lst in (*lists, *scalar_lists)))
-    key = (device, chunk, len(lists), len(scalar_lists), numels, ptrs)
+    key = (device, chunk, len(lists), len(scalar_lists), numels, ptrs, value_rows)
     table = _cache.get(key)
     if table is not None:
         _cache.move_to_end(key)
         return table
-    table = _build(lists, scalar_lists, numels, chunk, device)
+    table = _build(lists, scalar_lists, numels, chunk, device, value_rows)
     _cache[key] = table
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return table
 
 
-def _build(lists, scalar_lists, numels: tuple, chunk: int, device: torch.device) -> Table:
+def _build(lists, scalar_lists, numels: tuple, chunk: int, device: torch.device,
+           value_rows: tuple = ()) -> Table:  # fmt: skip
     keep = [i for i, n in enumerate(numels) if n > 0]
     counts = [triton.cdiv(numels[i], chunk) for i in keep]
     first, total = [], 0
@@ -226,6 +229,7 @@ def _build(lists, scalar_lists, numels: tuple, chunk: int, device: torch.device)
     rows = [[numels[i] for i in keep], first]
     streamed = [[lst[i].data_ptr() for i in keep] for lst in lists]
     rows += streamed + [[lst[i].data_ptr() for i in keep] for lst in scalar_lists]
+    rows += [[values[i] for i in keep] for values in value_rows]
     chunk_map = [j for j, c in enumerate(counts) for _ in range(c)]
     flat = [x for row in rows for x in row] + chunk_map
     aligned = all(p % _VECTOR_BYTES == 0 for row in streamed for p in row)

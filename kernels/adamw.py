@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..rounding import seed_key
 from ._table import (
+    ROW_FIRST_POINTER,
     check_lists,
     chunk_coords,
     get_table,
@@ -81,12 +83,54 @@ def _grad_coef(grad_factor, grad_scale_ptr, grad_norm_ptr, max_grad_norm, HAS_SC
     return coef
 
 
+# ---- Rounding into 16-bit storage: fastopt/rounding.py is the oracle and explains why. ----
+_MIX1 = tl.constexpr(0x7FEB352D)
+_MIX2 = tl.constexpr(0x846CA68B)
+
+
 @triton.jit
-def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef, decay, lerp_coef, beta2,
-            one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD: tl.constexpr,
-            LERP_FROM_M: tl.constexpr):  # fmt: skip
-    """adamw_math on one block; ``mask`` is None for full blocks (unmasked 128-bit accesses)."""
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+def _mix32(x):
+    """lowbias32 on uint32 (rounding.mix32)."""
+    x = x ^ (x >> 16)
+    x = x * _MIX1
+    x = x ^ (x >> 15)
+    x = x * _MIX2
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _store_bf16_stochastic(ptr, x, noise16, mask):
+    """rounding.round_bf16_stochastic: 16 noise bits added to the fp32 bits, then truncated."""
+    top = (x.to(tl.uint32, bitcast=True) + noise16) >> 16
+    top = tl.where(x != x, 0x7FC0, top)
+    tl.store(ptr, top.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _store(ptr, x, noise16, mask, SR: tl.constexpr):
+    """x into ptr's dtype: stochastically rounded into bf16 when SR, else to nearest even."""
+    if SR and ptr.dtype.element_ty == tl.bfloat16:
+        _store_bf16_stochastic(ptr, x, noise16, mask)
+    else:
+        tl.store(ptr, to_storage(x, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, decay, lerp_coef,
+            beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1, key2,
+            AMSGRAD: tl.constexpr, LERP_FROM_M: tl.constexpr, MASTER: tl.constexpr,
+            SR: tl.constexpr):  # fmt: skip
+    """adamw_math on one block; ``mask`` is None for full blocks (unmasked 128-bit accesses).
+    MASTER: 0 none, 1 an int16 remainder of bf16 params, 2 an fp32 copy. ``index0``: the
+    block's first element index within its tensor, as uint32 (the noise's counter)."""
+    if MASTER == 1:
+        bits = tl.load(p_ptr + offs, mask=mask).to(tl.uint16, bitcast=True).to(tl.uint32)
+        rem = tl.load(master_ptr + offs, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
+        p = ((bits << 16) + rem).to(tl.float32, bitcast=True)
+    elif MASTER == 2:
+        p = tl.load(master_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * coef
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
@@ -101,27 +145,54 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef, decay, lerp_
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
         vmax = tl.where(vmax > v, vmax, v)  # the header's ternary (NaN in v propagates)
-        tl.store(vmax_ptr + offs, to_storage(vmax, vmax_ptr.dtype.element_ty), mask=mask)
         second = vmax
     denom = tl.sqrt_rn(second) * inv_bc2_sqrt + eps
     p = p - step_size * tl.div_rn(m, denom)
-    tl.store(p_ptr + offs, to_storage(p, p_ptr.dtype.element_ty), mask=mask)
-    tl.store(m_ptr + offs, to_storage(m, m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + offs, to_storage(v, v_ptr.dtype.element_ty), mask=mask)
+    # Two noise words per element (rounding.element_noise): (param | exp_avg) and
+    # (exp_avg_sq | max_exp_avg_sq), 16 bits each.
+    w1 = tl.zeros(offs.shape, tl.uint32)
+    w2 = tl.zeros(offs.shape, tl.uint32)
+    if SR:
+        index = index0 + offs.to(tl.uint32)
+        w1 = _mix32(key1 ^ index)
+        w2 = _mix32(key2 ^ index)
+    if MASTER == 1:
+        b = p.to(tl.uint32, bitcast=True)
+        tie = (b & 0xFFFF) == 0x8000
+        up = ((b >> 16) & 1) != 0
+        b = tl.where(tie, tl.where(up, b + 1, b - 1), b)
+        top = (b + 0x8000) >> 16
+        nan = p != p
+        rem = tl.where(nan, 0, (b - (top << 16)) & 0xFFFF)
+        top = tl.where(nan, 0x7FC0, top)
+        tl.store(p_ptr + offs, top.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(master_ptr + offs, rem.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    elif MASTER == 2:
+        tl.store(master_ptr + offs, p, mask=mask)
+        tl.store(p_ptr + offs, to_storage(p, p_ptr.dtype.element_ty), mask=mask)
+    else:
+        _store(p_ptr + offs, p, w1 >> 16, mask, SR)
+    _store(m_ptr + offs, m, w1 & 0xFFFF, mask, SR)
+    _store(v_ptr + offs, v, w2 >> 16, mask, SR)
+    if AMSGRAD:
+        _store(vmax_ptr + offs, vmax, w2 & 0xFFFF, mask, SR)
 
 
 # Every runtime int is exempt from Triton's value specialisation (== 1, % 16): a new tensor
 # count or learning rate must never compile a new kernel.
-@triton.jit(
-    do_not_specialize=["n_tensors", "lr_bits", "wd_bits", "log2_beta1_bits", "log2_beta2_bits"]
-)
+_RUNTIME_INTS = ["n_tensors", "lr_bits", "wd_bits", "log2_beta1_bits", "log2_beta2_bits", "seed32"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def adamw_kernel(
     table, n_tensors,  # the multi-tensor table (_table.py) and its tensor count T
     lr_ptr, lr_bits: tl.int64, wd_bits: tl.int64, log2_beta1_bits: tl.int64,
     log2_beta2_bits: tl.int64,  # float64 bit patterns (f64_bits)
     lerp_coef, beta2, one_minus_beta2, eps,  # fp32, rounded from float64 on the host
     grad_scale_ptr, found_inf_ptr, grad_norm_ptr, max_grad_norm, grad_factor,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    seed32: tl.int64,  # rounding.seed_key(seed), for stochastic rounding
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr,
+    SR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HAS_CLIP: tl.constexpr, LERP_FROM_M: tl.constexpr, ALIGNED: tl.constexpr,
     MAP_ROW: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -133,19 +204,42 @@ def adamw_kernel(
 
     p_ptr = tensor_ptr(table, n_tensors, _P, t, start, P_DTYPE, ALIGNED)
     g_ptr = tensor_ptr(table, n_tensors, _G, t, start, G_DTYPE, ALIGNED)
-    m_ptr = tensor_ptr(table, n_tensors, _M, t, start, P_DTYPE, ALIGNED)
-    v_ptr = tensor_ptr(table, n_tensors, _V, t, start, P_DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(table, n_tensors, _M, t, start, S_DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(table, n_tensors, _V, t, start, S_DTYPE, ALIGNED)
     vmax_ptr = v_ptr
     if AMSGRAD:
-        vmax_ptr = tensor_ptr(table, n_tensors, _VMAX, t, start, P_DTYPE, ALIGNED)
-    step_ptr = tensor_ptr(table, n_tensors, _VMAX + AMSGRAD, t, 0, tl.float32, False)
+        vmax_ptr = tensor_ptr(table, n_tensors, _VMAX, t, start, S_DTYPE, ALIGNED)
+    # Rows after the moments: the masters (when MASTER), the step counts, the positions (SR).
+    master_row: tl.constexpr = _VMAX + AMSGRAD
+    step_row: tl.constexpr = master_row + (MASTER != 0)
+    master_ptr = p_ptr
+    if MASTER == 1:
+        master_ptr = tensor_ptr(table, n_tensors, master_row, t, start, tl.int16, ALIGNED)
+    elif MASTER == 2:
+        master_ptr = tensor_ptr(table, n_tensors, master_row, t, start, tl.float32, ALIGNED)
+    step_ptr = tensor_ptr(table, n_tensors, step_row, t, 0, tl.float32, False)
 
     # adamw_coeffs: float64 from the step count, rounded to fp32 once.
     if HAS_LR_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float64)
     else:
         lr = _f64(lr_bits)
-    step = tl.load(step_ptr).to(tl.float64)
+    step32 = tl.load(step_ptr)
+    step = step32.to(tl.float64)
+    # The noise keys (rounding.noise_key) from the seed, the param's position and the step;
+    # the chunk's elements share the high word of their index (a chunk never straddles 2**32).
+    key1 = tl.zeros((), tl.uint32)
+    key2 = tl.zeros((), tl.uint32)
+    index0 = tl.zeros((), tl.uint32)
+    if SR:
+        position = tl.load(table + (ROW_FIRST_POINTER + step_row + 1) * n_tensors + t)
+        k = _mix32(seed32.to(tl.uint32) ^ position.to(tl.uint32))
+        k = _mix32(k ^ step32.to(tl.uint32))
+        high = (start >> 32).to(tl.uint32)
+        fold = tl.where(high == 0, 0, _mix32(high))
+        key1 = _mix32(k ^ 0) ^ fold
+        key2 = _mix32(k ^ 1) ^ fold
+        index0 = start.to(tl.uint32)
     bias_correction1 = 1.0 - tl.exp2(step * _f64(log2_beta1_bits))  # 1 - beta1**step
     bias_correction2 = 1.0 - tl.exp2(step * _f64(log2_beta2_bits))
     step_size = (lr / bias_correction1).to(tl.float32)
@@ -159,13 +253,15 @@ def adamw_kernel(
     n_full = n_here // BLOCK
     for i in range(0, n_full):
         offs = i * BLOCK + tl.arange(0, BLOCK)
-        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, coef, decay, lerp_coef, beta2,
-                one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD, LERP_FROM_M)  # fmt: skip
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, None, coef, decay,
+                lerp_coef, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1,
+                key2, AMSGRAD, LERP_FROM_M, MASTER, SR)  # fmt: skip
     offs = n_full * BLOCK + tl.arange(0, BLOCK)
     if n_full * BLOCK < n_here:
         mask = offs < n_here
-        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef, decay, lerp_coef, beta2,
-                one_minus_beta2, step_size, inv_bc2_sqrt, eps, AMSGRAD, LERP_FROM_M)  # fmt: skip
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, decay,
+                lerp_coef, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1,
+                key2, AMSGRAD, LERP_FROM_M, MASTER, SR)  # fmt: skip
 
 
 def _lerp_coef(beta1: float) -> tuple[float, bool]:
@@ -232,6 +328,10 @@ def adamw_step(
     grad_norm: Tensor | None = None,
     max_grad_norm: float = 0.0,
     grad_factor: float = 1.0,
+    masters: list[Tensor] = (),
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    positions: list[int] = (),
 ) -> None:
     """fastopt.reference.adamw_step's contract, in one kernel launch and without host syncs."""
     if not params:
@@ -240,18 +340,37 @@ def adamw_step(
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    if masters:
+        lists["masters"] = list(masters)
     numels = check_lists(lists, device)
-    p_dtype, g_dtype = params[0].dtype, grads[0].dtype
+    p_dtype, g_dtype, s_dtype = params[0].dtype, grads[0].dtype, exp_avgs[0].dtype
     p_tl = tl_dtype(p_dtype, "params")
     if g_dtype not in (p_dtype, torch.float32):
         raise ValueError(f"grads must be {p_dtype} (as params) or float32, got {g_dtype}")
-    for name in lists:
-        if name != "grads" and lists[name][0].dtype != p_dtype:
-            raise ValueError(f"{name} must be {p_dtype} (as params), got {lists[name][0].dtype}")
+    if s_dtype not in (p_dtype, torch.float32, torch.bfloat16):
+        raise ValueError(f"exp_avgs must be {p_dtype} (as params), float32 or bfloat16, "
+                         f"got {s_dtype}")  # fmt: skip
+    for name in ("exp_avg_sqs", "max_exp_avg_sqs"):
+        if name in lists and lists[name][0].dtype != s_dtype:
+            raise ValueError(f"{name} must be {s_dtype} (as exp_avgs), got {lists[name][0].dtype}")
+    master = 0
+    if masters:
+        want = {torch.bfloat16: torch.int16, torch.float16: torch.float32}.get(p_dtype)
+        if want is None or masters[0].dtype != want:
+            raise ValueError(f"masters of {p_dtype} params must be {want}, got {masters[0].dtype}")
+        master = 1 if p_dtype == torch.bfloat16 else 2
+    sr = bool(stochastic_rounding)
+    if sr:
+        if len(positions) != len(params):
+            raise ValueError(f"positions has {len(positions)} entries, expected {len(params)}")
+        if s_dtype == torch.float16 or (p_dtype == torch.float16 and not master):
+            raise ValueError("stochastic rounding rounds bfloat16 stores only, and this step "
+                             "stores float16")  # fmt: skip
     _check_steps(state_steps, len(params), device)
 
     launch = launch_heuristics("adamw", p_dtype.itemsize)
-    table = get_table(list(lists.values()), launch.chunk, device, (state_steps,), numels)
+    values = (tuple(int(i) & 0xFFFFFFFF for i in positions),) if sr else ()
+    table = get_table(list(lists.values()), launch.chunk, device, (state_steps,), numels, values)
     if table.n_chunks == 0:
         return  # only empty tensors
 
@@ -269,7 +388,9 @@ def adamw_step(
         lerp_coef, float(beta2), float(1.0 - beta2), float(eps),
         dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
         dummy if grad_norm is None else grad_norm, float(max_grad_norm), float(grad_factor),
-        P_DTYPE=p_tl, G_DTYPE=tl_dtype(g_dtype, "grads"), AMSGRAD=bool(amsgrad),
+        seed_key(int(seed)) if sr else 0,
+        P_DTYPE=p_tl, G_DTYPE=tl_dtype(g_dtype, "grads"), S_DTYPE=tl_dtype(s_dtype, "exp_avgs"),
+        MASTER=master, SR=sr, AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize), HAS_LR_TENSOR=lr_tensor is not None,
         HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, HAS_CLIP=clip,
         LERP_FROM_M=lerp_from_m, ALIGNED=table.aligned, MAP_ROW=table.map_row,

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from helpers import backend_params
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fastopt
@@ -159,7 +159,7 @@ def _ulp_steps(backend, stochastic, steps, n=100_000, seed=3):
     the mean displacement in ulps, and the params."""
     p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
     lr = 0.1 * 2.0**-7  # Adam's first steps move by lr: m_hat / sqrt(v_hat) is 1 for g constant
-    opt = fastopt.AdamW([p], lr=lr, weight_decay=0.0, eps=0.0, backend=backend, seed=seed,
+    opt = fastopt.AdamW([p], lr=lr, weight_decay=0.0, eps=1e-12, backend=backend, seed=seed,
                         stochastic_rounding=stochastic, state_dtype=torch.float32)  # fmt: skip
     for _ in range(steps):
         p.grad = torch.full_like(p, -1.0)  # descending -1: the param grows
@@ -351,7 +351,7 @@ def test_a_skipped_step_changes_no_param_master_or_moment():
         (dict(stochastic_rounding=1), "Invalid stochastic_rounding: 1"),
         (dict(seed=-1), "Invalid seed: -1"),
         (dict(seed=1.5), "Invalid seed: 1.5"),
-        (dict(master_weights=True, backend="triton"), "backend 'triton' does not implement"),
+        (dict(master_weights=True, backend="cuda"), "backend 'cuda' does not implement"),
         (dict(state_dtype=torch.bfloat16, backend="cuda"), "backend 'cuda' does not implement"),
     ],
 )
@@ -398,7 +398,7 @@ def test_remainder_holds_the_exact_master_across_ties():
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@given(
+_CONFIGS = dict(
     p_dtype=st.sampled_from(_DTYPES),
     state_dtype=st.sampled_from([None, torch.float32, torch.bfloat16]),
     master=st.booleans(),
@@ -414,31 +414,32 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
     steps=st.integers(1, 3),
     seed=st.integers(0, 2**63 - 1),
 )
-def test_cpu_kernel_matches_the_reference_bit_for_bit(
-    p_dtype,
-    state_dtype,
-    master,
-    sr,
-    amsgrad,
-    maximize,
-    fp32_grads,
-    lr,
-    beta1,
-    beta2,
-    weight_decay,
-    sizes,
-    steps,
-    seed,
-):
+
+
+@given(**_CONFIGS)
+def test_cpu_kernel_matches_the_reference_bit_for_bit(**config):
     """Every lean configuration on the C++ kernel against the reference: the same bits in the
     params, moments and masters (the reference's fp32 arithmetic is the kernels', operation
     for operation), so the stochastic rounding decides alike too. Sizes cross the kernel's
     512-element blocks and include empty tensors."""
+    _lockstep("cpu", **config)
+
+
+@settings(max_examples=40)  # the interpreter takes about a second per example here
+@given(**{**_CONFIGS, "sizes": st.lists(st.integers(0, 17000), min_size=1, max_size=2)})
+def test_triton_kernel_matches_the_reference_bit_for_bit(**config):
+    """The same on the Triton kernel (under TRITON_INTERPRET=1 without a GPU): sizes cross its
+    16 Ki-element chunks, whose noise counters start at the chunk's first index."""
+    _lockstep("triton", **config)
+
+
+def _lockstep(backend_under_test, p_dtype, state_dtype, master, sr, amsgrad, maximize,
+              fp32_grads, lr, beta1, beta2, weight_decay, sizes, steps, seed):  # fmt: skip
     # Stochastic rounding into fp16 is refused (test_lean_settings_refuse_params_they_...).
     assume(not (sr and (state_dtype or p_dtype) == torch.float16))
     assume(not (sr and p_dtype == torch.float16 and not master))
     runs = []
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", backend_under_test):
         gen = torch.Generator().manual_seed(len(sizes))
         ps = [torch.nn.Parameter(torch.randn(n, generator=gen).to(p_dtype)) for n in sizes]
         opt = fastopt.AdamW(ps, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,

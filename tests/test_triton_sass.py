@@ -38,17 +38,19 @@ RUNTIME = {
     "log2_beta1_bits": "i64", "log2_beta2_bits": "i64", "lerp_coef": "fp32",
     "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "grad_scale_ptr": "*fp32",
     "found_inf_ptr": "*fp32", "grad_norm_ptr": "*fp32", "max_grad_norm": "fp32",
-    "grad_factor": "fp32",
+    "grad_factor": "fp32", "seed32": "i64",
 }
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16}
 
 
-def compile_adamw(p_dtype, g_dtype, amsgrad, aligned):
+def compile_adamw(p_dtype, g_dtype, amsgrad, aligned, s_dtype=None, master=0, sr=False):
     launch = _table.launch_heuristics("adamw", 4 if p_dtype == "fp32" else 2)
     constexprs = dict(
-        P_DTYPE=DTYPES[p_dtype], G_DTYPE=DTYPES[g_dtype], AMSGRAD=amsgrad, MAXIMIZE=False,
+        P_DTYPE=DTYPES[p_dtype], G_DTYPE=DTYPES[g_dtype], S_DTYPE=DTYPES[s_dtype or p_dtype],
+        MASTER=master, SR=sr, AMSGRAD=amsgrad, MAXIMIZE=False,
         HAS_LR_TENSOR=False, HAS_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True, LERP_FROM_M=True,
-        ALIGNED=aligned, MAP_ROW=2 + 5 + amsgrad, BLOCK=launch.block, CHUNK=launch.chunk,
+        ALIGNED=aligned, MAP_ROW=2 + 5 + amsgrad + (master != 0) + sr, BLOCK=launch.block,
+        CHUNK=launch.chunk,
     )
     names = adamw_kernel.arg_names
     expected = set(RUNTIME) | set(constexprs)
@@ -77,6 +79,9 @@ cases = {
     "fp32-amsgrad": ("fp32", "fp32", True, True),
     "bf16-fp32grads-amsgrad": ("bf16", "fp32", True, True),
     "fp32-unaligned": ("fp32", "fp32", False, False),
+    # Lean precision: bf16 params with an int16 remainder and bf16 moments; stochastic rounding.
+    "bf16-master-bf16moments": ("bf16", "bf16", False, True, "bf16", 1, False),
+    "bf16-sr-bf16moments-amsgrad": ("bf16", "bf16", True, True, "bf16", 0, True),
 }
 print(json.dumps({name: compile_adamw(*args) for name, args in cases.items()}))
 """
@@ -117,6 +122,21 @@ def test_adamw_does_not_spill(sass, case):
     assert info["local"] == 0, info
     # Headroom for 4 resident 4-warp programs per SM (65536 registers): a regression to the
     # 241 registers of 16 bf16 elements per thread would halve the memory parallelism.
+    assert info["reg"] <= 128, info
+
+
+@pytest.mark.parametrize(
+    "case,loads,stores", [("bf16-master-bf16moments", 5, 4), ("bf16-sr-bf16moments-amsgrad", 5, 4)]
+)
+def test_lean_adamw_vectorises_every_16_bit_stream_and_does_not_spill(sass, case, loads, stores):
+    """8 elements per thread: one 128-bit access per 16-bit stream (param, remainder, grad and
+    the bf16 moments; with stochastic rounding param, grad, m, v, vmax), no local memory, and
+    the register headroom of the plain kernels."""
+    info = sass[case]
+    ops = info["ops"]
+    assert ops.get("LDG.E.128", 0) >= loads, ops
+    assert ops.get("STG.E.128", 0) >= stores, ops
+    assert _count(ops, "STL") == 0 and _count(ops, "LDL") == 0 and info["local"] == 0, info
     assert info["reg"] <= 128, info
 
 
