@@ -35,9 +35,6 @@ _STATE_KEYS = {
     for amsgrad in (False, True)
     for master in (None, "master_remainder", "master")
 }  # fmt: skip
-# A bf16 param's fp32 master is the param and this int16 remainder (fastopt.rounding); a fp16
-# param's is a full fp32 copy.
-_MASTER_KEY = {torch.bfloat16: "master_remainder", torch.float16: "master"}
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 

@@ -24,7 +24,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..rounding import seed_key
+# Absolute, not ..rounding: this package is also importable as a top-level "kernels" from a
+# checkout's root (transformers probes for a package of that name).
+from fastopt.rounding import seed_key
+
 from ._table import (
     ROW_FIRST_POINTER,
     check_lists,
