@@ -72,7 +72,13 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         os.environ["CUDA_HOME"] = found
 
 import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+    _get_cuda_arch_flags,  # noqa: E402
+)
 
 
 def _want_cuda():
@@ -133,6 +139,10 @@ def _extensions():
     # separate multiplies and adds cost nothing measurable.
     # USE_CUDA: declares the CUDA parts of the stable shim (the current stream, error checks).
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-fmad=false"]
+    # The -gencode flags explicitly, from TORCH_CUDA_ARCH_LIST: torch adds them only when no
+    # flag contains "arch", and ours name the checkout's path (-ffile-prefix-map, -include),
+    # which may (".../research/fastopt"): the library was then built for nvcc's default sm_75.
+    nvcc += _get_cuda_arch_flags()
     extensions.append(
         CUDAExtension(
             "fastopt._C_cuda",
