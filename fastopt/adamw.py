@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, LEAN_BACKENDS, backend_ops, select_backend
+from .backends import BACKENDS, backend_ops, select_backend
 from .norm import global_norm
 from .rounding import join_master
 from .sharded import dtensor_type, is_dtensor, is_fsdp1_flat, like_param, local
@@ -137,12 +137,6 @@ class AdamW(Optimizer):
         for group in self.param_groups:  # per-group overrides, checked as the defaults are
             _check_lean(_lean(group, "master_weights"), _lean(group, "state_dtype"),
                         _lean(group, "stochastic_rounding"))  # fmt: skip
-        if backend not in ("auto", *LEAN_BACKENDS) and any(map(_is_lean, self.param_groups)):
-            raise ValueError(
-                f"fastopt.AdamW: backend {backend!r} does not implement master_weights, "
-                f"state_dtype or stochastic_rounding yet (they run on {', '.join(LEAN_BACKENDS)}"
-                "); use backend='auto'"
-            )
         # Drawn here, once, and only for stochastic rounding: an optimizer that does not round
         # stochastically leaves torch's generator as torch.optim.AdamW does.
         if seed is None and any(_lean(g, "stochastic_rounding") for g in self.param_groups):
@@ -477,7 +471,7 @@ class AdamW(Optimizer):
         extra = {}
         for bucket in plan:
             params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, copies = bucket.views()
-            ops = backend_ops(select_backend(self.backend, device, params[0].dtype, lean=lean))
+            ops = backend_ops(select_backend(self.backend, device, params[0].dtype))
             if lean:
                 extra = dict(
                     masters=masters, stochastic_rounding=_lean(group, "stochastic_rounding"),

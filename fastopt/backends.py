@@ -21,7 +21,6 @@ from . import _ext
 __all__ = [
     "BACKENDS",
     "KERNEL_DTYPES",
-    "LEAN_BACKENDS",
     "availability",
     "backend_ops",
     "select_backend",
@@ -74,36 +73,16 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-# The backends whose AdamW step takes the lean-precision arguments (masters, state dtypes
-# other than the params', stochastic rounding).
-LEAN_BACKENDS = ("reference", "cpu", "triton")
-
-
 def select_backend(
-    requested: str, device: torch.device | str, dtype: torch.dtype | None = None,
-    lean: bool = False,
-) -> str:  # fmt: skip
-    """The backend that runs ops on ``device`` (for tensors of ``dtype``, when given; for an
-    AdamW step with lean-precision settings when ``lean``) for a request of ``requested`` (or
-    'auto').
+    requested: str, device: torch.device | str, dtype: torch.dtype | None = None
+) -> str:
+    """The backend that runs ops on ``device`` (for tensors of ``dtype``, when given) for a
+    request of ``requested`` (or 'auto').
 
     An explicit request that cannot run raises RuntimeError with the reason: never a silent
     switch to another implementation.
     """
     device_type = torch.device(device).type
-    if lean and requested not in LEAN_BACKENDS:
-        if requested == "auto":
-            order = _AUTO_ORDER.get(device_type, ("reference",))
-            for candidate in (c for c in order if c in LEAN_BACKENDS):
-                if availability(candidate, device_type)[0]:
-                    return candidate
-            return "reference"
-        if requested in BACKENDS:
-            raise RuntimeError(
-                f"fastopt backend {requested!r} does not implement master_weights, state_dtype "
-                f"or stochastic_rounding yet (those run on {', '.join(LEAN_BACKENDS)}); use "
-                "backend='auto'"
-            )
     if dtype is not None and dtype not in KERNEL_DTYPES and requested != "reference":
         if requested == "auto":
             return "reference"

@@ -7,6 +7,7 @@ build has no CUDA kernels; a missing cuobjdump is a failure, not a skip.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -20,12 +21,33 @@ import torch
 from fastopt import _C
 from fastopt._build import build_info
 
-# Mangled-name fragments of the kernels (template arguments P, G, amsgrad):
-# adamw_kernel<float, float, false> is the fp32 fast path.
-FP32_ADAMW = "adamw_kernelIffLb0E"
+# Mangled-name fragments of the kernels (template arguments P, G, S, Master, stochastic
+# rounding, amsgrad): adamw_kernel<float, float, float, Master::kNone, false, false> is the fp32
+# fast path; <bf16, bf16, bf16, Master::kRemainder, false, false> the lean one (bf16 params with
+# exact masters and bf16 moments).
+FP32_ADAMW = "adamw_kernelIfffLNS_6MasterE0ELb0ELb0E"
+LEAN_ADAMW = "adamw_kernelIN3c108BFloat16ES3_S3_LNS_6MasterE1ELb0ELb0E"
 ADAMW = "adamw_kernel"
 MULTI_TENSOR_KERNELS = ("adamw_kernel", "norm_chunk_kernel", "accumulate_kernel")
 ARCH = "sm_90"
+_LOAD128 = r"\bLDG\.E(?:\.[A-Z0-9_]+)*\.128\b"
+_STORE128 = r"\bSTG\.E(?:\.[A-Z0-9_]+)*\.128\b"
+
+
+def _adamw_variants() -> int:
+    """How many AdamW instantiations csrc/adamw_dispatch.h asks for: grads of the params' dtype
+    or fp32, moments of the params' dtype, fp32 or bf16, a remainder (bf16 params) or an fp32
+    copy (fp16) or no master, stochastic rounding where some store is bf16 and none fp16, and
+    amsgrad or not."""
+    count = 0
+    for p in ("f32", "bf16", "f16"):
+        masters = {"f32": ["none"], "bf16": ["none", "remainder"], "f16": ["none", "copy"]}[p]
+        for _grad in {p, "f32"}:
+            for s in {p, "f32", "bf16"}:
+                for master in masters:
+                    stores = {s} | ({p} if master == "none" else set())
+                    count += 2 if "bf16" in stores and "f16" not in stores else 1
+    return 2 * count
 
 
 pytestmark = pytest.mark.skipif(
@@ -65,6 +87,7 @@ def _run(*args: str) -> str:
     return out.stdout
 
 
+@functools.cache  # one dump per run: 62 AdamW variants take cuobjdump a while
 def _sass_by_function(so: str) -> dict[str, str]:
     """Mangled kernel name -> its sm_90 SASS."""
     text = _run("--dump-sass", "--gpu-architecture", ARCH, so)
@@ -127,8 +150,7 @@ def test_every_kernel_is_built(so_path):
     for kernel in MULTI_TENSOR_KERNELS + ("norm_finalize_kernel", "update_scale_kernel"):
         assert any(kernel in n for n in names), f"{kernel} missing from the sm_90 SASS: {names}"
     adamw = [n for n in names if ADAMW in n]
-    # float, bfloat16, half params x (same or fp32 grads; float has one) x amsgrad
-    assert len(adamw) == 10, adamw
+    assert len(adamw) == _adamw_variants() == 62, adamw
 
 
 def test_adamw_fp32_uses_128_bit_loads_and_stores(so_path):
@@ -136,22 +158,34 @@ def test_adamw_fp32_uses_128_bit_loads_and_stores(so_path):
     fp32 = [n for n in sass if FP32_ADAMW in n]
     assert len(fp32) == 1, list(sass)
     body = sass[fp32[0]]
-    loads = re.findall(r"\bLDG\.E(?:\.[A-Z0-9_]+)*\.128\b", body)
-    stores = re.findall(r"\bSTG\.E(?:\.[A-Z0-9_]+)*\.128\b", body)
+    loads, stores = re.findall(_LOAD128, body), re.findall(_STORE128, body)
     # The full-chunk fp32 body: 4 vectors x (param, grad, exp_avg, exp_avg_sq) per thread.
     assert len(loads) >= 16, f"{len(loads)} 128-bit loads in {fp32[0]}"
     assert len(stores) >= 12, f"{len(stores)} 128-bit stores in {fp32[0]}"
     # Every AdamW variant has a 16-byte path.
     for name, body in sass.items():
         if ADAMW in name:
-            assert re.search(r"\bLDG\.E(?:\.[A-Z0-9_]+)*\.128\b", body), name
+            assert re.search(_LOAD128, body), name
+
+
+def test_adamw_lean_uses_128_bit_loads_and_stores(so_path):
+    """bf16 params with an int16 remainder and bf16 moments: 8 elements a vector, each of the
+    five streams (param, remainder, grad, exp_avg, exp_avg_sq) one 16-byte load, the four
+    written back one 16-byte store each."""
+    sass = _sass_by_function(so_path)
+    lean = [n for n in sass if LEAN_ADAMW in n]
+    assert len(lean) == 1, [n for n in sass if ADAMW in n]
+    body = sass[lean[0]]
+    loads, stores = re.findall(_LOAD128, body), re.findall(_STORE128, body)
+    assert len(loads) >= 5, f"{len(loads)} 128-bit loads in {lean[0]}"
+    assert len(stores) >= 4, f"{len(stores)} 128-bit stores in {lean[0]}"
 
 
 def test_multi_tensor_kernels_do_not_spill(so_path):
     usage = _resources(so_path)
     sass = _sass_by_function(so_path)
     kernels = [n for n in usage if any(k in n for k in MULTI_TENSOR_KERNELS)]
-    assert len([n for n in kernels if ADAMW in n]) == 10, list(usage)
+    assert len([n for n in kernels if ADAMW in n]) == _adamw_variants(), list(usage)
     for name in kernels:
         res = usage[name]
         assert res.get("STACK", -1) == 0, f"{name} uses a stack frame (spills?): {res}"

@@ -274,19 +274,32 @@ def test_loss_scaler_rejects_bad_arguments():
         scaler.update()
 
 
+LEAN = dict(master_weights=True, state_dtype=torch.bfloat16, stochastic_rounding=True, seed=3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_full_step_has_no_host_sync(backend):
-    ps = make_params("cuda", seed=7)
-    opt = fastopt.AdamW(ps, backend=backend, max_grad_norm=MAX_NORM)
+@pytest.mark.parametrize(
+    "dtype,lean",
+    [
+        (torch.float32, {}),
+        # bf16 params with exact masters, bf16 moments rounded stochastically: the noise keys
+        # come from the step counts on the device too.
+        (torch.bfloat16, LEAN),
+    ],
+    ids=["fp32", "bf16-lean"],
+)
+def test_full_step_has_no_host_sync(backend, dtype, lean):
+    ps = [torch.nn.Parameter(p.detach().to(dtype)) for p in make_params("cuda", seed=7)]
+    opt = fastopt.AdamW(ps, backend=backend, max_grad_norm=MAX_NORM, **lean)
     scaler = fastopt.LossScaler(init_scale=2.0**4, growth_interval=2, backend=backend)
     acc = fastopt.GradAccumulator(opt, backend=backend)
     one = torch.ones((), device="cuda")
     for step in range(3):  # warm-up: state allocation, kernel compilation, tables
         s = scaler.scale(one)
         for p, g in zip(ps, true_grads(step, "cuda")):
-            p.grad = g * s
+            p.grad = (g * s).to(dtype)
         acc.accumulate()
         scaler.step(opt)
         scaler.update()
@@ -297,7 +310,7 @@ def test_full_step_has_no_host_sync(backend):
         for step in range(3, 7):  # step 5 holds an inf: the skip is decided on the device
             s = scaler.scale(one)
             for p, g in zip(ps, grads[step]):
-                p.grad = g * s
+                p.grad = (g * s).to(dtype)
             acc.accumulate()
             scaler.step(opt)
             scaler.update()

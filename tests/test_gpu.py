@@ -31,17 +31,24 @@ def _grads(step, shapes):
     return [g.cuda() for g in grads]
 
 
+_LEAN = dict(master_weights=True, state_dtype=torch.bfloat16, stochastic_rounding=True, seed=9)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_cuda_graph_captures_a_whole_step(backend):
+@pytest.mark.parametrize(
+    "dtype,lean", [(torch.float32, {}), (torch.bfloat16, _LEAN)], ids=["fp32", "bf16-lean"]
+)
+def test_cuda_graph_captures_a_whole_step(backend, dtype, lean):
     """Norm, skip decision, clipped update and scale update, replayed from one graph, match
-    the same steps run eagerly."""
+    the same steps run eagerly (bit for bit with the lean settings, whose noise keys the
+    kernels derive from the step counts on the device)."""
     shapes = [(300, 17), (5,), (), (65537,)]
     torch.manual_seed(0)
-    init = [torch.randn(s) for s in shapes]
+    init = [torch.randn(s).to(dtype) for s in shapes]
 
     def make():
         ps = [torch.nn.Parameter(t.clone().cuda()) for t in init]
-        opt = fastopt.AdamW(ps, lr=1e-2, backend=backend, max_grad_norm=1.0)
+        opt = fastopt.AdamW(ps, lr=1e-2, backend=backend, max_grad_norm=1.0, **lean)
         scaler = fastopt.LossScaler(init_scale=2.0**8, growth_interval=2, backend=backend)
         return ps, opt, scaler
 
@@ -50,12 +57,12 @@ def test_cuda_graph_captures_a_whole_step(backend):
     for step in range(8):
         s = scaler_e.scale(one)
         for p, g in zip(ps_e, _grads(step, shapes)):
-            p.grad = g * s
+            p.grad = (g * s).to(dtype)
         scaler_e.step(opt_e)
         scaler_e.update()
 
     ps_g, opt_g, scaler_g = make()
-    static = [torch.zeros(s, device="cuda") for s in shapes]
+    static = [torch.zeros(s, device="cuda", dtype=dtype) for s in shapes]
     for p, g in zip(ps_g, static):
         p.grad = g
     scaler_g.scale(one)  # creates the scale tensor, which the graph reads and updates in place
@@ -81,7 +88,11 @@ def test_cuda_graph_captures_a_whole_step(backend):
         graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(ps_g, ps_e):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if lean:
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+            assert torch.equal(opt_g.master_param(a), opt_e.master_param(b))
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert float(opt_g.state[ps_g[0]]["step"]) == float(opt_e.state[ps_e[0]]["step"]) == 7.0
     assert scaler_g.get_scale() == scaler_e.get_scale()
 

@@ -16,27 +16,35 @@ import math
 
 import pytest
 import torch
-from helpers import backend_params
+from helpers import BACKENDS, HAS_CUDA
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fastopt
-from fastopt.backends import LEAN_BACKENDS
 from fastopt.rounding import join_master
 
 RTOL, ATOL = 1e-5, 1e-6
-LEAN = backend_params([(name, "cpu") for name in LEAN_BACKENDS])
+# Every backend takes the lean settings; on CPU tensors reference, cpu and Triton (interpreted).
+LEAN = BACKENDS
+CPU_BACKENDS = ("reference", "cpu", "triton")
 SHAPES = [(17, 9), (), (129,), (3, 5, 7)]
 
 
-def _params(dtype, seed=0, scale=1.0):
+def _params(dtype, seed=0, scale=1.0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=gen) * scale).to(dtype)) for s in SHAPES]
+    return [
+        torch.nn.Parameter((torch.randn(s, generator=gen) * scale).to(device=device, dtype=dtype))
+        for s in SHAPES
+    ]
 
 
-def _grads(step, magnitude=None):
+def _grads(step, magnitude=None, device="cpu"):
     """Gradients whose norm moves around 1.0; without a magnitude given, with inf and NaN at
     steps 5 and 9."""
+    return [g.to(device) for g in _cpu_grads(step, magnitude)]
+
+
+def _cpu_grads(step, magnitude):
     gen = torch.Generator().manual_seed(1000 + step)
     bad = magnitude is None
     magnitude = magnitude or [0.02, 3.0, 0.3, 40.0][step % 4]
@@ -57,6 +65,7 @@ def _bits16(t):
 def assert_rounds_torch(param, torch_fp32):
     """param (bf16 or fp16) is torch's fp32 value rounded to nearest, bit for bit, except where
     that value lies within the fp32 tolerance of a rounding midpoint."""
+    param, torch_fp32 = param.detach().cpu(), torch_fp32.detach().cpu()
     nearest = torch_fp32.detach().to(param.dtype)
     differ = _bits16(param) != _bits16(nearest)
     if not differ.any():
@@ -77,20 +86,22 @@ def test_bf16_master_weights_track_torch_fp32(backend, device, pipeline):
     """bf16 params with master_weights, fed the gradients torch's fp32 copies get: each step
     the bf16 param is torch's fp32 param rounded to nearest and master_param() is torch's fp32
     param, with clipping, loss scaling (inf/NaN skipped) and accumulation."""
-    ps_o = _params(torch.bfloat16)
+    ps_o = _params(torch.bfloat16, device=device)
     ps_t = [torch.nn.Parameter(p.detach().float()) for p in ps_o]
     clip = 1.0 if pipeline in ("clip", "scaler") else None
     opt_o = fastopt.AdamW(ps_o, lr=1e-3, backend=backend, max_grad_norm=clip,
                           master_weights=True, state_dtype=torch.float32)  # fmt: skip
     opt_t = torch.optim.AdamW(ps_t, lr=1e-3, foreach=False)
     scaler_o = fastopt.LossScaler(init_scale=2.0**10, growth_interval=3, backend=backend)
-    scaler_t = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    scaler_t = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=3)
     acc = fastopt.GradAccumulator(opt_o, backend=backend) if pipeline == "accumulate" else None
-    one = torch.ones(())
+    one = torch.ones((), device=device)
     moved = 0
     for step in range(24):
         grads = (
-            _grads(step) if pipeline == "scaler" else _grads(step, magnitude=[0.5, 2.0][step % 2])
+            _grads(step, device=device)
+            if pipeline == "scaler"
+            else _grads(step, magnitude=[0.5, 2.0][step % 2], device=device)
         )
         if pipeline == "scaler":
             s_o, s_t = scaler_o.scale(one), scaler_t.scale(one)
@@ -135,13 +146,13 @@ def test_bf16_master_weights_track_torch_fp32(backend, device, pipeline):
 
 @pytest.mark.parametrize("backend,device", LEAN)
 def test_fp16_master_weights_are_a_full_fp32_copy(backend, device):
-    ps_o = _params(torch.float16)
+    ps_o = _params(torch.float16, device=device)
     ps_t = [torch.nn.Parameter(p.detach().float()) for p in ps_o]
     opt_o = fastopt.AdamW(ps_o, lr=1e-3, backend=backend, master_weights=True,
                           state_dtype=torch.bfloat16, amsgrad=True)  # fmt: skip
     opt_t = torch.optim.AdamW(ps_t, lr=1e-3, foreach=False, amsgrad=True)
     for step in range(12):
-        for p_o, p_t, g in zip(ps_o, ps_t, _grads(step, magnitude=1.0)):
+        for p_o, p_t, g in zip(ps_o, ps_t, _grads(step, magnitude=1.0, device=device)):
             p_o.grad = g.to(torch.float16)
             p_t.grad = p_o.grad.float()
         opt_o.step()
@@ -154,10 +165,10 @@ def test_fp16_master_weights_are_a_full_fp32_copy(backend, device):
         torch.testing.assert_close(opt_o.master_param(p_o), p_t.detach(), rtol=2e-2, atol=1e-4)
 
 
-def _ulp_steps(backend, stochastic, steps, n=100_000, seed=3):
+def _ulp_steps(backend, device, stochastic, steps, n=100_000, seed=3):
     """bf16 params at 1.0 stepped `steps` times by a tenth of their ulp (2**-7 just above 1.0):
     the mean displacement in ulps, and the params."""
-    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16, device=device))
     lr = 0.1 * 2.0**-7  # Adam's first steps move by lr: m_hat / sqrt(v_hat) is 1 for g constant
     opt = fastopt.AdamW([p], lr=lr, weight_decay=0.0, eps=1e-12, backend=backend, seed=seed,
                         stochastic_rounding=stochastic, state_dtype=torch.float32)  # fmt: skip
@@ -176,10 +187,10 @@ def test_stochastic_rounding_is_unbiased_where_nearest_stalls(backend, device, s
     roundings are independent) of the fp32 displacement. Rounded to nearest (torch's bf16
     AdamW) nothing moves at all."""
     expected = 0.1 * steps
-    mean, p = _ulp_steps(backend, True, steps)
+    mean, p = _ulp_steps(backend, device, True, steps)
     sigma = math.sqrt(0.1 * 0.9 * steps / p.numel())
     assert abs(mean - expected) < 5 * sigma, (mean, expected, sigma)
-    nearest, _ = _ulp_steps(backend, False, steps)
+    nearest, _ = _ulp_steps(backend, device, False, steps)
     assert nearest == 0.0
     t = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
     opt_t = torch.optim.AdamW([t], lr=0.1 * 2.0**-7, weight_decay=0.0, eps=0.0)
@@ -189,8 +200,8 @@ def test_stochastic_rounding_is_unbiased_where_nearest_stalls(backend, device, s
     assert torch.equal(t.detach(), torch.ones_like(t))  # torch's bf16 AdamW stalls too
 
 
-def _train(backend, seed, steps, state=None, model_seed=0):
-    ps = _params(torch.bfloat16, seed=model_seed)
+def _train(backend, seed, steps, state=None, model_seed=0, device="cpu"):
+    ps = _params(torch.bfloat16, seed=model_seed, device=device)
     opt = fastopt.AdamW(ps, lr=1e-3, backend=backend, stochastic_rounding=True,
                         state_dtype=torch.bfloat16, seed=seed, amsgrad=True)  # fmt: skip
     start = 0
@@ -200,16 +211,16 @@ def _train(backend, seed, steps, state=None, model_seed=0):
         opt.load_state_dict(state["opt"])
         start = state["steps"]
     for step in range(start, start + steps):
-        for p, g in zip(ps, _grads(step, magnitude=1.0)):
+        for p, g in zip(ps, _grads(step, magnitude=1.0, device=device)):
             p.grad = g.to(torch.bfloat16)
         opt.step()
     return ps, opt
 
 
 def _bits_of(ps, opt):
-    out = [_bits16(p) for p in ps]
+    out = [_bits16(p).cpu() for p in ps]
     for p in ps:
-        out += [t.detach().clone() for k, t in sorted(opt.state[p].items())]
+        out += [t.detach().cpu().clone() for k, t in sorted(opt.state[p].items())]
     return out
 
 
@@ -218,18 +229,22 @@ def _same(a, b):
 
 
 def test_stochastic_rounding_is_the_same_on_every_backend_and_after_a_resume():
-    runs = {b: _bits_of(*_train(b, seed=11, steps=6)) for b in LEAN_BACKENDS}
-    first = runs[LEAN_BACKENDS[0]]
+    pairs = [(b, "cpu") for b in CPU_BACKENDS if not (b == "triton" and HAS_CUDA)]
+    if HAS_CUDA:  # on a machine with a CUDA GPU, its kernels too
+        pairs += [("cuda", "cuda"), ("triton", "cuda")]
+    runs = {pair: _bits_of(*_train(pair[0], seed=11, steps=6, device=pair[1])) for pair in pairs}
+    first = runs[pairs[0]]
     for name, bits in runs.items():
         assert _same(bits, first), name
     assert not _same(_bits_of(*_train("reference", seed=12, steps=6)), first)  # seed matters
     # Three steps, a checkpoint through bytes, three more in a new process's objects.
-    ps, opt = _train(LEAN_BACKENDS[-1], seed=11, steps=3)
+    ps, opt = _train(*pairs[-1][:1], seed=11, steps=3, device=pairs[-1][1])
     buf = io.BytesIO()
     torch.save({"params": [p.detach() for p in ps], "opt": opt.state_dict(), "steps": 3}, buf)
     buf.seek(0)
     state = torch.load(buf)
-    resumed = _train(LEAN_BACKENDS[-1], seed=999, steps=3, state=state, model_seed=5)
+    resumed = _train(pairs[-1][0], seed=999, steps=3, state=state, model_seed=5,
+                     device=pairs[-1][1])  # fmt: skip
     assert resumed[1].param_groups[0]["seed"] == 11  # the saved seed, not the constructor's
     assert _same(_bits_of(*resumed), first)
 
@@ -351,8 +366,6 @@ def test_a_skipped_step_changes_no_param_master_or_moment():
         (dict(stochastic_rounding=1), "Invalid stochastic_rounding: 1"),
         (dict(seed=-1), "Invalid seed: -1"),
         (dict(seed=1.5), "Invalid seed: 1.5"),
-        (dict(master_weights=True, backend="cuda"), "backend 'cuda' does not implement"),
-        (dict(state_dtype=torch.bfloat16, backend="cuda"), "backend 'cuda' does not implement"),
     ],
 )
 def test_bad_lean_settings_get_one_line_errors(kwargs, message):
@@ -434,14 +447,18 @@ def test_triton_kernel_matches_the_reference_bit_for_bit(**config):
 
 
 def _lockstep(backend_under_test, p_dtype, state_dtype, master, sr, amsgrad, maximize,
-              fp32_grads, lr, beta1, beta2, weight_decay, sizes, steps, seed):  # fmt: skip
+              fp32_grads, lr, beta1, beta2, weight_decay, sizes, steps, seed,
+              device="cpu"):  # fmt: skip
     # Stochastic rounding into fp16 is refused (test_lean_settings_refuse_params_they_...).
     assume(not (sr and (state_dtype or p_dtype) == torch.float16))
     assume(not (sr and p_dtype == torch.float16 and not master))
     runs = []
-    for backend in ("reference", backend_under_test):
+    for backend, where in (("reference", "cpu"), (backend_under_test, device)):
         gen = torch.Generator().manual_seed(len(sizes))
-        ps = [torch.nn.Parameter(torch.randn(n, generator=gen).to(p_dtype)) for n in sizes]
+        ps = [
+            torch.nn.Parameter(torch.randn(n, generator=gen).to(device=where, dtype=p_dtype))
+            for n in sizes
+        ]
         opt = fastopt.AdamW(ps, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                             amsgrad=amsgrad, maximize=maximize, backend=backend,
                             master_weights=master, state_dtype=state_dtype,
@@ -449,9 +466,30 @@ def _lockstep(backend_under_test, p_dtype, state_dtype, master, sr, amsgrad, max
         acc = fastopt.GradAccumulator(opt, backend=backend) if fp32_grads else None
         for _ in range(steps):
             for p in ps:
-                p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(p_dtype)
+                p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(device=where, dtype=p_dtype)
             if acc is not None:
                 acc.accumulate()
             opt.step()
         runs.append(_bits_of(ps, opt))
     assert _same(*runs)
+
+
+_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@_GPU
+@settings(max_examples=200, deadline=None)
+@given(**{**_CONFIGS, "sizes": st.lists(st.integers(0, 140_000), min_size=1, max_size=3)})
+def test_cuda_kernel_matches_the_reference_bit_for_bit(**config):
+    """The CUDA kernel on the GPU against the reference on the CPU: the same bits. Sizes cross
+    its 64 Ki-element chunks and its 16-byte vectors' tails."""
+    _lockstep("cuda", **config, device="cuda")
+
+
+@pytest.mark.gpu
+@_GPU
+@settings(max_examples=30, deadline=None)  # a Triton compile per new variant
+@given(**{**_CONFIGS, "sizes": st.lists(st.integers(0, 40_000), min_size=1, max_size=2)})
+def test_triton_kernel_on_the_gpu_matches_the_reference_bit_for_bit(**config):
+    _lockstep("triton", **config, device="cuda")

@@ -3,6 +3,7 @@
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
+#include "../adamw_dispatch.h"
 #include "../adamw_math.h"
 #include "../checks.h"
 #include "cpu_common.h"
@@ -12,10 +13,6 @@
 
 namespace fastopt::cpu {
 namespace {
-
-// Where a param's fp32 master lives: nowhere (the param is it), as the param plus an int16
-// remainder (bf16 params), or in an fp32 copy (fp16 params).
-enum class Master { kNone, kRemainder, kCopy };
 
 // A store of the fp32 result x into element i: stochastically rounded into bf16 with 16 bits
 // of noise when kSR, else rounded to nearest.
@@ -124,61 +121,6 @@ void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restric
   }
 }
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-inline auto storage_tag(ScalarType dtype, auto&& f) {
-  switch (dtype) {
-    case ScalarType::Float: return f(Tag<float>{});
-    case ScalarType::BFloat16: return f(Tag<BFloat16>{});
-    default: return f(Tag<Half>{});
-  }
-}
-
-// Calls f(Tag<P>, Tag<G>, Tag<S>, constant<Master>, constant<kSR>) for the storage of params,
-// grads and moments and the master's kind, instantiating only the combinations that exist:
-// a remainder only for bf16 params, an fp32 copy only for fp16 ones, stochastic rounding only
-// where some store is bf16 (fastopt.AdamW refuses it where a store is fp16).
-template <typename F>
-void dispatch_adamw(ScalarType param, ScalarType grad, ScalarType state, Master master, bool sr,
-                    F&& f) {
-  storage_tag(param, [&](auto p) {
-    using P = typename decltype(p)::type;
-    auto with_grad = [&](auto g) {
-      storage_tag(state, [&](auto s) {
-        using S = typename decltype(s)::type;
-        auto with_master = [&](auto kind) {
-          constexpr Master kM = decltype(kind)::value;
-          constexpr bool kBf16Store = std::is_same_v<S, BFloat16> ||
-                                      (std::is_same_v<P, BFloat16> && kM == Master::kNone);
-          if constexpr (kBf16Store) {
-            if (sr) return f(p, g, s, kind, std::true_type{});
-          }
-          f(p, g, s, kind, std::false_type{});
-        };
-        if constexpr (std::is_same_v<P, BFloat16>) {
-          if (master == Master::kRemainder) {
-            return with_master(std::integral_constant<Master, Master::kRemainder>{});
-          }
-        }
-        if constexpr (std::is_same_v<P, Half>) {
-          if (master == Master::kCopy) {
-            return with_master(std::integral_constant<Master, Master::kCopy>{});
-          }
-        }
-        with_master(std::integral_constant<Master, Master::kNone>{});
-      });
-    };
-    if (grad == ScalarType::Float) {
-      with_grad(Tag<float>{});
-    } else {
-      with_grad(Tag<P>{});
-    }
-  });
-}
-
 void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs,
                const TensorList& state_steps, double lr, const OptionalTensor& lr_tensor,
@@ -194,17 +136,8 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
                                             /*lean=*/true);
   const auto dtype = in.params[0].dtype;
   const auto grad_dtype = in.grads[0].dtype;
-  const Master master = in.masters.empty()            ? Master::kNone
-                        : dtype == ScalarType::BFloat16 ? Master::kRemainder
-                                                        : Master::kCopy;
-  if (stochastic_rounding) {
-    FASTOPT_CHECK(positions.size() == n, "fastopt.adamw_: positions has ", positions.size(),
-                  " entries, expected ", n);
-    const bool fp16_store = in.state_dtype == ScalarType::Half ||
-                            (dtype == ScalarType::Half && master == Master::kNone);
-    FASTOPT_CHECK(!fp16_store, "fastopt.adamw_: stochastic rounding rounds bfloat16 stores "
-                  "only, and this step stores float16");
-  }
+  const Master master = master_kind(in);
+  check_rounding(in, master, stochastic_rounding, positions.size());
 
   const float* inf = optional_scalar(found_inf, "found_inf");
   if (inf != nullptr && *inf != 0.f) return;  // a skipped step touches nothing
@@ -244,7 +177,7 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
         using S = typename decltype(s_tag)::type;
         constexpr Master kM = decltype(kind)::value;
         constexpr bool kSR = decltype(sr)::value;
-        using M = std::conditional_t<kM == Master::kRemainder, int16_t, float>;
+        using M = master_storage_t<kM, P>;
         auto* p = static_cast<P*>(in.params[t].data);
         auto* g = static_cast<const G*>(in.grads[t].data);
         auto* m = static_cast<S*>(in.exp_avgs[t].data);

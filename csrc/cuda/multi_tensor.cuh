@@ -60,17 +60,21 @@ constexpr int kMaxKernelParamBytes = 32764;
 constexpr int kReservedParamBytes = 256;
 
 // The per-launch tensor table, as structure-of-arrays so the padding is nil. Per tensor:
-// kDepth data pointers (8 B each), the element count (8 B), the cumulative chunk count (8 B)
-// and, for AdamW, the pointer to its float32 step count (8 B). Capacity =
+// kDepth data pointers (8 B each), the element count (8 B), the cumulative chunk count (8 B),
+// for AdamW the pointer to its float32 step count (8 B), and with stochastic rounding its
+// position in the optimizer (4 B, the rounding noise's tensor index). Capacity =
 // (32764 - 256 reserved - 16 header) / bytes per tensor:
-//   AdamW (p, g, m, v, step)          : 56 B -> 580 tensors per launch
-//   AdamW amsgrad (+ max_exp_avg_sq)  : 64 B -> 507
-//   accumulate (acc, grad)            : 32 B -> 1015
-//   norm (x)                          : 24 B -> 1353
+//   AdamW (p, g, m, v, step)                        : 56 B -> 580 tensors per launch
+//   AdamW amsgrad (+ max_exp_avg_sq)                : 64 B -> 507
+//   AdamW with a master (+ remainder or fp32 copy)  : 64 B -> 507
+//   AdamW, master, amsgrad, stochastic rounding     : 76 B -> 427
+//   accumulate (acc, grad)                          : 32 B -> 1015
+//   norm (x)                                        : 24 B -> 1353
 // so a model of 5000 tensors takes about ten AdamW launches.
-template <int kDepth, bool kWithStep>
+template <int kDepth, bool kWithStep, bool kWithPosition = false>
 struct TensorListMeta {
-  static constexpr int kBytesPerTensor = 8 * kDepth + 8 + 8 + (kWithStep ? 8 : 0);
+  static constexpr int kBytesPerTensor =
+      8 * kDepth + 8 + 8 + (kWithStep ? 8 : 0) + (kWithPosition ? 4 : 0);
   static constexpr int kCapacity =
       (kMaxKernelParamBytes - kReservedParamBytes - 16) / kBytesPerTensor;
 
@@ -78,6 +82,7 @@ struct TensorListMeta {
   int64_t numel[kCapacity];
   int64_t chunk_end[kCapacity];  // chunks of tensors 0..t of this launch, inclusive
   const float* step[kWithStep ? kCapacity : 1];
+  uint32_t position[kWithPosition ? kCapacity : 1];
   int64_t num_chunks;  // == chunk_end[num_tensors - 1]
   int32_t num_tensors;
 };
@@ -141,12 +146,13 @@ using InfoList = std::span<const TensorInfo>;
 
 // Calls launch(meta, first_chunk) once per TensorListMeta::kCapacity non-empty tensors among
 // lists[*][indices[i]], in order. first_chunk is the global number of the launch's first chunk
-// (over all launches of this call), for kernels that write one result per chunk.
-template <int kDepth, bool kWithStep, typename Launch>
+// (over all launches of this call), for kernels that write one result per chunk. steps and
+// positions are read only for tables that hold them.
+template <int kDepth, bool kWithStep, bool kWithPosition = false, typename Launch>
 void multi_tensor_apply(const std::array<InfoList, kDepth>& lists,
                         std::span<const float* const> steps, const std::vector<int64_t>& indices,
-                        Launch&& launch) {
-  using Meta = TensorListMeta<kDepth, kWithStep>;
+                        Launch&& launch, std::span<const int64_t> positions = {}) {
+  using Meta = TensorListMeta<kDepth, kWithStep, kWithPosition>;
   Meta meta;
   meta.num_tensors = 0;
   meta.num_chunks = 0;
@@ -160,6 +166,7 @@ void multi_tensor_apply(const std::array<InfoList, kDepth>& lists,
     meta.num_chunks += (n + kChunk - 1) / kChunk;
     meta.chunk_end[k] = meta.num_chunks;
     if constexpr (kWithStep) meta.step[k] = steps[i];
+    if constexpr (kWithPosition) meta.position[k] = static_cast<uint32_t>(positions[i]);
     meta.num_tensors = k + 1;
     if (meta.num_tensors == Meta::kCapacity) {
       launch(meta, first_chunk);
@@ -250,28 +257,66 @@ __device__ __forceinline__ T from_float(float x) {
   return static_cast<T>(x);
 }
 
-// N consecutive elements at p, upcast to fp32. kAligned: p is 16-byte aligned and N elements
-// are a whole number of 16-byte words, each loaded with one 128-bit load.
+// N consecutive elements at p as stored. kAligned: p is 16-byte aligned and N elements are a
+// whole number of 16-byte words, each moved with one 128-bit access.
 template <int N, bool kAligned, typename T>
-__device__ __forceinline__ void load_n(const T* __restrict__ p, float (&out)[N]) {
+__device__ __forceinline__ void load_raw(const T* __restrict__ p, T (&out)[N]) {
   if constexpr (kAligned) {
     constexpr int kPerWord = 16 / sizeof(T);
     static_assert(N % kPerWord == 0, "a vector must be whole 16-byte words");
 #pragma unroll
     for (int w = 0; w < N / kPerWord; ++w) {
       const uint4 raw = reinterpret_cast<const uint4*>(p)[w];
-      T vals[kPerWord];
-      memcpy(vals, &raw, sizeof(raw));
-#pragma unroll
-      for (int j = 0; j < kPerWord; ++j) out[w * kPerWord + j] = to_float(vals[j]);
+      memcpy(&out[w * kPerWord], &raw, sizeof(raw));
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = to_float(p[j]);
+    for (int j = 0; j < N; ++j) out[j] = p[j];
   }
 }
 
 // The first `count` (< N, may be <= 0) elements at p; the rest of out is zero.
+template <int N, typename T>
+__device__ __forceinline__ void load_raw_partial(const T* __restrict__ p, int count,
+                                                 T (&out)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = j < count ? p[j] : T{};
+}
+
+template <int N, bool kAligned, typename T>
+__device__ __forceinline__ void store_raw(T* __restrict__ p, const T (&in)[N]) {
+  if constexpr (kAligned) {
+    constexpr int kPerWord = 16 / sizeof(T);
+    static_assert(N % kPerWord == 0, "a vector must be whole 16-byte words");
+#pragma unroll
+    for (int w = 0; w < N / kPerWord; ++w) {
+      uint4 raw;
+      memcpy(&raw, &in[w * kPerWord], sizeof(raw));
+      reinterpret_cast<uint4*>(p)[w] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) p[j] = in[j];
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_raw_partial(T* __restrict__ p, int count, const T (&in)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (j < count) p[j] = in[j];
+  }
+}
+
+// The same, converted to and from fp32.
+template <int N, bool kAligned, typename T>
+__device__ __forceinline__ void load_n(const T* __restrict__ p, float (&out)[N]) {
+  T vals[N];
+  load_raw<N, kAligned>(p, vals);
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = to_float(vals[j]);
+}
+
 template <int N, typename T>
 __device__ __forceinline__ void load_n_partial(const T* __restrict__ p, int count,
                                                float (&out)[N]) {
@@ -281,22 +326,10 @@ __device__ __forceinline__ void load_n_partial(const T* __restrict__ p, int coun
 
 template <int N, bool kAligned, typename T>
 __device__ __forceinline__ void store_n(T* __restrict__ p, const float (&in)[N]) {
-  if constexpr (kAligned) {
-    constexpr int kPerWord = 16 / sizeof(T);
-    static_assert(N % kPerWord == 0, "a vector must be whole 16-byte words");
+  T vals[N];
 #pragma unroll
-    for (int w = 0; w < N / kPerWord; ++w) {
-      T vals[kPerWord];
-#pragma unroll
-      for (int j = 0; j < kPerWord; ++j) vals[j] = from_float<T>(in[w * kPerWord + j]);
-      uint4 raw;
-      memcpy(&raw, vals, sizeof(raw));
-      reinterpret_cast<uint4*>(p)[w] = raw;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j) p[j] = from_float<T>(in[j]);
-  }
+  for (int j = 0; j < N; ++j) vals[j] = from_float<T>(in[j]);
+  store_raw<N, kAligned>(p, vals);
 }
 
 template <int N, typename T>
@@ -361,9 +394,9 @@ __device__ __forceinline__ void process_chunk(Op& op, int len, bool aligned) {
 }
 
 // Elements of one vector: 16 bytes of the narrowest stream, so its loads are whole words.
-template <typename A, typename B>
+template <typename... T>
 constexpr int vector_elems() {
-  return 16 / static_cast<int>(sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
+  return 16 / static_cast<int>(std::min({sizeof(T)...}));
 }
 
 // Vectors each thread loads before computing any, per tile: as many as keep about 64 fp32
