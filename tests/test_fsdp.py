@@ -139,6 +139,54 @@ def _dtensor_checks():
     return {"norms": norms, "params": [p.flatten().tolist() for p in updated]}
 
 
+# bf16 params with exact masters and bf16 moments; with stochastic rounding too.
+LEAN_SCENARIOS = {
+    "master": dict(master_weights=True, state_dtype=torch.bfloat16),
+    "master-sr": dict(master_weights=True, state_dtype=torch.bfloat16, stochastic_rounding=True),
+}
+
+
+def _lean_data():
+    """bf16 params (7, 5): rank 0 holds rows 0-3, rank 1 rows 4-6; (3,) splits 2 + 1. The
+    gradients of three steps, the same on every rank."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(7, 5, generator=gen), torch.randn(3, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(3)]
+    return [t.bfloat16() for t in init], [[g.bfloat16() for g in gs] for gs in grads]
+
+
+def _lean_run(kwargs, to_param):
+    """Three steps of lean AdamW on _lean_data's params, each made by to_param: (params, opt)."""
+    init, grads = _lean_data()
+    params = [nn.Parameter(to_param(t.clone())) for t in init]
+    opt = fastopt.AdamW(params, lr=1e-2, seed=5, **kwargs)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = to_param(g.clone())
+        opt.step()
+    return params, opt
+
+
+def _lean_checks():
+    """The lean settings on FSDP2's layout (Shard(0) DTensors), with the same gradients as a
+    whole-tensor run gets: the state stays sharded, and the update is the whole tensor's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for name, kwargs in LEAN_SCENARIOS.items():
+        params, opt = _lean_run(kwargs, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+        state = opt.state[params[0]]
+        out[name] = {
+            "params": [p.full_tensor().view(torch.int16).flatten().tolist() for p in params],
+            "local_masters": [opt.master_param(p).flatten().tolist() for p in params],
+            "state_types": sorted({type(v).__name__ for k, v in state.items() if k != "step"}),
+            "remainder_dtype": str(state["master_remainder"].dtype),
+        }
+    return out
+
+
 def _worker(rank, tmp):
     torch.set_num_threads(1)  # two ranks on two cores
     dist.init_process_group(
@@ -148,6 +196,7 @@ def _worker(rank, tmp):
         report = {name: _run_sharded(name, rank) for name in SCENARIOS}
         report["accumulator_error"] = _accumulator_error()
         report["dtensors"] = _dtensor_checks()
+        report["lean"] = _lean_checks()
     finally:
         dist.destroy_process_group()
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
@@ -244,3 +293,30 @@ def test_plain_partial_and_resharded_gradients_update_as_torch(sharded):
             torch.testing.assert_close(
                 torch.tensor(got), want.detach().flatten(), rtol=1e-6, atol=1e-7
             )
+
+
+@pytest.mark.parametrize("scenario", list(LEAN_SCENARIOS))
+def test_lean_settings_on_shards(sharded, scenario):
+    """Masters (an int16 remainder) and bf16 moments are DTensors sharded as their params. The
+    sharded update without stochastic rounding is the whole tensors' bit for bit; with it,
+    each shard draws its noise by its local element index (so a run sharded differently
+    rounds differently, as unbiased), and the result stays within a bf16 ulp or two of it."""
+    params, opt = _lean_run(LEAN_SCENARIOS[scenario], lambda t: t)
+    rows = [(0, 4), (4, 7)], [(0, 2), (2, 3)]  # each rank's rows of the two params
+    for rank in range(WORLD):
+        report = sharded[rank]["lean"][scenario]
+        assert report["state_types"] == ["DTensor"]
+        assert report["remainder_dtype"] == "torch.int16"
+        for got, want in zip(report["params"], params):
+            got = torch.tensor(got, dtype=torch.int16).view(torch.bfloat16)
+            if scenario == "master":
+                assert torch.equal(got, want.detach().flatten())
+            else:
+                torch.testing.assert_close(got, want.detach().flatten(), rtol=2**-6, atol=1e-3)
+        for i, (lo, hi) in enumerate(r[rank] for r in rows):
+            got = torch.tensor(report["local_masters"][i])
+            want = opt.master_param(params[i])[lo:hi].flatten()
+            if scenario == "master":
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=2**-6, atol=1e-3)
