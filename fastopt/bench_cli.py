@@ -20,10 +20,12 @@ def _percent(gbps: float, copy_gbps: float | None) -> str:
 def _table(title: str, rows: list[dict], baseline: str, copy_gbps: float | None) -> str:
     idle = "idle_ms" in rows[0]
     state = "state_bytes" in rows[0]
+    peak = "peak_bytes" in rows[0]
     width = max(30, *(len(r["name"]) + 2 for r in rows))
     lines = [f"\n{title}", f"{'implementation':<{width}}{'ms/step':>9}{'min-max ms':>15}"
              f"{'B/param':>9}{'GB/s':>8}{'% copy':>8}{'speed-up':>10}{'min-max':>13}"
              + (f"{'state B/param':>15}" if state else "")
+             + (f"{'peak B/param':>14}" if peak else "")
              + (f"{'from idle':>11}" if idle else "")]  # fmt: skip
     for r in rows:
         spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
@@ -32,6 +34,7 @@ def _table(title: str, rows: list[dict], baseline: str, copy_gbps: float | None)
                      f"{r['gbps']:>8.1f}{_percent(r['gbps'], copy_gbps):>8}"
                      f"{r['speedup']:>9.2f}x{ratios:>13}"
                      + (f"{r['state_bytes']:>15.2f}" if state else "")
+                     + (f"{r['peak_bytes']:>14.2f}" if peak else "")
                      + (f"{r['idle_ms']:>11.2f}" if idle else "")
                      + ("  (wide spread)" if r["wide"] else ""))  # fmt: skip
     lines.append(f"speed-up: median over repeats of {baseline}'s ms / this row's ms, timed "
@@ -130,14 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite in ("lean", "all"):
         del params, grads
         cases = B.lean_cases(device, shapes)
-        steps = {name: step for name, (step, _, _) in cases.items()}
+        steps = {name: step for name, (step, *_) in cases.items()}
         with B.OtherLoad() as other:
             times, idle = _timed(steps, device, repeats)
-        moved = {name: bpp for name, (_, bpp, _) in cases.items()}
+        moved = {name: bpp for name, (_, bpp, *_) in cases.items()}
         baseline = "torch fused, fp32 params"
         rows = B.summarize(times, n, moved, baseline, idle)
         for row in rows:
             row["state_bytes"] = cases[row["name"]][2]
+            if cases[row["name"]][3] is not None:
+                row["peak_bytes"] = cases[row["name"]][3]
         print(_table("Lean precision: bf16 params with exact masters or stochastic rounding",
                      rows, baseline, copy_gbps))  # fmt: skip
         print(*_warnings(rows, other, device), sep="\n")

@@ -189,25 +189,36 @@ def pipeline_cases(device: str, max_norm: float = 1.0) -> dict[str, Callable]:
 # remainder, grad, exp_avg, exp_avg_sq (2 each: 10) and writes param, remainder and the moments
 # (8): 18, against 28 for fp32 params; state 6 (moments 4, remainder 2) against 8.
 LEAN_CASES = {
-    # name: (param dtype, bytes moved, optimizer kwargs or None for torch's fused AdamW)
+    # name: (param dtype, bytes moved, optimizer kwargs or None for torch's fused AdamW); the
+    # fastopt rows run on each of the device's fastopt backends.
     "torch fused, fp32 params": (torch.float32, 28, None),
     "torch fused, bf16 params": (torch.bfloat16, 14, None),
-    "fastopt, bf16 + master + bf16 moments": (
+    "bf16 + master + bf16 moments": (
         torch.bfloat16, 18, dict(master_weights=True, state_dtype=torch.bfloat16)),
-    "fastopt, bf16 + stochastic rounding + bf16 moments": (
+    "bf16 + stochastic rounding + bf16 moments": (
         torch.bfloat16, 14, dict(stochastic_rounding=True, state_dtype=torch.bfloat16, seed=0)),
-    "fastopt, fp32 params": (torch.float32, 28, {}),
+    "fp32 params": (torch.float32, 28, {}),
 }  # fmt: skip
 
 
-def lean_cases(device: str, shapes, seed: int = 0) -> dict[str, tuple[Callable, int, Callable]]:
-    """name -> (step function, bytes moved per parameter, state bytes per parameter function):
-    each case with its own params and gradients of its dtype (the same values, rounded)."""
+def lean_cases(
+    device: str, shapes, seed: int = 0
+) -> dict[str, tuple[Callable, int, float, float | None]]:
+    """name -> (step function, bytes moved per parameter, state bytes per parameter, peak
+    bytes per parameter): each case with its own params and gradients of its dtype (the same
+    values, rounded). The peak, on a GPU only (None elsewhere): params, grads and state held,
+    plus the most a step allocates on top of them (torch.cuda.max_memory_allocated)."""
     from . import AdamW
 
-    backend = _fastopt_backends(device)[0] if _fastopt_backends(device) else "reference"
-    out = {}
+    backends = _fastopt_backends(device) or ["reference"]
+    runs = []
     for name, (dtype, moved, kwargs) in LEAN_CASES.items():
+        if kwargs is None:
+            runs.append((name, dtype, moved, None, None))
+        else:
+            runs += [(f"fastopt {b}, {name}", dtype, moved, kwargs, b) for b in backends]
+    out = {}
+    for name, dtype, moved, kwargs, backend in runs:
         params, grads = make_params(shapes, device, seed=seed)
         params = [torch.nn.Parameter(p.detach().to(dtype)) for p in params]
         for p, g in zip(params, grads):
@@ -220,7 +231,17 @@ def lean_cases(device: str, shapes, seed: int = 0) -> dict[str, tuple[Callable, 
         n = sum(p.numel() for p in params)
         nbytes = sum(t.numel() * t.element_size() for st in opt.state.values()
                      for t in st.values() if isinstance(t, Tensor))  # fmt: skip
-        out[name] = (opt.step, moved, nbytes / n)
+        peak = None
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            held_before = torch.cuda.memory_allocated(device)
+            opt.step()
+            torch.cuda.synchronize(device)
+            transient = torch.cuda.max_memory_allocated(device) - held_before
+            tensors = sum(t.numel() * t.element_size() for p in params for t in (p, p.grad))
+            peak = (tensors + nbytes + transient) / n
+        out[name] = (opt.step, moved, nbytes / n, peak)
     return out
 
 
