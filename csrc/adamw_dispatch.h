@@ -35,13 +35,16 @@ inline Master master_kind(const AdamWInputs& in) {
   return in.params[0].dtype == ScalarType::BFloat16 ? Master::kRemainder : Master::kCopy;
 }
 
-// Stochastic rounding needs one position per tensor (the noise's tensor index) and is
-// implemented for bf16 stores only; fastopt.AdamW refuses the rest before a step.
+// Stochastic rounding needs one position (the noise's tensor index) and one first index (of
+// the tensor's first element in its whole param) per tensor, and is implemented for bf16
+// stores only; fastopt.AdamW refuses the rest before a step.
 inline void check_rounding(const AdamWInputs& in, Master master, bool stochastic_rounding,
-                           size_t num_positions) {
+                           size_t num_positions, size_t num_first_indices) {
   if (!stochastic_rounding) return;
   FASTOPT_CHECK(num_positions == in.params.size(), "fastopt.adamw_: positions has ",
                 num_positions, " entries, expected ", in.params.size());
+  FASTOPT_CHECK(num_first_indices == in.params.size(), "fastopt.adamw_: first_indices has ",
+                num_first_indices, " entries, expected ", in.params.size());
   const bool fp16_store = in.state_dtype == ScalarType::Half ||
                           (in.params[0].dtype == ScalarType::Half && master == Master::kNone);
   FASTOPT_CHECK(!fp16_store, "fastopt.adamw_: stochastic rounding rounds bfloat16 stores "

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from .backends import BACKENDS, backend_ops, select_backend
 from .norm import global_norm
 from .rounding import join_master
-from .sharded import dtensor_type, is_dtensor, is_fsdp1_flat, like_param, local
+from .sharded import dtensor_type, first_index, is_dtensor, is_fsdp1_flat, like_param, local
 
 __all__ = ["AdamW"]
 
@@ -476,6 +476,7 @@ class AdamW(Optimizer):
                 extra = dict(
                     masters=masters, stochastic_rounding=_lean(group, "stochastic_rounding"),
                     seed=_lean(group, "seed") or 0, positions=bucket.positions,
+                    first_indices=bucket.first_indices,
                 )  # fmt: skip
             bucket_grads = bucket.readable_grads(grads)
             if found_inf is None:
@@ -518,6 +519,7 @@ class _Bucket:
             [s[master] for s in states] if master else [],
         ]
         self.positions = [positions[id(params[i])] for i in indices]
+        self.first_indices = [first_index(params[i]) for i in indices]  # non-zero for shards
         self.state_dtype = states[0]["exp_avg"].dtype
         # DTensor params (FSDP2) and their state update shard by shard: the kernels get each
         # rank's local tensors, looked up at every step.

@@ -118,6 +118,7 @@ def adamw_step(
     stochastic_rounding: bool = False,
     seed: int = 0,
     positions: list[int] = (),
+    first_indices: list[int] = (),
 ) -> None:
     """One AdamW update (decoupled weight decay) of every tensor in ``params``, in place.
 
@@ -129,7 +130,9 @@ def adamw_step(
     fp32 master, or the fp32 master of a fp16 param (fastopt.rounding). The update then starts
     from the master, and the param is stored as the new master rounded to nearest.
     ``stochastic_rounding``: every other store into bf16 rounds stochastically, with noise
-    keyed by ``seed``, ``positions[i]`` (the param's place in the optimizer) and the step.
+    keyed by ``seed``, ``positions[i]`` (the param's place in the optimizer) and the step,
+    one word per element by its index in the whole param: ``first_indices[i]`` is the index of
+    params[i]'s first element there (non-zero for a shard; empty: all 0).
     """
     if not params:
         return
@@ -176,7 +179,9 @@ def adamw_step(
         p.sub_((m / denom).mul_(lr / bias_correction1))
 
         # 16 noise bits per bf16 store: the param's, exp_avg's, exp_avg_sq's, max_exp_avg_sq's
-        n_p, n_m, n_v, n_vmax = _noise(stochastic_rounding, seed, positions, i, state_steps[i], p)
+        first = first_indices[i] if first_indices else 0
+        n_p, n_m, n_v, n_vmax = _noise(stochastic_rounding, seed, positions[i] if positions else 0,
+                                       first, state_steps[i], p)  # fmt: skip
         if master is None:
             _store(param, p, n_p)
         elif master.dtype == torch.int16:
@@ -192,16 +197,16 @@ def adamw_step(
             _store(max_exp_avg_sqs[i], second, n_vmax)
 
 
-def _noise(on: bool, seed: int, positions, i: int, step: Tensor, like: Tensor):
-    """The four 16-bit noise halves of every element of params[i] at this step (Nones when
-    off): the high and low halves of two noise words."""
+def _noise(on: bool, seed: int, position: int, first: int, step: Tensor, like: Tensor):
+    """The four 16-bit noise halves of every element of a param at this step (Nones when off):
+    the high and low halves of two noise words."""
     if not on:
         return None, None, None, None
     step = int(_lr_value(step))
     halves = []
     for stream in (STREAM_PARAM_MOMENT1, STREAM_MOMENTS2):
-        key = noise_key(seed, positions[i], step, stream)
-        word = element_noise(key, like.numel(), like.device).view(like.shape)
+        key = noise_key(seed, position, step, stream)
+        word = element_noise(key, like.numel(), like.device, first).view(like.shape)
         halves += [word >> 16, word & 0xFFFF]
     return halves
 

@@ -91,14 +91,15 @@ def noise_key(seed: int, position: int, step: int, stream: int) -> int:
     return mix32_int(k ^ stream)
 
 
-def element_noise(key: int, numel: int, device: torch.device) -> Tensor:
-    """The noise word of each element 0..numel-1 (int64 holding uint32): mix32(key ^ index),
-    the index's high word folded into the key first (0 for tensors under 2**32 elements)."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
-    hi = i >> 32
+def element_noise(key: int, numel: int, device: torch.device, first: int = 0) -> Tensor:
+    """The noise word of each element first..first+numel-1 (int64 holding uint32):
+    mix32(key ^ index), the index's high word folded into the key first (mix32(0) is 0, so
+    nothing changes below 2**32). ``first``: the index of the tensor's first element in the
+    whole param, for a shard (FSDP2), so that the noise does not depend on how it is sharded."""
+    i = torch.arange(first, first + numel, dtype=torch.int64, device=device)
     k = torch.full_like(i, key)
-    if numel > 1 << 32:
-        k = k ^ mix32(hi)
+    if first + numel > 1 << 32:
+        k = k ^ mix32(i >> 32)
     return mix32(k ^ (i & MASK32))
 
 

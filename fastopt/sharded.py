@@ -23,6 +23,7 @@ __all__ = [
     "combine_flag",
     "combine_norm",
     "dtensor_type",
+    "first_index",
     "is_dtensor",
     "is_fsdp1_flat",
     "like_param",
@@ -61,6 +62,23 @@ def local(t: Tensor) -> Tensor:
     """The rank's shard of a DTensor (its storage: in-place updates reach the DTensor), or
     ``t`` itself. Call under ``torch.no_grad``."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def first_index(t: Tensor) -> int:
+    """The index, in the whole tensor (row-major), of the first element of this rank's shard
+    of a DTensor; 0 for a plain tensor. Stochastic rounding counts elements from it, so that a
+    shard's noise is the whole tensor's there (exactly so where the shard is a contiguous range
+    of the whole, as FSDP2's first-dimension shards are)."""
+    if not is_dtensor(t):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    index, stride = 0, 1
+    for size, offset in zip(reversed(t.shape), reversed(offsets)):
+        index += offset * stride
+        stride *= size
+    return index
 
 
 def is_fsdp1_flat(p: Tensor) -> bool:

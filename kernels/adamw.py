@@ -120,12 +120,14 @@ def _store(ptr, x, noise16, mask, SR: tl.constexpr):
 
 @triton.jit
 def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, decay, lerp_coef,
-            beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1, key2,
+            beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1, key2, next_high,
             AMSGRAD: tl.constexpr, LERP_FROM_M: tl.constexpr, MASTER: tl.constexpr,
             SR: tl.constexpr):  # fmt: skip
     """adamw_math on one block; ``mask`` is None for full blocks (unmasked 128-bit accesses).
-    MASTER: 0 none, 1 an int16 remainder of bf16 params, 2 an fp32 copy. ``index0``: the
-    block's first element index within its tensor, as uint32 (the noise's counter)."""
+    MASTER: 0 none, 1 an int16 remainder of bf16 params, 2 an fp32 copy. ``index0``: the low
+    word of the chunk's first element's index in the whole param (the noise's counter); key1
+    and key2 the keys of its high word, ``next_high`` what turns them into the next high
+    word's, for elements past a multiple of 2**32 (only a shard's chunk can cross one)."""
     if MASTER == 1:
         bits = tl.load(p_ptr + offs, mask=mask).to(tl.uint16, bitcast=True).to(tl.uint32)
         rem = tl.load(master_ptr + offs, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
@@ -157,8 +159,9 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, 
     w2 = tl.zeros(offs.shape, tl.uint32)
     if SR:
         index = index0 + offs.to(tl.uint32)
-        w1 = _mix32(key1 ^ index)
-        w2 = _mix32(key2 ^ index)
+        fold = tl.where(index < index0, next_high, 0)
+        w1 = _mix32(key1 ^ fold ^ index)
+        w2 = _mix32(key2 ^ fold ^ index)
     if MASTER == 1:
         b = p.to(tl.uint32, bitcast=True)
         tie = (b & 0xFFFF) == 0x8000
@@ -212,7 +215,8 @@ def adamw_kernel(
     vmax_ptr = v_ptr
     if AMSGRAD:
         vmax_ptr = tensor_ptr(table, n_tensors, _VMAX, t, start, S_DTYPE, ALIGNED)
-    # Rows after the moments: the masters (when MASTER), the step counts, the positions (SR).
+    # Rows after the moments: the masters (when MASTER), the step counts, then (SR) the
+    # positions and the first elements' indices in their whole params.
     master_row: tl.constexpr = _VMAX + AMSGRAD
     step_row: tl.constexpr = master_row + (MASTER != 0)
     master_ptr = p_ptr
@@ -229,20 +233,24 @@ def adamw_kernel(
         lr = _f64(lr_bits)
     step32 = tl.load(step_ptr)
     step = step32.to(tl.float64)
-    # The noise keys (rounding.noise_key) from the seed, the param's position and the step;
-    # the chunk's elements share the high word of their index (a chunk never straddles 2**32).
+    # The noise keys (rounding.noise_key) from the seed, the param's position and the step,
+    # the high word of the chunk's first index folded in (mix32(0) is 0).
     key1 = tl.zeros((), tl.uint32)
     key2 = tl.zeros((), tl.uint32)
     index0 = tl.zeros((), tl.uint32)
+    next_high = tl.zeros((), tl.uint32)
     if SR:
         position = tl.load(table + (ROW_FIRST_POINTER + step_row + 1) * n_tensors + t)
+        first = tl.load(table + (ROW_FIRST_POINTER + step_row + 2) * n_tensors + t)
         k = _mix32(seed32.to(tl.uint32) ^ position.to(tl.uint32))
         k = _mix32(k ^ step32.to(tl.uint32))
-        high = (start >> 32).to(tl.uint32)
-        fold = tl.where(high == 0, 0, _mix32(high))
+        start_index = first + start
+        high = (start_index >> 32).to(tl.uint32)
+        fold = _mix32(high)
         key1 = _mix32(k ^ 0) ^ fold
         key2 = _mix32(k ^ 1) ^ fold
-        index0 = start.to(tl.uint32)
+        next_high = fold ^ _mix32(high + 1)
+        index0 = (start_index & 0xFFFFFFFF).to(tl.uint32)
     bias_correction1 = 1.0 - tl.exp2(step * _f64(log2_beta1_bits))  # 1 - beta1**step
     bias_correction2 = 1.0 - tl.exp2(step * _f64(log2_beta2_bits))
     step_size = (lr / bias_correction1).to(tl.float32)
@@ -258,13 +266,13 @@ def adamw_kernel(
         offs = i * BLOCK + tl.arange(0, BLOCK)
         _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, None, coef, decay,
                 lerp_coef, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1,
-                key2, AMSGRAD, LERP_FROM_M, MASTER, SR)  # fmt: skip
+                key2, next_high, AMSGRAD, LERP_FROM_M, MASTER, SR)  # fmt: skip
     offs = n_full * BLOCK + tl.arange(0, BLOCK)
     if n_full * BLOCK < n_here:
         mask = offs < n_here
         _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, decay,
                 lerp_coef, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1,
-                key2, AMSGRAD, LERP_FROM_M, MASTER, SR)  # fmt: skip
+                key2, next_high, AMSGRAD, LERP_FROM_M, MASTER, SR)  # fmt: skip
 
 
 def _lerp_coef(beta1: float) -> tuple[float, bool]:
@@ -335,6 +343,7 @@ def adamw_step(
     stochastic_rounding: bool = False,
     seed: int = 0,
     positions: list[int] = (),
+    first_indices: list[int] = (),
 ) -> None:
     """fastopt.reference.adamw_step's contract, in one kernel launch and without host syncs."""
     if not params:
@@ -372,7 +381,12 @@ def adamw_step(
     _check_steps(state_steps, len(params), device)
 
     launch = launch_heuristics("adamw", p_dtype.itemsize)
-    values = (tuple(int(i) & 0xFFFFFFFF for i in positions),) if sr else ()
+    values = ()
+    if sr:
+        firsts = tuple(int(i) for i in first_indices) if first_indices else (0,) * len(params)
+        if len(firsts) != len(params):
+            raise ValueError(f"first_indices has {len(firsts)} entries, expected {len(params)}")
+        values = (tuple(int(i) & 0xFFFFFFFF for i in positions), firsts)
     table = get_table(list(lists.values()), launch.chunk, device, (state_steps,), numels, values)
     if table.n_chunks == 0:
         return  # only empty tensors

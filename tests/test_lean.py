@@ -493,3 +493,58 @@ def test_cuda_kernel_matches_the_reference_bit_for_bit(**config):
 @given(**{**_CONFIGS, "sizes": st.lists(st.integers(0, 40_000), min_size=1, max_size=2)})
 def test_triton_kernel_on_the_gpu_matches_the_reference_bit_for_bit(**config):
     _lockstep("triton", **config, device="cuda")
+
+
+def _sr_data(sizes, steps=2):
+    """bf16 params of ``sizes`` and their gradients at each of ``steps`` steps (CPU)."""
+    gen = torch.Generator().manual_seed(sum(sizes))
+    params = [torch.randn(n, generator=gen).bfloat16() for n in sizes]
+    grads = [[torch.randn(n, generator=gen).bfloat16() for n in sizes] for _ in range(steps)]
+    return params, grads
+
+
+def _sr_op_step(backend, device, params, grads, firsts, seed=21):
+    """Stochastically rounded steps of bf16 params with bf16 moments straight through a
+    backend's op, the tensors' elements counted from ``firsts``: the bits of every tensor."""
+    ps = [p.to(device, copy=True) for p in params]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    counts = [torch.zeros((), device=device) for _ in ps]
+    ops = fastopt.backends.backend_ops(backend)
+    for step_grads in grads:
+        for c in counts:
+            c.add_(1)
+        ops.adamw_step(ps, [g.to(device) for g in step_grads], ms, vs, [], counts, lr=1e-2,
+                       beta1=0.9, beta2=0.99, weight_decay=0.01, eps=1e-8, amsgrad=False,
+                       maximize=False, stochastic_rounding=True, seed=seed,
+                       positions=[7] * len(ps), first_indices=list(firsts))  # fmt: skip
+    return [_bits16(t).cpu() for t in ps + ms + vs]
+
+
+def test_a_shard_rounds_as_the_whole_tensor_does_there():
+    """The noise counts elements from the whole param's first: a tensor stepped as two pieces
+    (the same position), the second told where it starts, gets the whole tensor's bits."""
+    (whole_p,), grads = _sr_data([70_000])
+    cut = 30_001
+    whole = _sr_op_step("reference", "cpu", [whole_p], [[g] for (g,) in grads], [0])
+    pieces = _sr_op_step("reference", "cpu", [whole_p[:cut], whole_p[cut:]],
+                         [[g[:cut], g[cut:]] for (g,) in grads], [0, cut])  # fmt: skip
+    for k in range(3):  # param, exp_avg, exp_avg_sq
+        assert torch.equal(torch.cat(pieces[2 * k : 2 * k + 2]), whole[k])
+    counted_from_zero = _sr_op_step("reference", "cpu", [whole_p[cut:]],
+                                    [[g[cut:]] for (g,) in grads], [0])  # fmt: skip
+    assert not torch.equal(counted_from_zero[0], whole[0][cut:])
+
+
+# Shards that start just below a multiple of 2**32 elements (the noise's high index word
+# changes inside a chunk and inside a vector) and one that starts above it.
+_FIRSTS = [2**32 - 5, 2**32 - 70_000, 3 * 2**32 + 7, 2**32 - 1]
+_SIZES = [1_000, 140_001, 33, 2]
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_first_indices_across_two_to_the_32_match_the_reference(backend, device):
+    params, grads = _sr_data(_SIZES)
+    got = _sr_op_step(backend, device, params, grads, _FIRSTS)
+    assert _same(got, _sr_op_step("reference", "cpu", params, grads, _FIRSTS))
+    assert not _same(got, _sr_op_step(backend, device, params, grads, [0] * len(_SIZES)))

@@ -24,12 +24,21 @@ def _adamw_args(amsgrad, dtype=torch.float32):
     return (mk(), mk(), mk(), [t.abs() for t in mk()], [t.abs() for t in mk()] if amsgrad else [],
             [torch.tensor(3.0) for _ in shapes], 1e-3, None, 0.9, 0.999, 0.01, 1e-8, amsgrad,
             False, torch.tensor(4.0), torch.tensor(0.0), torch.tensor(2.0), 1.0, 0.5,
-            [], False, 0, [])  # fmt: skip
+            [], False, 0, [], [])  # fmt: skip
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_opcheck_adamw(amsgrad):
     torch.library.opcheck(torch.ops.fastopt.adamw_.default, _adamw_args(amsgrad))
+
+
+def test_opcheck_adamw_lean():
+    """bf16 params with int16 remainders, bf16 moments, stochastic rounding from a shard's
+    first index."""
+    args = list(_adamw_args(True, torch.bfloat16))
+    args[19] = [torch.zeros(t.shape, dtype=torch.int16) for t in args[0]]  # masters
+    args[20:] = [True, 12345, [0, 1], [2**32 - 3, 40]]
+    torch.library.opcheck(torch.ops.fastopt.adamw_.default, tuple(args))
 
 
 def test_opcheck_multi_tensor_norm():

@@ -40,7 +40,9 @@ inline void prefetch_block(const T* p, int64_t n) {
 // One chunk of one tensor. Each clone is compiled for its instruction set and picked at load
 // time, so the same wheel uses AVX2 or AVX-512 where the CPU has it; the plain loops below are
 // what GCC vectorises. P, G, S: the storage of params, grads and moments; M: the master's
-// (int16 remainder or fp32 copy; unused for Master::kNone).
+// (int16 remainder or fp32 copy; unused for Master::kNone). key1, key2 and first: the noise's
+// keys (of the high word of the elements' indices in the whole param, which [begin, end)
+// share) and the index there of the tensor's element 0.
 //
 // All-fp32 storage runs as one loop. Otherwise the chunk goes block by block, through fp32
 // scratch rows: GCC 12 picks a loop's vector width from its narrowest type, and a loop whose
@@ -53,7 +55,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restrict__ exp_avg,
                  S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq,
                  M* __restrict__ master, int64_t begin, int64_t end, const AdamWCoeffs c,
-                 uint32_t key1, uint32_t key2) {
+                 uint32_t key1, uint32_t key2, uint64_t first) {
   constexpr bool kAllFloat = std::is_same_v<P, float> && std::is_same_v<G, float> &&
                              std::is_same_v<S, float> && kMaster == Master::kNone;
   if constexpr (kAllFloat) {
@@ -98,7 +100,7 @@ void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restric
     // The element's noise words (rounding.element_noise): mix32(key ^ the index's low word);
     // its high word is in the keys. Word 1 rounds the param (high half) and exp_avg (low),
     // word 2 exp_avg_sq (high) and max_exp_avg_sq (low).
-    const auto base = static_cast<uint32_t>(b0);
+    const auto base = static_cast<uint32_t>(first + static_cast<uint64_t>(b0));
     for (int64_t j = 0; j < len; ++j) {
       const uint32_t w1 = kSR ? mix32(key1 ^ (base + static_cast<uint32_t>(j))) : 0u;
       if constexpr (kMaster == Master::kRemainder) {
@@ -128,7 +130,8 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
                bool maximize, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
                const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor,
                const TensorList& masters, bool stochastic_rounding, int64_t seed,
-               const std::vector<int64_t>& positions) {
+               const std::vector<int64_t>& positions,
+               const std::vector<int64_t>& first_indices) {
   const size_t n = params.size();
   if (n == 0) return;
   const AdamWInputs in = check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
@@ -137,7 +140,7 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   const auto dtype = in.params[0].dtype;
   const auto grad_dtype = in.grads[0].dtype;
   const Master master = master_kind(in);
-  check_rounding(in, master, stochastic_rounding, positions.size());
+  check_rounding(in, master, stochastic_rounding, positions.size(), first_indices.size());
 
   const float* inf = optional_scalar(found_inf, "found_inf");
   if (inf != nullptr && *inf != 0.f) return;  // a skipped step touches nothing
@@ -161,37 +164,51 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
     }
   }
 
+  // Elements [begin, end) of tensor t, whose indices in the whole param share the high word
+  // `high`.
+  auto run_piece = [&](int64_t t, int64_t begin, int64_t end, uint64_t high, uint64_t first) {
+    const uint32_t key1 = noise_key_for_high_word(keys1[t], static_cast<uint32_t>(high));
+    const uint32_t key2 = noise_key_for_high_word(keys2[t], static_cast<uint32_t>(high));
+    dispatch_adamw(dtype, grad_dtype, in.state_dtype, master, stochastic_rounding,
+                   [&](auto p_tag, auto g_tag, auto s_tag, auto kind, auto sr) {
+      using P = typename decltype(p_tag)::type;
+      using G = typename decltype(g_tag)::type;
+      using S = typename decltype(s_tag)::type;
+      constexpr Master kM = decltype(kind)::value;
+      constexpr bool kSR = decltype(sr)::value;
+      using M = master_storage_t<kM, P>;
+      auto* p = static_cast<P*>(in.params[t].data);
+      auto* g = static_cast<const G*>(in.grads[t].data);
+      auto* m = static_cast<S*>(in.exp_avgs[t].data);
+      auto* v = static_cast<S*>(in.exp_avg_sqs[t].data);
+      auto* mw = kM == Master::kNone ? nullptr : static_cast<M*>(in.masters[t].data);
+      if (amsgrad) {
+        auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
+        adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end, coeffs[t], key1,
+                                            key2, first);
+      } else {
+        adamw_chunk<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end, coeffs[t],
+                                             key1, key2, first);
+      }
+    });
+  };
+
   const std::vector<Chunk> chunks = make_chunks(in.params);
   parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& ch = chunks[k];
       const auto t = ch.tensor;
-      // A chunk never straddles 2**32 elements (kChunk divides it): one high word per chunk.
-      const auto high = static_cast<uint32_t>(ch.begin >> 32);
-      const uint32_t key1 = noise_key_for_high_word(keys1[t], high);
-      const uint32_t key2 = noise_key_for_high_word(keys2[t], high);
-      dispatch_adamw(dtype, grad_dtype, in.state_dtype, master, stochastic_rounding,
-                     [&](auto p_tag, auto g_tag, auto s_tag, auto kind, auto sr) {
-        using P = typename decltype(p_tag)::type;
-        using G = typename decltype(g_tag)::type;
-        using S = typename decltype(s_tag)::type;
-        constexpr Master kM = decltype(kind)::value;
-        constexpr bool kSR = decltype(sr)::value;
-        using M = master_storage_t<kM, P>;
-        auto* p = static_cast<P*>(in.params[t].data);
-        auto* g = static_cast<const G*>(in.grads[t].data);
-        auto* m = static_cast<S*>(in.exp_avgs[t].data);
-        auto* v = static_cast<S*>(in.exp_avg_sqs[t].data);
-        auto* mw = kM == Master::kNone ? nullptr : static_cast<M*>(in.masters[t].data);
-        if (amsgrad) {
-          auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
-          adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, ch.begin, ch.end, coeffs[t],
-                                              key1, key2);
-        } else {
-          adamw_chunk<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, ch.begin, ch.end,
-                                               coeffs[t], key1, key2);
-        }
-      });
+      // Elements are counted from the whole param's first (first_indices: a shard's offset),
+      // and a range sharing one high index word shares its keys: the chunk in one piece, or
+      // two where its indices cross a multiple of 2**32 (possible in a shard only).
+      const uint64_t first = stochastic_rounding ? static_cast<uint64_t>(first_indices[t]) : 0;
+      const uint64_t index0 = first + static_cast<uint64_t>(ch.begin);
+      const uint64_t high = index0 >> 32;
+      const uint64_t next_high_at = ((high + 1) << 32) - first;  // local index of the crossing
+      const auto split = static_cast<int64_t>(
+          std::min<uint64_t>(next_high_at, static_cast<uint64_t>(ch.end)));
+      run_piece(t, ch.begin, split, high, first);
+      if (split < ch.end) run_piece(t, split, ch.end, high + 1, first);
     }
   });
 }

@@ -19,14 +19,15 @@ void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorL
                 bool maximize, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
                 const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor,
                 const TensorList& masters, bool stochastic_rounding, int64_t seed,
-                const std::vector<int64_t>& positions) {
+                const std::vector<int64_t>& positions,
+                const std::vector<int64_t>& first_indices) {
   const size_t n = params.size();
   if (n == 0) return;
   const AdamWInputs in = check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                             state_steps, amsgrad, DeviceType::CUDA, masters,
                                             /*lean=*/true);
   const Master master = master_kind(in);
-  check_rounding(in, master, stochastic_rounding, positions.size());
+  check_rounding(in, master, stochastic_rounding, positions.size(), first_indices.size());
   const Device device = in.params[0].device;
   AdamWScalars s;
   s.lr_tensor = optional_scalar(lr_tensor, device, "adamw_", "lr_tensor");
@@ -47,7 +48,8 @@ void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorL
   const cudaStream_t stream = current_stream(device.index());
   dispatch_float(in.params[0].dtype, [&](auto p_tag) {
     launch_adamw_for<typename decltype(p_tag)::type>(in, master, stochastic_rounding, amsgrad,
-                                                    positions, s, stream, device.index());
+                                                    positions, first_indices, s, stream,
+                                                    device.index());
   });
 }
 

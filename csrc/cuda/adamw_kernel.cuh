@@ -83,8 +83,12 @@ struct AdamWOp {
   S* __restrict__ max_exp_avg_sq;
   M* __restrict__ master;
   AdamWCoeffs c;
-  uint32_t key1, key2;  // the chunk's noise keys (kSR), its high index word folded in
-  uint32_t base;        // the low word of the chunk's first element index
+  // The noise (kSR): the low word of the chunk's first element's index in the whole param,
+  // the keys of that index's high word, and what turns them into the next high word's keys
+  // (key ^ mix32(high) is the high word's key, so one word serves both streams), for the
+  // elements past a multiple of 2**32 (only a shard's chunk can cross one).
+  uint32_t base;
+  uint32_t key1, key2, next_high;
 
   // The fp32 master: the bf16 param and its remainder joined, the fp32 copy (the fp16 param
   // itself is not read), or the param.
@@ -146,7 +150,8 @@ struct AdamWOp {
       S m[kVec];
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const uint32_t w1 = kSR ? mix32(key1 ^ (base + static_cast<uint32_t>(e + j))) : 0u;
+        const uint32_t index = base + static_cast<uint32_t>(e + j);
+        const uint32_t w1 = kSR ? mix32(key1 ^ (index < base ? next_high : 0u) ^ index) : 0u;
         if constexpr (kM == Master::kRemainder) {
           uint16_t bits;
           split_master(f.p[j], bits, w[j]);
@@ -166,7 +171,8 @@ struct AdamWOp {
     S v[kVec], vmax[kAmsgrad ? kVec : 1];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const uint32_t w2 = kSR ? mix32(key2 ^ (base + static_cast<uint32_t>(e + j))) : 0u;
+      const uint32_t index = base + static_cast<uint32_t>(e + j);
+      const uint32_t w2 = kSR ? mix32(key2 ^ (index < base ? next_high : 0u) ^ index) : 0u;
       v[j] = rounded<S, kSR>(f.v[j], w2 >> 16);
       if constexpr (kAmsgrad) vmax[j] = rounded<S, kSR>(f.vmax[j], w2 & 0xFFFFu);
     }
@@ -194,7 +200,7 @@ struct AdamWOp {
 // What thread 0 hands the block for one chunk.
 struct ChunkPlan {
   AdamWCoeffs c;
-  uint32_t key1, key2;
+  uint32_t base, key1, key2, next_high;
   int tensor;
   int64_t local_chunk;  // the chunk's number within its tensor
 };
@@ -211,14 +217,20 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
   // keys of each chunk, once per tensor, and hands them over through shared memory. Two
   // slots, alternated per iteration, need one barrier per chunk: a slot is rewritten two
   // iterations later, after every thread has passed the barrier of the iteration in between.
+  // What thread 0 keeps between chunks is in shared memory too: in registers it cost every
+  // thread those registers, and the widest variants spilled.
+  struct Kept {
+    AdamWCoeffs coeffs;  // of `tensor`
+    double lr;
+    float coef;
+    int tensor;
+  };
   __shared__ ChunkPlan plan[2];
-  float coef = 0.f;
-  double lr = 0.0;
-  int cached_tensor = -1;
-  AdamWCoeffs cached{};
+  __shared__ Kept kept;
   if (threadIdx.x == 0) {
-    coef = grad_coefficient(s.grad_scale, s.grad_norm, s.max_grad_norm, s.grad_factor);
-    lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
+    kept.coef = grad_coefficient(s.grad_scale, s.grad_norm, s.max_grad_norm, s.grad_factor);
+    kept.lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
+    kept.tensor = -1;
   }
 
   int slot = 0;
@@ -226,23 +238,23 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     if (threadIdx.x == 0) {
       const int t = find_tensor(meta, chunk);
       const float step = *meta.step[t];
-      if (t != cached_tensor) {
-        cached = adamw_coeffs(lr, s.beta1, s.beta2, s.weight_decay, s.eps,
-                              static_cast<double>(step), coef, s.maximize);
-        cached_tensor = t;
+      if (t != kept.tensor) {
+        kept.coeffs = adamw_coeffs(kept.lr, s.beta1, s.beta2, s.weight_decay, s.eps,
+                                   static_cast<double>(step), kept.coef, s.maximize);
+        kept.tensor = t;
       }
       const int64_t local = chunk - chunk_start(meta, t);
-      plan[slot].c = cached;
+      plan[slot].c = kept.coeffs;
       if constexpr (kSR) {
-        // Recomputed per chunk rather than kept per tensor, which cost registers the chunk
-        // body needs (ptxas spilled). A chunk never straddles 2**32 elements (kChunk divides
-        // it): one high word per chunk.
         const auto count = static_cast<uint32_t>(step);
-        const auto high = static_cast<uint32_t>((local * kChunk) >> 32);
-        plan[slot].key1 = noise_key_for_high_word(
-            noise_key(s.seed32, meta.position[t], count, kStreamParamMoment1), high);
-        plan[slot].key2 = noise_key_for_high_word(
-            noise_key(s.seed32, meta.position[t], count, kStreamMoments2), high);
+        const auto index0 = static_cast<uint64_t>(meta.first_index[t] + local * kChunk);
+        const auto high = static_cast<uint32_t>(index0 >> 32);
+        const uint32_t k1 = noise_key(s.seed32, meta.position[t], count, kStreamParamMoment1);
+        const uint32_t k2 = noise_key(s.seed32, meta.position[t], count, kStreamMoments2);
+        plan[slot].base = static_cast<uint32_t>(index0);
+        plan[slot].key1 = noise_key_for_high_word(k1, high);
+        plan[slot].key2 = noise_key_for_high_word(k2, high);
+        plan[slot].next_high = mix32(high) ^ mix32(high + 1);  // mix32(0) is 0
       }
       plan[slot].tensor = t;
       plan[slot].local_chunk = local;
@@ -261,9 +273,10 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     op.master = Op::kHasMaster ? static_cast<typename Op::M*>(meta.ptr[kDepth - 1][t]) + begin
                                : nullptr;
     op.c = plan[slot].c;
+    op.base = plan[slot].base;
     op.key1 = plan[slot].key1;
     op.key2 = plan[slot].key2;
-    op.base = static_cast<uint32_t>(begin);
+    op.next_high = plan[slot].next_high;
     // Chunk starts are multiples of kChunk elements, so the base pointers decide alignment.
     bool aligned = true;
 #pragma unroll
@@ -274,7 +287,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
 
 template <typename P, typename G, typename S, Master kM, bool kSR, bool kAmsgrad>
 void launch_adamw(const AdamWInputs& in, std::span<const int64_t> positions,
-                  const AdamWScalars& s, cudaStream_t stream, int device) {
+                  std::span<const int64_t> first_indices, const AdamWScalars& s,
+                  cudaStream_t stream, int device) {
   constexpr int kDepth = adamw_depth(kAmsgrad, kM);
   std::array<InfoList, kDepth> lists;
   lists[0] = in.params;
@@ -293,13 +307,14 @@ void launch_adamw(const AdamWInputs& in, std::span<const int64_t> positions,
         kernel<<<grid, kBlockThreads, 0, stream>>>(meta, s);
         STD_CUDA_KERNEL_LAUNCH_CHECK();
       },
-      positions);
+      positions, first_indices);
 }
 
 // One call's launches for params of storage type P.
 template <typename P>
 void launch_adamw_for(const AdamWInputs& in, Master master, bool stochastic_rounding,
-                      bool amsgrad, std::span<const int64_t> positions, const AdamWScalars& s,
+                      bool amsgrad, std::span<const int64_t> positions,
+                      std::span<const int64_t> first_indices, const AdamWScalars& s,
                       cudaStream_t stream, int device) {
   dispatch_adamw_for<P>(in.grads[0].dtype, in.state_dtype, master, stochastic_rounding,
                         [&](auto /*p*/, auto g_tag, auto s_tag, auto kind, auto sr) {
@@ -308,17 +323,17 @@ void launch_adamw_for(const AdamWInputs& in, Master master, bool stochastic_roun
     constexpr Master kM = decltype(kind)::value;
     constexpr bool kSR = decltype(sr)::value;
     if (amsgrad) {
-      launch_adamw<P, G, S, kM, kSR, true>(in, positions, s, stream, device);
+      launch_adamw<P, G, S, kM, kSR, true>(in, positions, first_indices, s, stream, device);
     } else {
-      launch_adamw<P, G, S, kM, kSR, false>(in, positions, s, stream, device);
+      launch_adamw<P, G, S, kM, kSR, false>(in, positions, first_indices, s, stream, device);
     }
   });
 }
 
 #define FASTOPT_ADAMW_FOR(P)                                                                   \
   template void launch_adamw_for<P>(const AdamWInputs&, Master, bool, bool,                   \
-                                    std::span<const int64_t>, const AdamWScalars&, cudaStream_t, \
-                                    int)
+                                    std::span<const int64_t>, std::span<const int64_t>,         \
+                                    const AdamWScalars&, cudaStream_t, int)
 extern FASTOPT_ADAMW_FOR(float);
 extern FASTOPT_ADAMW_FOR(BFloat16);
 extern FASTOPT_ADAMW_FOR(Half);

@@ -61,20 +61,21 @@ constexpr int kReservedParamBytes = 256;
 
 // The per-launch tensor table, as structure-of-arrays so the padding is nil. Per tensor:
 // kDepth data pointers (8 B each), the element count (8 B), the cumulative chunk count (8 B),
-// for AdamW the pointer to its float32 step count (8 B), and with stochastic rounding its
-// position in the optimizer (4 B, the rounding noise's tensor index). Capacity =
+// for AdamW the pointer to its float32 step count (8 B), and with stochastic rounding the
+// noise's tensor index (its position in the optimizer, 4 B) and the index of its first element
+// in the whole param (8 B; non-zero for a shard). Capacity =
 // (32764 - 256 reserved - 16 header) / bytes per tensor:
 //   AdamW (p, g, m, v, step)                        : 56 B -> 580 tensors per launch
 //   AdamW amsgrad (+ max_exp_avg_sq)                : 64 B -> 507
 //   AdamW with a master (+ remainder or fp32 copy)  : 64 B -> 507
-//   AdamW, master, amsgrad, stochastic rounding     : 76 B -> 427
+//   AdamW, master, amsgrad, stochastic rounding     : 84 B -> 386
 //   accumulate (acc, grad)                          : 32 B -> 1015
 //   norm (x)                                        : 24 B -> 1353
 // so a model of 5000 tensors takes about ten AdamW launches.
-template <int kDepth, bool kWithStep, bool kWithPosition = false>
+template <int kDepth, bool kWithStep, bool kWithNoise = false>
 struct TensorListMeta {
   static constexpr int kBytesPerTensor =
-      8 * kDepth + 8 + 8 + (kWithStep ? 8 : 0) + (kWithPosition ? 4 : 0);
+      8 * kDepth + 8 + 8 + (kWithStep ? 8 : 0) + (kWithNoise ? 12 : 0);
   static constexpr int kCapacity =
       (kMaxKernelParamBytes - kReservedParamBytes - 16) / kBytesPerTensor;
 
@@ -82,7 +83,8 @@ struct TensorListMeta {
   int64_t numel[kCapacity];
   int64_t chunk_end[kCapacity];  // chunks of tensors 0..t of this launch, inclusive
   const float* step[kWithStep ? kCapacity : 1];
-  uint32_t position[kWithPosition ? kCapacity : 1];
+  int64_t first_index[kWithNoise ? kCapacity : 1];
+  uint32_t position[kWithNoise ? kCapacity : 1];
   int64_t num_chunks;  // == chunk_end[num_tensors - 1]
   int32_t num_tensors;
 };
@@ -146,13 +148,14 @@ using InfoList = std::span<const TensorInfo>;
 
 // Calls launch(meta, first_chunk) once per TensorListMeta::kCapacity non-empty tensors among
 // lists[*][indices[i]], in order. first_chunk is the global number of the launch's first chunk
-// (over all launches of this call), for kernels that write one result per chunk. steps and
-// positions are read only for tables that hold them.
-template <int kDepth, bool kWithStep, bool kWithPosition = false, typename Launch>
+// (over all launches of this call), for kernels that write one result per chunk. steps,
+// positions and first_indices are read only for tables that hold them.
+template <int kDepth, bool kWithStep, bool kWithNoise = false, typename Launch>
 void multi_tensor_apply(const std::array<InfoList, kDepth>& lists,
                         std::span<const float* const> steps, const std::vector<int64_t>& indices,
-                        Launch&& launch, std::span<const int64_t> positions = {}) {
-  using Meta = TensorListMeta<kDepth, kWithStep, kWithPosition>;
+                        Launch&& launch, std::span<const int64_t> positions = {},
+                        std::span<const int64_t> first_indices = {}) {
+  using Meta = TensorListMeta<kDepth, kWithStep, kWithNoise>;
   Meta meta;
   meta.num_tensors = 0;
   meta.num_chunks = 0;
@@ -166,7 +169,10 @@ void multi_tensor_apply(const std::array<InfoList, kDepth>& lists,
     meta.num_chunks += (n + kChunk - 1) / kChunk;
     meta.chunk_end[k] = meta.num_chunks;
     if constexpr (kWithStep) meta.step[k] = steps[i];
-    if constexpr (kWithPosition) meta.position[k] = static_cast<uint32_t>(positions[i]);
+    if constexpr (kWithNoise) {
+      meta.position[k] = static_cast<uint32_t>(positions[i]);
+      meta.first_index[k] = first_indices[i];
+    }
     meta.num_tensors = k + 1;
     if (meta.num_tensors == Meta::kCapacity) {
       launch(meta, first_chunk);
