@@ -19,9 +19,10 @@ in units of the bf16 ulp (unbiased); a carry into the exponent is the correct ne
 NaN stays NaN (the addition could wrap its bits round to zero).
 
 **The noise** is a pure function of (seed, the param's position in the optimizer, the step
-count, which store, the element's index): a counter-based hash, so every backend draws the
-same bits for the same element wherever and in whatever order it runs it, and a resumed run
-draws what the uninterrupted one would. ``mix32`` is Chris Wellons' "lowbias32" integer hash.
+count, which store, the element's index in the whole param, also for a shard): a
+counter-based hash, so every backend draws the same bits for the same element wherever and in
+whatever order it runs it, however the param is sharded, and a resumed run draws what the
+uninterrupted one would. ``mix32`` is Chris Wellons' "lowbias32" integer hash.
 """
 
 from __future__ import annotations
