@@ -1,0 +1,143 @@
+"""8-bit moments, block by block: the oracle the kernels of ``state_dtype="int8"`` will follow.
+
+**Format.** Each block of ``BLOCK`` consecutive elements shares a power-of-two scale, kept as
+its exponent in one int8 (as the OCP microscaling formats do), and each element is one byte:
+
+* ``exp_avg``: an fp8 E4M3 code (sign, 4 exponent bits of bias 7, 3 mantissa bits, subnormals;
+  codes 0x79-0x7E unused, 0x7F NaN) of the value times 2**-scale, rounded to nearest even:
+  relative error at most 2**-4 for every value within 2**13 of its block's largest, and non-zero
+  above 2**-17 of it.
+* ``exp_avg_sq``: the same for its square root, unsigned E4M4 (4 exponent bits of bias 7, 4
+  mantissa bits, subnormals; 0xFF NaN): the step needs sqrt(v) anyway, so storing it costs no
+  extra square root; the denominator's relative error is at most 2**-5 for v within 2**26 of
+  its block's largest, and v stays non-zero above 2**-36 of it, so a small v beside a large
+  one does not flush to zero, which would turn its update into m / eps.
+
+The scale is floor(log2(block max)) - 7, clamped to [-100, 120], so the block's largest
+magnitude lands in [128, 256) and no scaled or restored value is an fp32 subnormal (whose
+handling differs between devices). Multiplying by a power of two is exact: every backend
+gets these bits with integer operations and exact scalings alone, no division and no lookup
+table. bench/int8_maps.py measured why this map and ``BLOCK``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BLOCK",
+    "SCALE_MAX",
+    "SCALE_MIN",
+    "block_scales",
+    "dequantize_m",
+    "dequantize_v",
+    "quantize_m",
+    "quantize_v",
+]
+
+# Elements per block. 32 as in the OCP MX formats; bench/int8_maps.py compares others.
+BLOCK = 32
+# The scale exponent's range: 2**-100 keeps every restored value an fp32 normal.
+SCALE_MIN, SCALE_MAX = -100, 120
+# The largest finite code's magnitude after scaling is 256 (a block's max rounds up to it).
+_M_NAN, _V_NAN = 0x7F, 0xFF
+
+
+def _bits(x: Tensor) -> Tensor:
+    return x.contiguous().view(torch.int32).long() & 0xFFFFFFFF
+
+
+def _from_bits(b: Tensor) -> Tensor:
+    return (b & 0xFFFFFFFF).to(torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _pad(x: Tensor, block: int, value: float = 0.0) -> Tensor:
+    """x (1-D) padded to whole blocks, as rows of ``block``."""
+    n = x.numel()
+    rows = -(-n // block)
+    out = torch.full((rows * block,), value, dtype=x.dtype, device=x.device)
+    out[:n] = x
+    return out.view(rows, block)
+
+
+def block_scales(magnitudes: Tensor) -> Tensor:
+    """The int8 scale exponent of each block (row) of non-negative fp32 ``magnitudes``, NaN
+    counted as 0: floor(log2(max)) - 7, clamped to [SCALE_MIN, SCALE_MAX]."""
+    finite_or_inf = torch.where(magnitudes == magnitudes, magnitudes, 0.0)
+    top = finite_or_inf.amax(dim=1)
+    exponent = ((_bits(top) >> 23) & 0xFF) - 127  # floor(log2) of a normal; -127 for 0
+    return (exponent - 7).clamp(SCALE_MIN, SCALE_MAX).to(torch.int8)
+
+
+def _pow2(e: Tensor) -> Tensor:
+    """2.0**e as fp32, for integer e in [-126, 127], exactly."""
+    return _from_bits((e.long() + 127) << 23)
+
+
+def _encode(a: Tensor, mantissa_bits: int) -> Tensor:
+    """Non-negative fp32 ``a`` (at most 256, or inf/NaN) to the unsigned float code with 4
+    exponent bits of bias 7 and ``mantissa_bits``, rounded to nearest even: the magnitude
+    bits of E4M3 (3) or of E4M4 (4)."""
+    shift = 23 - mantissa_bits
+    b = _bits(a)
+    normal = (b + ((1 << (shift - 1)) - 1) + ((b >> shift) & 1)) >> shift
+    normal = normal - ((127 - 7) << mantissa_bits)
+    # Below 2**-6, the subnormal codes k * 2**-(6 + mantissa_bits): a * 2**(6 + mantissa_bits)
+    # rounded to the nearest integer, ties to even (2**23 aligns the fp32 sum's ulp to 1).
+    scaled = a * float(2 ** (6 + mantissa_bits))
+    sub = ((scaled + 2.0**23) - 2.0**23).long()
+    return torch.where(a < 2.0**-6, sub, normal)
+
+
+def _decode(code: Tensor, mantissa_bits: int) -> Tensor:
+    """The magnitude of an unsigned float code (inverse of _encode for finite codes)."""
+    code = code.long()
+    exponent = code >> mantissa_bits
+    mantissa = code & ((1 << mantissa_bits) - 1)
+    normal = _from_bits(((exponent + 127 - 7) << 23) | (mantissa << (23 - mantissa_bits)))
+    sub = mantissa.to(torch.float32) * float(2.0 ** -(6 + mantissa_bits))
+    return torch.where(exponent == 0, sub, normal)
+
+
+def quantize_m(x: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """fp32 ``x`` (any shape) to (uint8 codes of x's shape, int8 scale per block)."""
+    flat = x.reshape(-1).to(torch.float32)
+    rows = _pad(flat, block)
+    scale = block_scales(rows.abs())
+    y = rows * _pow2(-scale.long()).unsqueeze(1)  # exact: a power of two, no subnormal
+    magnitude = _encode(y.abs(), 3)
+    sign = (_bits(y) >> 31) << 7
+    code = torch.where(torch.isfinite(y), sign | magnitude, _M_NAN)
+    return code.reshape(-1)[: flat.numel()].to(torch.uint8).view(x.shape), scale
+
+
+def dequantize_m(code: Tensor, scale: Tensor, block: int = BLOCK) -> Tensor:
+    """uint8 ``code`` and int8 ``scale`` (per block) to fp32 of code's shape."""
+    flat = code.reshape(-1).long()
+    rows = _pad(flat, block)
+    magnitude = _decode(rows & 0x7F, 3)
+    value = torch.where((rows & 0x80) != 0, -magnitude, magnitude)
+    value = torch.where((rows & 0x7F) == _M_NAN, float("nan"), value)
+    value = value * _pow2(scale.long()).unsqueeze(1)
+    return value.reshape(-1)[: flat.numel()].view(code.shape)
+
+
+def quantize_v(root: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """``root`` = sqrt(exp_avg_sq), non-negative fp32 (any shape), to (uint8 codes, int8 scale
+    per block)."""
+    flat = root.reshape(-1).to(torch.float32)
+    rows = _pad(flat, block)
+    scale = block_scales(rows)
+    y = rows * _pow2(-scale.long()).unsqueeze(1)
+    code = torch.where(torch.isfinite(y), _encode(y, 4), _V_NAN)
+    return code.reshape(-1)[: flat.numel()].to(torch.uint8).view(root.shape), scale
+
+
+def dequantize_v(code: Tensor, scale: Tensor, block: int = BLOCK) -> Tensor:
+    """exp_avg_sq from its codes and scales: the restored square root, squared."""
+    flat = code.reshape(-1).long()
+    rows = _pad(flat, block)
+    root = _decode(rows, 4)
+    root = torch.where(rows == _V_NAN, float("nan"), root) * _pow2(scale.long()).unsqueeze(1)
+    return (root * root).reshape(-1)[: flat.numel()].view(code.shape)
