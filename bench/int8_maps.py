@@ -5,6 +5,8 @@ Candidates, each block-wise (one scale per block of consecutive elements):
 
 * ``fp8``: fastopt.quant: E4M3 codes for exp_avg, E4M4 codes of sqrt(exp_avg_sq), a
   power-of-two scale per block (one int8 exponent), at block sizes 32 and 256;
+* other float formats under the same scaling: more mantissa, less range (E3M4 for exp_avg,
+  E3M5 for the square root);
 * ``linear``: int8 codes of x / absmax * 127 (exp_avg) and uint8 of v / max * 255, fp32 scale;
 * ``dynamic``: bitsandbytes' dynamic map (signed for exp_avg, unsigned for exp_avg_sq) with an
   fp32 absmax scale per block of 256, nearest code, as its and torchao's AdamW8bit store them
@@ -45,6 +47,33 @@ def _fp8(block):
         return quant.dequantize_v(*quant.quantize_v(x.sqrt(), block), block)
 
     return m, v
+
+
+def _minifloat(exp_bits, mant_bits, block=32):
+    """A float format of ``exp_bits`` exponent (bias 2**(exp_bits - 1) - 1) and ``mant_bits``
+    mantissa bits with subnormals, under a power-of-two scale per block that puts the block's
+    largest magnitude in the top binade but one (as fastopt.quant does for E4M3 and E4M4):
+    for comparing formats, by arithmetic rather than fastopt.quant's bit operations."""
+    bias = 2 ** (exp_bits - 1) - 1
+    top_exp = 2**exp_bits - 2 - bias  # the binade the block's largest lands in
+    min_exp = 1 - bias
+
+    def apply(x):
+        rows, n = _blocks(x, block)
+        top = rows.abs().amax(1, keepdim=True)
+        scale = torch.exp2(torch.floor(torch.log2(top.clamp_min(2.0**-90))) - top_exp)
+        y = rows / scale
+        e = torch.floor(torch.log2(y.abs().clamp_min(2.0**-126))).clamp_min(min_exp)
+        quantum = torch.exp2(e - mant_bits)
+        return (torch.round(y / quantum) * quantum * scale).reshape(-1)[:n].view(x.shape)
+
+    return apply
+
+
+def _formats(m_bits, root_bits, block=32):
+    m = _minifloat(*m_bits, block)
+    root = _minifloat(*root_bits, block)
+    return m, lambda v: root(v.sqrt()) ** 2
 
 
 def _blocks(x, block):
@@ -95,6 +124,8 @@ def _dynamic(block=256):
 MAPS = {
     "fp8, block 32": lambda: _fp8(32),
     "fp8, block 256": lambda: _fp8(256),
+    "E3M4 / root E3M5, block 32": lambda: _formats((3, 4), (3, 5)),
+    "E4M3 / root E3M5, block 32": lambda: _formats((4, 3), (3, 5)),
     "linear, block 256": _linear,
     "dynamic (bitsandbytes), block 256": _dynamic,
 }

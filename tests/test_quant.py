@@ -123,3 +123,26 @@ def test_sizes(n):
     codes, scales = quant.quantize_m(x.view(-1, 1) if n > 1 else x)
     assert codes.numel() == n and scales.numel() == -(-n // B)
     assert quant.dequantize_m(codes, scales).shape == codes.shape
+
+
+def _by_arithmetic(x, mant_bits):
+    """The same rounding by float arithmetic: scale 2**(floor(log2 max) - 7) per block, then
+    x rounded to a multiple of its binade's quantum (subnormals below 2**-6), ties to even."""
+    rows = quant._pad(x, B)
+    top = rows.abs().amax(1, keepdim=True)
+    scale = torch.exp2(torch.floor(torch.log2(top.clamp_min(2.0**-93))) - 7)
+    y = rows / scale
+    e = torch.floor(torch.log2(y.abs().clamp_min(2.0**-126))).clamp_min(-6)
+    quantum = torch.exp2(e - mant_bits)
+    return (torch.round(y / quantum) * quantum * scale).reshape(-1)[: x.numel()]
+
+
+@settings(max_examples=40)
+@given(n=st.integers(1, 4 * B), seed=st.integers(0, 2**31 - 1), spread=st.floats(0.0, 6.0),
+       magnitude=st.floats(-60, 60))  # fmt: skip
+def test_bit_operations_agree_with_float_arithmetic(n, seed, spread, magnitude):
+    x = _heavy(n, seed, spread) * 2.0**magnitude
+    assert torch.equal(quant.dequantize_m(*quant.quantize_m(x)), _by_arithmetic(x, 3))
+    root = x.abs()
+    v = quant.dequantize_v(*quant.quantize_v(root))
+    assert torch.equal(v, _by_arithmetic(root, 4) ** 2)
