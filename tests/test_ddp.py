@@ -191,7 +191,7 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes_exactly(ddp_run):
 def test_the_cli_runs_unchanged_under_torchrun(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(
-        "device: cpu\nmax_steps: 30\neval_every: 10\nplots: false\n"
+        "job: mlp\ndevice: cpu\nmax_steps: 30\neval_every: 10\nplots: false\n"
         "schedule: {name: constant, warmup_steps: 5}\n"
         "data: {n_train: 2048, n_val: 512, batch_size: 32}\nmodel: {hidden: 32, depth: 1}\n"
     )

@@ -226,7 +226,8 @@ def test_fastopt_without_clipping_skips_nan_steps_and_never_clips(tmp_path, give
     max_grad_norm=None, skips the step with NaN gradients and clips nothing: it logs the
     gradient norms torch.optim.AdamW's run logs (all above 1) and ends with its weights."""
     common = {"max_steps": 12, "log_every": 1, "eval_every": 100, "grad_accum_steps": 1}
-    opt = {"lr": 3e-2, "max_grad_norm": None}
+    # One group with weight decay on every param, as the optimizer given below has.
+    opt = {"lr": 3e-2, "max_grad_norm": None, "decay_matrices_only": False}
 
     def loss_fn(nan_at):  # x10: gradient norms well above the default clip of 1
         return lambda output, target: 10.0 * nan_at(output, target)

@@ -14,9 +14,7 @@ resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_atomic
 from .config import (
     ConfigError,
-    DataConfig,
     EarlyStoppingConfig,
-    ModelConfig,
     OptimizerConfig,
     TrainConfig,
     build_schedule,
@@ -24,8 +22,8 @@ from .config import (
     load_config,
 )
 from .data import BatchStream, ResumableDistributedSampler, make_loader
-from .default_job import run_default_job
 from .early_stopping import EarlyStopping
+from .jobs import JobData, cross_entropy, run_job
 from .loop import FitResult, ResumeWarning, fit
 from .metrics import MetricsLogger, read_metrics
 from .plots import plot_run
@@ -47,13 +45,12 @@ __all__ = [
     "ConfigError",
     "ConstantWarmup",
     "Cyclical",
-    "DataConfig",
     "EarlyStopping",
     "EarlyStoppingConfig",
     "ExponentialDecay",
     "FitResult",
+    "JobData",
     "MetricsLogger",
-    "ModelConfig",
     "OptimizerConfig",
     "ReduceOnPlateau",
     "ResumableDistributedSampler",
@@ -65,12 +62,13 @@ __all__ = [
     "WarmupLinear",
     "build_schedule",
     "config_from_dict",
+    "cross_entropy",
     "fit",
     "load_checkpoint",
     "load_config",
     "make_loader",
     "plot_run",
     "read_metrics",
-    "run_default_job",
+    "run_job",
     "save_atomic",
 ]

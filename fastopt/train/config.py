@@ -4,8 +4,11 @@ Every key is checked: an unknown key is named with the valid ones listed, a valu
 type is named with the type it should have, and nothing falls back silently. Errors are
 :class:`ConfigError`, a ``ValueError`` (the CLI turns them into exit code 2).
 
-The ``data`` and ``model`` sections configure the default job (``python -m fastopt train``);
-:func:`fastopt.train.fit` with your own model and loaders ignores them.
+``job``, ``model_factory``, ``dataset_factory`` and the ``data`` and ``model`` sections say what
+``python -m fastopt train`` trains (see :mod:`fastopt.train.jobs`: the sections' keys are the
+factories' parameters); :func:`fastopt.train.fit` with your own model and loaders ignores
+them. :func:`load_config` starts from the job's preset for the device (the ``gpt`` job's is
+about a minute on a 2-core CPU), then the file, then the overrides.
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ from .schedules import SCHEDULES
 
 __all__ = [
     "ConfigError",
-    "DataConfig",
     "EarlyStoppingConfig",
-    "ModelConfig",
     "OptimizerConfig",
     "TrainConfig",
     "build_early_stopping",
@@ -57,6 +58,9 @@ class OptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.9  # SGD only
     max_grad_norm: float | None = 1.0  # global-norm clipping; None: no clipping
+    # The common recipe (nanoGPT, minGPT): decay the weight matrices only, none on biases,
+    # norms and embeddings. false: every param in one group with weight_decay.
+    decay_matrices_only: bool = True
 
 
 @dataclass
@@ -69,26 +73,6 @@ class EarlyStoppingConfig:
     restore_best: bool = True
     stop_on_nonfinite: bool = True
     divergence_threshold: float | None = None
-
-
-@dataclass
-class DataConfig:
-    path: str | None = None  # .pt or .npz holding x (N, features) and y (N,) int; None: generated
-    n_train: int = 131072
-    n_val: int = 8192
-    n_features: int = 32
-    n_classes: int = 8
-    val_fraction: float = 0.2  # with path: the share of samples held out
-    batch_size: int = 128  # per micro-batch and per process
-    val_batch_size: int = 1024
-    num_workers: int = 0
-
-
-@dataclass
-class ModelConfig:
-    hidden: int = 512
-    depth: int = 3
-    dropout: float = 0.1
 
 
 DEFAULT_WARMUP_STEPS = 50
@@ -114,8 +98,13 @@ class TrainConfig:
     # min(50, max_steps // 10) warm-up steps. total_steps defaults to max_steps.
     schedule: dict[str, Any] | None = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    job: Literal["gpt", "mlp"] = "gpt"  # the built-in model and data (fastopt.train.jobs)
+    model_factory: str | None = None  # "package.module:function"; None: the job's
+    dataset_factory: str | None = None  # "package.module:function"; None: the job's
+    # The factories' keyword arguments (and in data, the loaders' batch_size, val_batch_size
+    # and num_workers); the factories' defaults are filled in.
+    data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "grad_accum_steps", "eval_every", "log_every", "keep_last")
@@ -146,17 +135,6 @@ class TrainConfig:
                 )
         if opt.max_grad_norm is not None and not opt.max_grad_norm > 0:
             raise ConfigError("config key 'optimizer.max_grad_norm' must be > 0 or null")
-        # n_val >= 1: the default job evaluates on the validation set (an empty one has no
-        # loss), and early stopping and the plateau schedule watch val_loss by default.
-        for name in ("n_train", "n_val", "batch_size", "val_batch_size", "n_features", "n_classes"):
-            if getattr(self.data, name) < 1:
-                raise ConfigError(
-                    f"config key 'data.{name}' must be >= 1, got {getattr(self.data, name)}"
-                )
-        if self.data.num_workers < 0:
-            raise ConfigError(
-                f"config key 'data.num_workers' must be >= 0, got {self.data.num_workers}"
-            )
         if self.schedule is None:
             warmup = min(DEFAULT_WARMUP_STEPS, self.max_steps // 10)
             self.schedule = {"name": "warmup_cosine", "warmup_steps": warmup, "min_ratio": 0.05}
@@ -165,6 +143,9 @@ class TrainConfig:
             build_early_stopping(self.early_stopping)
         except ValueError as e:
             raise ConfigError(f"config section 'early_stopping': {e}") from None
+        from .jobs import check_sections  # imports the factories: a bad path fails here
+
+        self.data, self.model = check_sections(self)
 
 
 # -- checking values against annotations ---------------------------------------------------
@@ -348,11 +329,19 @@ def load_config(
 ) -> TrainConfig:
     """Reads a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; ``overrides`` (top-level
     keys such as ``out`` or ``max_steps``) win over the file. ``base``: a config mapping
-    (a run's recorded one, to resume it) that the file's keys update section by section."""
-    data = dict(base or {})
+    (a run's recorded one, to resume it) that the file's keys update section by section;
+    without one, the job's preset for the device is the base."""
+    data = {}
     if path is not None:
-        data = _merge(data, read_config_file(path))
-    data.update({k: v for k, v in overrides.items() if v is not None})
+        data = read_config_file(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if base is None:
+        from .jobs import job_preset
+
+        given = {**data, **overrides}
+        base = job_preset(given.get("job", "gpt"), given.get("device", "auto"))
+    data = _merge(dict(base), data)
+    data.update(overrides)
     return config_from_dict(data)
 
 

@@ -78,6 +78,10 @@ class FitResult:
     stop_reason: str | None
     interrupted: str | None
     plots: list[Path] = field(default_factory=list)
+    # Set by fastopt.train.run_job: the test loss, a generated sample, the loss to compare with.
+    test_loss: float | None = None
+    sample: str | None = None
+    baseline: float | None = None
 
 
 def fit(
@@ -124,7 +128,7 @@ def fit(
         model = raw_model
     params = [p for p in raw_model.parameters() if p.requires_grad]
     if optimizer is None:
-        optimizer = build_optimizer(cfg.optimizer, params)
+        optimizer = build_optimizer(cfg.optimizer, raw_model)
     fused = is_fastopt(optimizer)
     if fused and clip_norm(optimizer.max_grad_norm) != clip_norm(cfg.optimizer.max_grad_norm):
         raise ConfigError(
