@@ -338,8 +338,7 @@ def load_config(
     if base is None:
         from .jobs import job_preset
 
-        given = {**data, **overrides}
-        base = job_preset(given.get("job", "gpt"), given.get("device", "auto"))
+        base = job_preset({**data, **overrides})
     data = _merge(dict(base), data)
     data.update(overrides)
     return config_from_dict(data)

@@ -120,13 +120,20 @@ JOBS = {
 }  # fmt: skip
 
 
-def job_preset(job: str, device: str) -> dict[str, Any]:
-    """The defaults of ``job`` on ``device`` (a config's ``device`` value), as config keys."""
+def job_preset(given: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of the job a config mapping names, on its device, as config keys. The
+    preset's keys for a factory the config replaces are left out: they are that job's."""
     from .components import resolve_device
 
+    job = given.get("job", "gpt")
     if job not in JOBS:
         raise ConfigError(f"config key 'job' must be one of {', '.join(JOBS)}, got {job!r}")
-    return JOBS[job].preset(resolve_device(device))
+    preset = JOBS[job].preset(resolve_device(given.get("device", "auto")))
+    if given.get("model_factory") is not None:
+        preset.pop("model", None)
+    if given.get("dataset_factory") is not None and "data" in preset:
+        preset["data"] = {k: v for k, v in preset["data"].items() if k in LOADER_DEFAULTS}
+    return preset
 
 
 def import_factory(path: Any, key: str) -> Callable:
