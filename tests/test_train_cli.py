@@ -40,7 +40,13 @@ def _small(tmp_path, steps=60, hidden=64, extra=""):
 
 
 def _rows(out):
-    timing = ("samples_per_sec", "step_time")
+    timing = (
+        "samples_per_sec",
+        "step_time",
+        "tokens_per_sec",
+        "optimizer_time_fraction",
+        "peak_memory_mb",
+    )  # measured, not computed: they differ from run to run
     return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out)]
 
 
@@ -56,11 +62,11 @@ def test_train_writes_metrics_plots_and_checkpoints(tmp_path, capsys):
         "step_00000050.pt",
         "step_00000060.pt",
     ]
-    for png in ("loss.png", "lr.png"):
+    for png in ("loss.png", "lr.png", "grad_norm.png"):
         assert (out / png).stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "step 60: train loss" in printed
-    assert f"wrote {out}/metrics.jsonl, loss.png, lr.png and checkpoints/" in printed
+    assert f"wrote {out}/metrics.jsonl, loss.png, lr.png, grad_norm.png and checkpoints/" in printed
     assert "test loss" not in printed and "sample:" not in printed  # the mlp job has neither
     (out / "loss.png").unlink()
     assert main(["plot", "--out", str(out)]) == 0 and (out / "loss.png").is_file()

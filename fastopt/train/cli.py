@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the full config as YAML and exit"
     )
 
-    plot = sub.add_parser("plot", help="redraw loss.png and lr.png of a run folder")
+    plot = sub.add_parser("plot", help="redraw loss.png, lr.png and grad_norm.png of a run folder")
     plot.add_argument(
         "--out",
         metavar="DIR",

@@ -32,6 +32,7 @@ __all__ = [
     "ConfigError",
     "EarlyStoppingConfig",
     "OptimizerConfig",
+    "TelemetryConfig",
     "TrainConfig",
     "build_early_stopping",
     "build_schedule",
@@ -75,6 +76,12 @@ class EarlyStoppingConfig:
     divergence_threshold: float | None = None
 
 
+@dataclass
+class TelemetryConfig:
+    enabled: bool = True  # per-group norms, update ratios, rates, memory (fastopt.train.telemetry)
+    per: Literal["group", "layer"] = "group"  # gradient norms and update ratios per ...
+
+
 DEFAULT_WARMUP_STEPS = 50
 
 
@@ -85,14 +92,21 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu; or any torch device string
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: + loss scaling
-    grad_accum_steps: int = 2  # micro-batches per optimizer step
+    grad_accum_steps: int = 2  # loader batches per optimizer step
+    # Split each loader batch into micro-batches of at most this many samples (the update is
+    # the same; see fastopt.train.microbatch). None: whole batches, halved on out-of-memory;
+    # "auto": the largest that fits, found before the first step.
+    micro_batch_size: int | Literal["auto"] | None = None
+    min_micro_batch_size: int = 1  # out-of-memory below it is an error
     eval_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 500  # 0: only at the end, on a signal and on a new best
     keep_last: int = 2
     progress: bool | None = None  # tqdm bar; None: when stderr is a terminal
     tensorboard: bool = False  # also write TensorBoard events to out/tensorboard
-    plots: bool = True  # loss and lr PNGs at the end of the run
+    plots: bool = True  # loss, lr and gradient-norm PNGs at the end of the run
+    tracking: Literal["none", "mlflow"] = "none"  # mlflow: a local file store in out/mlruns
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     # {"name": ..., fields of that schedule}; null: warmup_cosine with a floor of 0.05 and
     # min(50, max_steps // 10) warm-up steps. total_steps defaults to max_steps.
@@ -107,10 +121,22 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "grad_accum_steps", "eval_every", "log_every", "keep_last")
+        positive = (
+            "max_steps",
+            "grad_accum_steps",
+            "eval_every",
+            "log_every",
+            "keep_last",
+            "min_micro_batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.micro_batch_size, int) and self.micro_batch_size < 1:
+            raise ConfigError(
+                f"config key 'micro_batch_size' must be >= 1, 'auto' or null, got "
+                f"{self.micro_batch_size}"
+            )
         if self.checkpoint_every < 0:
             raise ConfigError(
                 f"config key 'checkpoint_every' must be >= 0, got {self.checkpoint_every}"
@@ -398,6 +424,8 @@ NOT_FINGERPRINTED = (
     "log_every",
     "checkpoint_every",
     "keep_last",
+    "tracking",
+    "telemetry",  # it reads gradients and weights, and changes neither
 )
 
 
