@@ -5,10 +5,12 @@ largest micro-batch that fits; splitting keeps the update of the whole batch."""
 
 import pytest
 import torch
+from test_train_cli import _small
 from test_trainer import _config, _data, _rows, _SignalAt
 from torch import nn
 
-from fastopt.train import ConfigError, fit, load_checkpoint, make_loader
+from fastopt.train import ConfigError, fit, load_checkpoint, make_loader, read_metrics
+from fastopt.train.cli import main
 from fastopt.train.microbatch import INJECT_OOM_ENV, split_batch
 
 BATCH = 32
@@ -156,3 +158,20 @@ def test_out_of_memory_at_the_floor_is_an_error(tmp_path, monkeypatch):
         )
     with pytest.raises(ConfigError, match="'micro_batch_size' must be >= 1, 'auto' or null"):
         _cfg(tmp_path, "c", "fastopt.AdamW", micro_batch_size=0)
+
+
+def test_the_command_line(tmp_path, monkeypatch, capsys):
+    """The README's example, shrunk: the split is printed and in every row; --micro-batch-size
+    takes a number or auto."""
+    monkeypatch.setenv(INJECT_OOM_ENV, "16")
+    out = tmp_path / "oom"
+    cfg = _small(tmp_path, steps=12)  # the mlp job, batches of 64
+    assert main(["train", "--config", cfg, "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "a micro-batch of 64 samples ran out of memory; going on with micro-batches of 32" in err
+    assert {r["micro_batch_size"] for r in read_metrics(out)} == {16}
+    args = ["train", "--config", cfg, "--out", str(tmp_path / "auto"), "--micro-batch-size"]
+    assert main([*args, "auto"]) == 0
+    assert "micro_batch_size auto: 16" in capsys.readouterr().err
+    assert main([*args, "many"]) == 2
+    assert "expected an integer or 'auto', got 'many'" in capsys.readouterr().err

@@ -159,7 +159,7 @@ def test_mlflow_gets_params_metrics_and_plots(tmp_path, monkeypatch):
     assert [(k, v, s) for k, v, s in metrics if k == "train_loss"] == [
         ("train_loss", r["train_loss"], r["step"]) for r in rows
     ]
-    assert any(k == "grad_norm/decay" for k, _, _ in metrics)
+    assert any(k == "grad_norm.decay" for k, _, _ in metrics)  # "/" would be a folder there
     artifacts = sorted(c[2].rsplit("/", 1)[1] for c in calls if c[0] == "artifact")
     assert artifacts == ["grad_norm.png", "loss.png", "lr.png"]
     assert (tmp_path / "run" / "mlflow_run_id").read_text() == "abc123\n"

@@ -62,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--device", help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    train.add_argument(
+        "--micro-batch-size",
+        type=_micro_batch_size,
+        metavar="N|auto",
+        help="split each batch into micro-batches of at most N samples (the update is the "
+        "same); 'auto': the largest that fits. Default: whole batches, halved on out-of-memory",
+    )
+    train.add_argument(
+        "--tracking",
+        choices=["none", "mlflow"],
+        help="also log to MLflow's local file store in --out/mlruns (pip install "
+        "'fastopt[mlflow]')",
+    )
     train.add_argument("--seed", type=int)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
@@ -76,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run folder holding metrics.jsonl (default {DEFAULT_OUT})",
     )
     return parser
+
+
+def _micro_batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -97,6 +119,8 @@ def _train(args: argparse.Namespace) -> int:
         job=args.job,
         device=args.device,
         precision=args.precision,
+        micro_batch_size=args.micro_batch_size,
+        tracking=args.tracking,
         seed=args.seed,
         progress=False if args.no_progress else None,
     )

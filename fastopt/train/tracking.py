@@ -7,6 +7,7 @@ shows them). A resumed run goes on in the same MLflow run: its id is kept in
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,18 @@ class MlflowTracker:
         self.client = self.run_id = None
 
     def _open(self) -> None:
+        # MLflow 3 put its file store in maintenance mode: 3.17.2 refuses it unless this is
+        # set. It is still the one store that needs neither a server nor a database package.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            self._start()
+        except Exception as e:  # MlflowException and what the store raises: one line
+            line = (str(e).splitlines() or [""])[0]
+            raise ConfigError(
+                f"MLflow cannot open its store in {self.out / 'mlruns'}: {type(e).__name__}: {line}"
+            ) from None
+
+    def _start(self) -> None:
         self.client = self._client_class(tracking_uri=(self.out / "mlruns").resolve().as_uri())
         id_file = self.out / RUN_ID_FILE
         if id_file.is_file():  # a resumed run: go on in its MLflow run
@@ -58,8 +71,10 @@ class MlflowTracker:
         if self.client is None:
             self._open()
         now = int(time.time() * 1000)
+        # The file store keeps a metric per file named by its key: "grad_norm/decay" would be
+        # a file inside a folder "grad_norm", where the file "grad_norm" already is.
         metrics = [
-            self._metric(k, float(v), now, int(row["step"]))
+            self._metric(k.replace("/", "."), float(v), now, int(row["step"]))
             for k, v in row.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
