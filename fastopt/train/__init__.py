@@ -1,9 +1,12 @@
 """fastopt.train: a small trainer around fastopt's fused AdamW.
 
-One linear loop (:func:`fit`): forward, backward with accumulation, fused step, schedule,
-evaluate, log, checkpoint. Schedules are pure functions of the step wrapped as a torch LR
-scheduler; early stopping is a small object with a pure decision; checkpoints are atomic and
-resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
+One linear loop (:func:`fit`): forward, backward with accumulation in micro-batches that fit,
+fused step, schedule, evaluate, log, checkpoint; the pieces it calls are small components
+(``run``, ``microbatch``, ``telemetry``, ``tracking``). Schedules are pure functions of the step
+wrapped as a torch LR scheduler; early stopping is a small object with a pure decision;
+checkpoints are atomic and resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
+:func:`run_job` trains a job (``python -m fastopt train``): a model factory and a dataset
+factory, the built-in ones or one's own by import path.
 
     from fastopt.train import TrainConfig, fit, make_loader
     result = fit(model, torch.nn.functional.cross_entropy,
@@ -16,6 +19,7 @@ from .config import (
     ConfigError,
     EarlyStoppingConfig,
     OptimizerConfig,
+    TelemetryConfig,
     TrainConfig,
     build_schedule,
     config_from_dict,
@@ -57,6 +61,7 @@ __all__ = [
     "ResumeWarning",
     "ScheduleLR",
     "StepDecay",
+    "TelemetryConfig",
     "TrainConfig",
     "WarmupCosine",
     "WarmupLinear",

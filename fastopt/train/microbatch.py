@@ -21,7 +21,6 @@ without it).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
 from .checkpoint import capture_rng, restore_rng
@@ -90,6 +88,7 @@ class MicroBatches:
         loss_fn,
         optimizer: torch.optim.Optimizer,
         scaler,
+        strategy,
         *,
         device: torch.device,
         precision: str,
@@ -98,7 +97,7 @@ class MicroBatches:
         fused: bool,
     ) -> None:
         self.model, self.raw_model, self.loss_fn = model, raw_model, loss_fn
-        self.optimizer, self.scaler = optimizer, scaler
+        self.optimizer, self.scaler, self.strategy = optimizer, scaler, strategy
         self.device, self.precision = device, precision
         self.size, self.floor, self.fused = size, floor, fused
         self.accumulator = None
@@ -145,11 +144,10 @@ class MicroBatches:
         tokens, world = 0, D.world_size()
         for i, (inputs, targets) in enumerate(pieces):
             inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-            # DDP reduces on the last micro-batch only; with fastopt accumulation on none
-            # (its fp32 buffers are all-reduced once below).
-            sync = i == len(pieces) - 1 and accumulator is None
-            no_sync = self.model.no_sync() if isinstance(self.model, DDP) and not sync else None
-            with no_sync or contextlib.nullcontext():
+            # Gradients are reduced on the last micro-batch only; with fastopt accumulation on
+            # none (its fp32 buffers are reduced once below).
+            last = i == len(pieces) - 1 and accumulator is None
+            with self.strategy.backward_context(self.model, last):
                 with autocast(self.device, self.precision):
                     loss = self.loss_fn(self.model(inputs), targets)
                 self._inject(counts[i])
@@ -161,10 +159,9 @@ class MicroBatches:
             loss_sum += loss.detach().float() * counts[i]
             tokens += targets.numel() if isinstance(targets, torch.Tensor) else counts[i]
         if accumulator is not None:
-            if D.is_distributed():
-                buffers = accumulator.gradients()  # in params order: the same on every rank
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                D.all_reduce_sum_many([buffers[p] for p in params if p in buffers])
+            buffers = accumulator.gradients()  # in params order: the same on every rank
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.strategy.reduce([buffers[p] for p in params if p in buffers])
             accumulator.set_normalizer(total)
         return Passed(loss_sum, total, tokens)
 

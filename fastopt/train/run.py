@@ -1,8 +1,9 @@
 """Everything :func:`fastopt.train.fit`'s loop works with, set up, restored and saved: the
-model (wrapped in DDP under torchrun), optimizer, schedule, loss scaler, micro-batches, early
-stopping, data stream, telemetry, metrics and checkpoints, and the run's tally (step, skipped
-steps, losses). The loop calls :meth:`Run.evaluate`, :meth:`Run.report`,
-:meth:`Run.checkpoint` and :meth:`Run.finish`; each is a few lines that read alone.
+model (spread over processes by a :mod:`~fastopt.train.parallel` strategy), optimizer,
+schedule, loss scaler, micro-batches, early stopping, data stream, telemetry, metrics and
+checkpoints, and the run's tally (step, skipped steps, losses). The loop calls
+:meth:`Run.evaluate`, :meth:`Run.report`, :meth:`Run.checkpoint` and :meth:`Run.finish`; each
+is a few lines that read alone.
 
 Everything a run depends on is in its checkpoint (model, optimizer, scheduler, loss scaler,
 early stopping, micro-batch size, every rank's RNG states, data position, step), so an
@@ -20,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from . import distributed as D
@@ -45,6 +45,7 @@ from .config import ConfigError, TrainConfig, build_early_stopping, build_schedu
 from .data import BatchStream
 from .metrics import MetricsLogger
 from .microbatch import MicroBatches
+from .parallel import choose_strategy
 from .schedules import ScheduleLR
 from .telemetry import Telemetry
 
@@ -93,7 +94,7 @@ class Run:
         self.stream = BatchStream(train_loader)
         size = None if cfg.micro_batch_size == "auto" else cfg.micro_batch_size
         self.micro = MicroBatches(
-            self.model, self.raw_model, loss_fn, self.optimizer, self.scaler,
+            self.model, self.raw_model, loss_fn, self.optimizer, self.scaler, self.strategy,
             device=self.device, precision=cfg.precision, size=size,
             floor=cfg.min_micro_batch_size, fused=self.fused,
         )  # fmt: skip
@@ -129,14 +130,9 @@ class Run:
 
     # -- set-up ------------------------------------------------------------------------------
     def _model(self, model: nn.Module) -> None:
-        raw = (model.module if isinstance(model, DDP) else model).to(self.device)
-        if D.is_distributed() and not isinstance(model, DDP):
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DDP(raw, device_ids=device_ids)
-        elif not isinstance(model, DDP):
-            model = raw
-        self.raw_model, self.model = raw, model
-        self.params = [p for p in raw.parameters() if p.requires_grad]
+        self.strategy = choose_strategy()
+        self.model, self.raw_model = self.strategy.wrap(model, self.device)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
 
     def _optimizer(self, optimizer, schedule) -> None:
         import fastopt
