@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_train_cli import _rows
 
-from fastopt.train import read_metrics
+from fastopt.train import load_config, read_metrics
 from fastopt.train import text_data as T
 from fastopt.train.cli import main
 from fastopt.train.components import param_groups
@@ -151,3 +151,22 @@ def test_bf16_autocast_runs_the_gpt_job_on_the_cpu(tmp_path):
     assert main(["train", "--config", cfg, "--out", str(out), "--precision", "bf16"]) == 0
     vals = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
     assert all(math.isfinite(v) for v in vals) and vals[-1] < vals[0]
+
+
+def test_the_default_config_round_trips_and_a_resume_keeps_it(tmp_path, capsys):
+    """--print-config shows the gpt preset with the factories' defaults filled in; reading it
+    back gives the same config. A resumed run takes its config from run.json, not the preset
+    (a larger --max-steps extends it)."""
+    assert main(["train", "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    shown = load_config(printed)
+    assert shown == load_config(None)
+    assert (shown.job, shown.data["block_size"], shown.model["n_layer"]) == ("gpt", 64, 3)
+    assert shown.optimizer.weight_decay == 0.1 and shown.optimizer.decay_matrices_only
+    out = tmp_path / "r"
+    assert main(["train", "--config", _tiny(tmp_path, steps=20), "--out", str(out)]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    assert "step 30: train loss" in capsys.readouterr().out

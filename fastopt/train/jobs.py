@@ -99,7 +99,8 @@ def _gpt_preset(device: torch.device) -> dict[str, Any]:
             "model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2},
         }  # fmt: skip
     # On this project's 2-core Xeon (AVX-512 BF16 and AMX), bf16 autocast made this model's
-    # training step 20-35% slower than fp32 (torch 2.14, block 64-128, width 128-192): the
+    # training step 17-34% slower than fp32 (torch 2.14, torch.optim.AdamW, 2-4 layers, block
+    # 64-128, width 128-192; 43 against 52 ms a step at this job's size but 2 layers): the
     # casts cost more than the small matmuls gain. So the CPU trains in fp32.
     return {
         **common,
