@@ -5,12 +5,17 @@ CUDA GPU every Triton kernel test runs interpreted, on CPU tensors, in this same
 """
 
 import os
+import tempfile
 
 import torch
 from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The gpt job's tokenized standard library goes to a folder of this session (inherited by the
+# runs tests start as processes), not the user's cache: set FASTOPT_CACHE_DIR to keep one.
+os.environ.setdefault("FASTOPT_CACHE_DIR", tempfile.mkdtemp(prefix="fastopt-cache-"))
 
 # Profiles for the property suite (tests/test_properties.py). "ci", the default, is
 # derandomized so that every CI run tests the same examples within the file's time budget;

@@ -19,8 +19,9 @@ from fastopt.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The default job shrunk to a second or two.
+# The mlp job shrunk to a second or two.
 SMALL = """\
+job: mlp
 device: cpu
 max_steps: {steps}
 eval_every: 20
@@ -39,7 +40,13 @@ def _small(tmp_path, steps=60, hidden=64, extra=""):
 
 
 def _rows(out):
-    timing = ("samples_per_sec", "step_time")
+    timing = (
+        "samples_per_sec",
+        "step_time",
+        "tokens_per_sec",
+        "optimizer_time_fraction",
+        "peak_memory_mb",
+    )  # measured, not computed: they differ from run to run
     return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out)]
 
 
@@ -55,11 +62,12 @@ def test_train_writes_metrics_plots_and_checkpoints(tmp_path, capsys):
         "step_00000050.pt",
         "step_00000060.pt",
     ]
-    for png in ("loss.png", "lr.png"):
+    for png in ("loss.png", "lr.png", "grad_norm.png"):
         assert (out / png).stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "step 60: train loss" in printed
-    assert f"wrote {out}/metrics.jsonl, loss.png, lr.png and checkpoints/" in printed
+    assert f"wrote {out}/metrics.jsonl, loss.png, lr.png, grad_norm.png and checkpoints/" in printed
+    assert "test loss" not in printed and "sample:" not in printed  # the mlp job has neither
     (out / "loss.png").unlink()
     assert main(["plot", "--out", str(out)]) == 0 and (out / "loss.png").is_file()
 
@@ -69,14 +77,14 @@ def test_print_config_round_trips(tmp_path, capsys):
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
     config = load_config(printed)
-    assert config.max_steps == 77 and config.model.hidden == 64 and config.device == "cpu"
+    assert config.max_steps == 77 and config.model["hidden"] == 64 and config.device == "cpu"
     assert config == load_config(_small(tmp_path), max_steps=77)
 
 
 def test_max_steps_option_and_toml_config(tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text(
-        "max_steps = 1000\neval_every = 5\nplots = false\n"
+        'job = "mlp"\nmax_steps = 1000\neval_every = 5\nplots = false\n'
         "[data]\nn_train = 1024\nn_val = 256\n[model]\nhidden = 16\ndepth = 1\n"
     )
     out = tmp_path / "t"
@@ -106,7 +114,7 @@ def test_data_path(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"max_steps: 20\neval_every: 10\nplots: false\nmodel: {{hidden: 16, depth: 1}}\n"
+        f"job: mlp\nmax_steps: 20\neval_every: 10\nplots: false\nmodel: {{hidden: 16, depth: 1}}\n"
         f"data: {{path: {tmp_path / 'd.npz'}, n_classes: 2, batch_size: 32}}\n"
     )
     out = tmp_path / "f"
@@ -117,25 +125,31 @@ def test_data_path(tmp_path):
 def test_data_file_that_does_not_fit_the_config(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x=np.zeros((50, 16), np.float32), y=np.zeros(50, np.int64))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data: {{path: {tmp_path / 'd.npz'}}}\n")  # n_features is 32
+    cfg.write_text(f"job: mlp\ndata: {{path: {tmp_path / 'd.npz'}}}\n")  # n_features is 32
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "g")]) == 2
     assert "has 16 features" in capsys.readouterr().err
     np.savez(tmp_path / "e.npz", inputs=np.zeros((50, 32), np.float32))
-    cfg.write_text(f"data: {{path: {tmp_path / 'e.npz'}}}\n")
+    cfg.write_text(f"job: mlp\ndata: {{path: {tmp_path / 'e.npz'}}}\n")
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "h")]) == 2
     assert "arrays named 'x' and 'y'" in capsys.readouterr().err
 
 
 # Values of the right type out of range: each one used to fail mid-run (or, for n_train and
-# n_val, to slice the wrong data) with a traceback, after run.json was written.
+# n_val, to slice the wrong data) with a traceback, after run.json was written. The trainer's
+# own keys fail when the config is read (so --print-config refuses them too); a job's data
+# and model keys are its factories' to check, when the job is built, before run.json.
 BAD_VALUES = [
     ("optimizer: {lr: -1.0}\n", "'optimizer.lr' must be a finite number >= 0, got -1.0"),
     ("optimizer: {betas: [0.9, 1.5]}\n", "'optimizer.betas' must be in [0, 1), got 1.5 at index 1"),
     ("optimizer: {eps: -1.0e-8}\n", "'optimizer.eps' must be >= 0, got -1e-08"),
     ("data: {num_workers: -1}\n", "'data.num_workers' must be >= 0, got -1"),
-    ("data: {n_train: -5}\n", "'data.n_train' must be >= 1, got -5"),
-    ("data: {n_val: 0}\n", "'data.n_val' must be >= 1, got 0"),
     ("seed: -1\n", "'seed' must be in [0, 2**32), got -1"),
+]
+JOB_VALUES = [
+    ("job: mlp\ndata: {n_train: -5}\n", "'data.n_train' must be >= 1, got -5"),
+    ("job: mlp\ndata: {n_val: 0}\n", "'data.n_val' must be >= 1, got 0"),
+    ("data: {block_size: 0}\n", "'data.block_size' must be >= 1, got 0"),
+    ("model: {n_embd: 100, n_head: 3}\n", "'model.n_embd' (100) must be a multiple of"),
 ]
 
 
@@ -143,6 +157,13 @@ BAD_VALUES = [
     "yaml_text, message",
     [
         ("max_step: 10\n", "unknown config key 'max_step'; valid keys: out, max_steps, seed"),
+        ("job: cnn\n", "config key 'job' must be one of gpt, mlp, got 'cnn'"),
+        (
+            "model: {width: 3}\n",
+            "unknown config key 'model.width' for model factory fastopt.train.gpt:build_model; "
+            "valid keys: vocab_size, block_size, n_layer",
+        ),
+        ("model: {n_layer: two}\n", "'model.n_layer' must be int, got str 'two'"),
         (
             "optimizer: {lrate: 0.1}\n",
             "unknown config key 'optimizer.lrate' in section 'optimizer'; valid keys: name, lr",
@@ -155,9 +176,10 @@ BAD_VALUES = [
         ("precision: fp8\n", "'precision' must be 'fp32' or 'bf16' or 'fp16'"),
         ("early_stopping: {patience: 0}\n", "patience must be an int >= 1"),
         ("schedule: {name: step}\n", "'schedule.step_size' is required by schedule 'step'"),
-        ("data: {path: /no/such/file.npz}\n", "'data.path': no file at '/no/such/file.npz'"),
+        ("job: mlp\ndata: {path: /no/such.npz}\n", "'data.path': no file at '/no/such.npz'"),
         ("- 1\n- 2\n", "must hold a mapping"),
         *BAD_VALUES,
+        *JOB_VALUES,
     ],
 )
 def test_bad_config_exits_2_with_a_clear_message(tmp_path, capsys, yaml_text, message):
@@ -237,6 +259,9 @@ def test_resume_of_a_run_without_checkpoints_starts_it_over(tmp_path, capsys):
 def test_config_api_raises_value_error():
     with pytest.raises(ValueError, match="unknown config key 'model.width'"):
         config_from_dict({"model": {"width": 3}})
+    with pytest.raises(ValueError, match="unknown config key 'data.n_train'"):
+        config_from_dict({"data": {"n_train": 3}})  # the mlp job's key: the default is gpt
+    assert config_from_dict({"job": "mlp", "data": {"n_train": 3}}).data["n_train"] == 3
     with pytest.raises(ConfigError, match="'grad_accum_steps' must be >= 1"):
         load_config(None, grad_accum_steps=0)
     assert load_config(None, max_steps=7).max_steps == 7

@@ -1,9 +1,12 @@
 """fastopt.train: a small trainer around fastopt's fused AdamW.
 
-One linear loop (:func:`fit`): forward, backward with accumulation, fused step, schedule,
-evaluate, log, checkpoint. Schedules are pure functions of the step wrapped as a torch LR
-scheduler; early stopping is a small object with a pure decision; checkpoints are atomic and
-resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
+One linear loop (:func:`fit`): forward, backward with accumulation in micro-batches that fit,
+fused step, schedule, evaluate, log, checkpoint; the pieces it calls are small components
+(``run``, ``microbatch``, ``telemetry``, ``tracking``). Schedules are pure functions of the step
+wrapped as a torch LR scheduler; early stopping is a small object with a pure decision;
+checkpoints are atomic and resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
+:func:`run_job` trains a job (``python -m fastopt train``): a model factory and a dataset
+factory, the built-in ones or one's own by import path.
 
     from fastopt.train import TrainConfig, fit, make_loader
     result = fit(model, torch.nn.functional.cross_entropy,
@@ -14,18 +17,17 @@ resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_atomic
 from .config import (
     ConfigError,
-    DataConfig,
     EarlyStoppingConfig,
-    ModelConfig,
     OptimizerConfig,
+    TelemetryConfig,
     TrainConfig,
     build_schedule,
     config_from_dict,
     load_config,
 )
 from .data import BatchStream, ResumableDistributedSampler, make_loader
-from .default_job import run_default_job
 from .early_stopping import EarlyStopping
+from .jobs import JobData, cross_entropy, run_job
 from .loop import FitResult, ResumeWarning, fit
 from .metrics import MetricsLogger, read_metrics
 from .plots import plot_run
@@ -47,30 +49,31 @@ __all__ = [
     "ConfigError",
     "ConstantWarmup",
     "Cyclical",
-    "DataConfig",
     "EarlyStopping",
     "EarlyStoppingConfig",
     "ExponentialDecay",
     "FitResult",
+    "JobData",
     "MetricsLogger",
-    "ModelConfig",
     "OptimizerConfig",
     "ReduceOnPlateau",
     "ResumableDistributedSampler",
     "ResumeWarning",
     "ScheduleLR",
     "StepDecay",
+    "TelemetryConfig",
     "TrainConfig",
     "WarmupCosine",
     "WarmupLinear",
     "build_schedule",
     "config_from_dict",
+    "cross_entropy",
     "fit",
     "load_checkpoint",
     "load_config",
     "make_loader",
     "plot_run",
     "read_metrics",
-    "run_default_job",
+    "run_job",
     "save_atomic",
 ]

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,plot}")
 
-    train = sub.add_parser("train", help="train (the default job: an MLP on generated data)")
+    train = sub.add_parser(
+        "train", help="train (the default job: a character-level GPT on the stdlib's sources)"
+    )
     train.add_argument(
         "--config",
         metavar="FILE",
@@ -52,15 +54,34 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out as it was configured (--max-steps N extends it)",
     )
+    train.add_argument(
+        "--job",
+        choices=["gpt", "mlp"],
+        help="what to train: 'gpt' (default; a character-level GPT on the Python standard "
+        "library's sources) or 'mlp' (an MLP on generated data: the fastest smoke test)",
+    )
     train.add_argument("--device", help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    train.add_argument(
+        "--micro-batch-size",
+        type=_micro_batch_size,
+        metavar="N|auto",
+        help="split each batch into micro-batches of at most N samples (the update is the "
+        "same); 'auto': the largest that fits. Default: whole batches, halved on out-of-memory",
+    )
+    train.add_argument(
+        "--tracking",
+        choices=["none", "mlflow"],
+        help="also log to MLflow's local file store in --out/mlruns (pip install "
+        "'fastopt[mlflow]')",
+    )
     train.add_argument("--seed", type=int)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--print-config", action="store_true", help="print the full config as YAML and exit"
     )
 
-    plot = sub.add_parser("plot", help="redraw loss.png and lr.png of a run folder")
+    plot = sub.add_parser("plot", help="redraw loss.png, lr.png and grad_norm.png of a run folder")
     plot.add_argument(
         "--out",
         metavar="DIR",
@@ -70,11 +91,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _micro_batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import distributed as D
     from .components import read_run_record
     from .config import load_config
-    from .default_job import run_default_job
+    from .jobs import run_job
 
     base = None
     if args.resume:  # the run as it was configured; the options given now update it
@@ -86,8 +116,11 @@ def _train(args: argparse.Namespace) -> int:
         base=base,
         out=args.out,
         max_steps=args.max_steps,
+        job=args.job,
         device=args.device,
         precision=args.precision,
+        micro_batch_size=args.micro_batch_size,
+        tracking=args.tracking,
         seed=args.seed,
         progress=False if args.no_progress else None,
     )
@@ -102,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning(warnings.showwarning)
-            result = run_default_job(config, resume=args.resume)
+            result = run_job(config, resume=args.resume)
         code = _report(result, D.rank())
     finally:
         if started:
@@ -154,6 +187,11 @@ def _report(result, rank: int) -> int:
         print(f"stopped early: {result.stop_reason}")
     if result.skipped_steps:
         print(f"{result.skipped_steps} steps skipped for inf/NaN gradients")
+    if result.test_loss is not None:
+        baseline = "" if result.baseline is None else f" (a uniform guess: {result.baseline:.4f})"
+        print(f"test loss {result.test_loss:.4f}{baseline}")
+    if result.sample is not None:
+        print(f"sample:\n{result.sample}\n")
     written = ["metrics.jsonl", *(p.name for p in result.plots)]
     print(f"wrote {result.out}/{', '.join(written)} and checkpoints/")
     return 0

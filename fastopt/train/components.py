@@ -37,6 +37,7 @@ __all__ = [
     "evaluate",
     "is_fastopt",
     "optimizer_step",
+    "param_groups",
     "read_run_record",
     "resolve_device",
     "to_device",
@@ -98,7 +99,31 @@ def is_fastopt(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "_accumulator") and hasattr(optimizer, "last_grad_norm")
 
 
-def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+def param_groups(model: nn.Module, weight_decay: float, matrices_only: bool) -> list[dict]:
+    """The trainable params as optimizer groups named "decay" and "no_decay": with
+    ``matrices_only``, params of two or more dimensions outside ``nn.Embedding`` modules are
+    decayed and biases, norm weights and embeddings are not (empty groups are left out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not matrices_only:
+        return [{"params": params, "weight_decay": weight_decay, "name": "all"}]
+    embeddings = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding)
+        for p in m.parameters(recurse=False)
+    }
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+    chosen = {id(p) for p in decay}
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0,
+         "name": "no_decay"},
+    ]  # fmt: skip
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = param_groups(model, cfg.weight_decay, cfg.decay_matrices_only)
     if cfg.name == "fastopt.AdamW":
         import fastopt
 

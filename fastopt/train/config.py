@@ -4,8 +4,11 @@ Every key is checked: an unknown key is named with the valid ones listed, a valu
 type is named with the type it should have, and nothing falls back silently. Errors are
 :class:`ConfigError`, a ``ValueError`` (the CLI turns them into exit code 2).
 
-The ``data`` and ``model`` sections configure the default job (``python -m fastopt train``);
-:func:`fastopt.train.fit` with your own model and loaders ignores them.
+``job``, ``model_factory``, ``dataset_factory`` and the ``data`` and ``model`` sections say what
+``python -m fastopt train`` trains (see :mod:`fastopt.train.jobs`: the sections' keys are the
+factories' parameters); :func:`fastopt.train.fit` with your own model and loaders ignores
+them. :func:`load_config` starts from the job's preset for the device (the ``gpt`` job's is
+about a minute on a 2-core CPU), then the file, then the overrides.
 """
 
 from __future__ import annotations
@@ -27,10 +30,9 @@ from .schedules import SCHEDULES
 
 __all__ = [
     "ConfigError",
-    "DataConfig",
     "EarlyStoppingConfig",
-    "ModelConfig",
     "OptimizerConfig",
+    "TelemetryConfig",
     "TrainConfig",
     "build_early_stopping",
     "build_schedule",
@@ -57,6 +59,9 @@ class OptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.9  # SGD only
     max_grad_norm: float | None = 1.0  # global-norm clipping; None: no clipping
+    # The common recipe (nanoGPT, minGPT): decay the weight matrices only, none on biases,
+    # norms and embeddings. false: every param in one group with weight_decay.
+    decay_matrices_only: bool = True
 
 
 @dataclass
@@ -72,23 +77,9 @@ class EarlyStoppingConfig:
 
 
 @dataclass
-class DataConfig:
-    path: str | None = None  # .pt or .npz holding x (N, features) and y (N,) int; None: generated
-    n_train: int = 131072
-    n_val: int = 8192
-    n_features: int = 32
-    n_classes: int = 8
-    val_fraction: float = 0.2  # with path: the share of samples held out
-    batch_size: int = 128  # per micro-batch and per process
-    val_batch_size: int = 1024
-    num_workers: int = 0
-
-
-@dataclass
-class ModelConfig:
-    hidden: int = 512
-    depth: int = 3
-    dropout: float = 0.1
+class TelemetryConfig:
+    enabled: bool = True  # per-group norms, update ratios, rates, memory (fastopt.train.telemetry)
+    per: Literal["group", "layer"] = "group"  # gradient norms and update ratios per ...
 
 
 DEFAULT_WARMUP_STEPS = 50
@@ -101,27 +92,51 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu; or any torch device string
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: + loss scaling
-    grad_accum_steps: int = 2  # micro-batches per optimizer step
+    grad_accum_steps: int = 2  # loader batches per optimizer step
+    # Split each loader batch into micro-batches of at most this many samples (the update is
+    # the same; see fastopt.train.microbatch). None: whole batches, halved on out-of-memory;
+    # "auto": the largest that fits, found before the first step.
+    micro_batch_size: int | Literal["auto"] | None = None
+    min_micro_batch_size: int = 1  # out-of-memory below it is an error
     eval_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 500  # 0: only at the end, on a signal and on a new best
     keep_last: int = 2
     progress: bool | None = None  # tqdm bar; None: when stderr is a terminal
     tensorboard: bool = False  # also write TensorBoard events to out/tensorboard
-    plots: bool = True  # loss and lr PNGs at the end of the run
+    plots: bool = True  # loss, lr and gradient-norm PNGs at the end of the run
+    tracking: Literal["none", "mlflow"] = "none"  # mlflow: a local file store in out/mlruns
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     # {"name": ..., fields of that schedule}; null: warmup_cosine with a floor of 0.05 and
     # min(50, max_steps // 10) warm-up steps. total_steps defaults to max_steps.
     schedule: dict[str, Any] | None = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    job: Literal["gpt", "mlp"] = "gpt"  # the built-in model and data (fastopt.train.jobs)
+    model_factory: str | None = None  # "package.module:function"; None: the job's
+    dataset_factory: str | None = None  # "package.module:function"; None: the job's
+    # The factories' keyword arguments (and in data, the loaders' batch_size, val_batch_size
+    # and num_workers); the factories' defaults are filled in.
+    data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "grad_accum_steps", "eval_every", "log_every", "keep_last")
+        positive = (
+            "max_steps",
+            "grad_accum_steps",
+            "eval_every",
+            "log_every",
+            "keep_last",
+            "min_micro_batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.micro_batch_size, int) and self.micro_batch_size < 1:
+            raise ConfigError(
+                f"config key 'micro_batch_size' must be >= 1, 'auto' or null, got "
+                f"{self.micro_batch_size}"
+            )
         if self.checkpoint_every < 0:
             raise ConfigError(
                 f"config key 'checkpoint_every' must be >= 0, got {self.checkpoint_every}"
@@ -146,17 +161,6 @@ class TrainConfig:
                 )
         if opt.max_grad_norm is not None and not opt.max_grad_norm > 0:
             raise ConfigError("config key 'optimizer.max_grad_norm' must be > 0 or null")
-        # n_val >= 1: the default job evaluates on the validation set (an empty one has no
-        # loss), and early stopping and the plateau schedule watch val_loss by default.
-        for name in ("n_train", "n_val", "batch_size", "val_batch_size", "n_features", "n_classes"):
-            if getattr(self.data, name) < 1:
-                raise ConfigError(
-                    f"config key 'data.{name}' must be >= 1, got {getattr(self.data, name)}"
-                )
-        if self.data.num_workers < 0:
-            raise ConfigError(
-                f"config key 'data.num_workers' must be >= 0, got {self.data.num_workers}"
-            )
         if self.schedule is None:
             warmup = min(DEFAULT_WARMUP_STEPS, self.max_steps // 10)
             self.schedule = {"name": "warmup_cosine", "warmup_steps": warmup, "min_ratio": 0.05}
@@ -165,6 +169,9 @@ class TrainConfig:
             build_early_stopping(self.early_stopping)
         except ValueError as e:
             raise ConfigError(f"config section 'early_stopping': {e}") from None
+        from .jobs import check_sections  # imports the factories: a bad path fails here
+
+        self.data, self.model = check_sections(self)
 
 
 # -- checking values against annotations ---------------------------------------------------
@@ -348,11 +355,18 @@ def load_config(
 ) -> TrainConfig:
     """Reads a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; ``overrides`` (top-level
     keys such as ``out`` or ``max_steps``) win over the file. ``base``: a config mapping
-    (a run's recorded one, to resume it) that the file's keys update section by section."""
-    data = dict(base or {})
+    (a run's recorded one, to resume it) that the file's keys update section by section;
+    without one, the job's preset for the device is the base."""
+    data = {}
     if path is not None:
-        data = _merge(data, read_config_file(path))
-    data.update({k: v for k, v in overrides.items() if v is not None})
+        data = read_config_file(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if base is None:
+        from .jobs import job_preset
+
+        base = job_preset({**data, **overrides})
+    data = _merge(dict(base), data)
+    data.update(overrides)
     return config_from_dict(data)
 
 
@@ -410,6 +424,8 @@ NOT_FINGERPRINTED = (
     "log_every",
     "checkpoint_every",
     "keep_last",
+    "tracking",
+    "telemetry",  # it reads gradients and weights, and changes neither
 )
 
 

@@ -1,8 +1,10 @@
 """Run metrics: one JSON object per line in ``metrics.jsonl``, optionally TensorBoard too.
 
 Rows carry ``step`` and whatever was measured at that step: ``train_loss``, ``lr``,
-``grad_norm``, ``skipped_steps``, ``samples_per_sec``, ``step_time`` on logging steps and
-``val_loss`` on evaluation steps. Only rank 0 writes.
+``grad_norm``, ``skipped_steps``, ``micro_batch_size`` and the telemetry
+(:mod:`fastopt.train.telemetry`: rates, per-group gradient norms, update ratios, ...) on
+logging steps and ``val_loss`` on evaluation steps. Only rank 0 writes. Rows also go to
+TensorBoard (``tensorboard: true``) and to a tracker (``tracking: mlflow``) when asked.
 """
 
 from __future__ import annotations
@@ -51,10 +53,19 @@ class MetricsLogger:
     """Appends rows to ``out/metrics.jsonl`` (and TensorBoard scalars when asked)."""
 
     def __init__(
-        self, out: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = False
+        self,
+        out: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        tracking: str = "none",
+        params: dict[str, Any] | None = None,
     ) -> None:
+        from .tracking import open_tracker
+
         self.path = Path(out) / METRICS_FILE
         self.enabled = enabled
+        self.tracker = open_tracker(tracking, Path(out), params or {}) if enabled else None
         self._file = None
         self._writer = None
         self._summary_writer = None
@@ -93,8 +104,17 @@ class MetricsLogger:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._writer.add_scalar(key, value, row["step"])
+        if self.tracker is not None:
+            self.tracker.log(row)
+
+    def artifacts(self, paths: list[Path]) -> None:
+        """Hands the run's plots to the tracker, if any."""
+        if self.tracker is not None and paths:
+            self.tracker.artifacts(paths)
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -1,4 +1,5 @@
-"""PNG plots of a run from its ``metrics.jsonl``: losses and the learning-rate schedule.
+"""PNG plots of a run from its ``metrics.jsonl``: losses, the learning-rate schedule and the
+gradient norms (global, and per group or layer as the telemetry logged them).
 
 Drawn with matplotlib's object API on the Agg canvas: no pyplot, no display, no global
 backend switch, so it is safe in a headless job and inside a program that uses matplotlib.
@@ -17,6 +18,7 @@ __all__ = ["plot_run"]
 
 LOSS_PNG = "loss.png"
 LR_PNG = "lr.png"
+GRAD_NORM_PNG = "grad_norm.png"
 EMA_WEIGHT = 0.9  # smoothing of the noisy per-step training loss line
 
 
@@ -40,8 +42,9 @@ def _ema(values: list[float]) -> list[float]:
 
 
 def plot_run(out: str | os.PathLike) -> list[Path]:
-    """Writes ``loss.png`` (training and validation loss vs step) and ``lr.png`` (learning
-    rate vs step) into the run folder ``out``; returns their paths."""
+    """Writes ``loss.png`` (training and validation loss vs step), ``lr.png`` (learning
+    rate vs step) and ``grad_norm.png`` (gradient norms vs step, when they were logged) into
+    the run folder ``out``; returns their paths."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -83,4 +86,24 @@ def plot_run(out: str | os.PathLike) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out / LR_PNG)
     written.append(out / LR_PNG)
+
+    steps, norms = _series(rows, "grad_norm")
+    if steps:
+        fig = Figure(figsize=(7, 3.2), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(steps, norms, color="tab:red", label="global")
+        parts = sorted({k for r in rows for k in r if k.startswith("grad_norm/")})
+        for key in parts:
+            part_steps, values = _series(rows, key)
+            ax.plot(part_steps, values, linewidth=0.9, alpha=0.8, label=key.split("/", 1)[1])
+        ax.set(xlabel="step", ylabel="gradient norm", title="Gradient norm (before clipping)")
+        if all(v > 0 for v in norms):
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        if len(parts) <= 12:  # per layer there can be dozens: the lines alone then
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out / GRAD_NORM_PNG)
+        written.append(out / GRAD_NORM_PNG)
     return written
