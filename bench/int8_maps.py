@@ -6,7 +6,7 @@ Candidates, each block-wise (one scale per block of consecutive elements):
 * ``fp8``: fastopt.quant: E4M3 codes for exp_avg, E4M4 codes of sqrt(exp_avg_sq), a
   power-of-two scale per block (one int8 exponent), at block sizes 32 and 256;
 * other float formats under the same scaling: more mantissa, less range (E3M4 for exp_avg,
-  E3M5 for the square root);
+  E3M5 for the square root); and fastopt.quant's formats rounded stochastically;
 * ``linear``: int8 codes of x / absmax * 127 (exp_avg) and uint8 of v / max * 255, fp32 scale;
 * ``dynamic``: bitsandbytes' dynamic map (signed for exp_avg, unsigned for exp_avg_sq) with an
   fp32 absmax scale per block of 256, nearest code, as its and torchao's AdamW8bit store them
@@ -17,7 +17,8 @@ reports, for its moments at the end, each map's error: RMS relative error of exp
 sqrt(exp_avg_sq) over non-zero elements, the relative error of the update direction
 m / (sqrt(v) + eps), and the fraction of elements whose v restores to 0 while m does not.
 Part 2 trains it with each map applied to the moments after every step (the stored state of
-an 8-bit optimizer) and reports the final validation loss beside three fp32 seeds.
+an 8-bit optimizer) and reports the final validation loss beside three fp32 seeds. Part 3
+shows why rounding to nearest is not enough: exp_avg_sq's running average stalls.
 
     python bench/int8_maps.py [--steps 300] [--seeds 3]
 """
@@ -49,11 +50,12 @@ def _fp8(block):
     return m, v
 
 
-def _minifloat(exp_bits, mant_bits, block=32):
+def _minifloat(exp_bits, mant_bits, block=32, stochastic=False):
     """A float format of ``exp_bits`` exponent (bias 2**(exp_bits - 1) - 1) and ``mant_bits``
     mantissa bits with subnormals, under a power-of-two scale per block that puts the block's
     largest magnitude in the top binade but one (as fastopt.quant does for E4M3 and E4M4):
-    for comparing formats, by arithmetic rather than fastopt.quant's bit operations."""
+    for comparing formats, by arithmetic rather than fastopt.quant's bit operations.
+    ``stochastic``: rounded up with probability equal to the distance, not to nearest."""
     bias = 2 ** (exp_bits - 1) - 1
     top_exp = 2**exp_bits - 2 - bias  # the binade the block's largest lands in
     min_exp = 1 - bias
@@ -65,14 +67,22 @@ def _minifloat(exp_bits, mant_bits, block=32):
         y = rows / scale
         e = torch.floor(torch.log2(y.abs().clamp_min(2.0**-126))).clamp_min(min_exp)
         quantum = torch.exp2(e - mant_bits)
-        return (torch.round(y / quantum) * quantum * scale).reshape(-1)[:n].view(x.shape)
+        steps = y / quantum
+        if stochastic:
+            steps = torch.floor(steps + torch.rand(steps.shape, generator=_NOISE))
+        else:
+            steps = torch.round(steps)
+        return (steps * quantum * scale).reshape(-1)[:n].view(x.shape)
 
     return apply
 
 
-def _formats(m_bits, root_bits, block=32):
-    m = _minifloat(*m_bits, block)
-    root = _minifloat(*root_bits, block)
+_NOISE = torch.Generator().manual_seed(0)
+
+
+def _formats(m_bits, root_bits, block=32, stochastic=False):
+    m = _minifloat(*m_bits, block, stochastic)
+    root = _minifloat(*root_bits, block, stochastic)
     return m, lambda v: root(v.sqrt()) ** 2
 
 
@@ -126,6 +136,7 @@ MAPS = {
     "fp8, block 256": lambda: _fp8(256),
     "E3M4 / root E3M5, block 32": lambda: _formats((3, 4), (3, 5)),
     "E4M3 / root E3M5, block 32": lambda: _formats((4, 3), (3, 5)),
+    "fp8 stochastic, block 32": lambda: _formats((4, 3), (4, 4), stochastic=True),
     "linear, block 256": _linear,
     "dynamic (bitsandbytes), block 256": _dynamic,
 }
@@ -196,12 +207,31 @@ def moment_errors(steps: int, codecs) -> dict[str, dict[str, float]]:
     return out
 
 
+def ema_stall(steps: int = 300, beta2: float = 0.999) -> dict[str, float]:
+    """Part 3: exp_avg_sq's running average of g**2 = 1 from 0, through fastopt.quant's format
+    after every step (in blocks whose largest element is 10**4): the mean of the small ones
+    after ``steps``, rounded to nearest and stochastically, against the exact 1 - beta2**steps.
+    Each step adds (1 - beta2) g**2, a fraction of v that soon falls under half a code's step:
+    rounded to nearest, v stops growing."""
+    out = {"exact": 1 - beta2**steps}
+    for name, codec in (("nearest", _formats((4, 3), (4, 4))[1]),
+                        ("stochastic", _formats((4, 3), (4, 4), stochastic=True)[1])):  # fmt: skip
+        g2 = torch.ones(32 * 64)
+        g2[::32] = 1e4
+        v = torch.zeros_like(g2)
+        for _ in range(steps):
+            v = codec(beta2 * v + (1 - beta2) * g2)
+        out[name] = float(v.view(-1, 32)[:, 1:].mean())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3, help="fp32 runs for the spread")
+    parser.add_argument("--maps", nargs="*", help="only these maps (names as listed above)")
     args = parser.parse_args(argv)
-    codecs = _available()
+    codecs = {k: v for k, v in _available().items() if not args.maps or k in args.maps}
 
     print(f"Part 1: errors on the moments after {args.steps} fp32 steps (tensors >= 4096)")
     print(f"{'map':<36}{'m RMS rel':>11}{'sqrt(v) RMS rel':>17}{'update rel':>12}"
@@ -213,13 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nPart 2: final validation loss after {args.steps} steps at lr 1e-4")
     fp32 = [_train(s, args.steps, lambda ps, lr: torch.optim.AdamW(ps, lr=lr))
             for s in range(args.seeds)]  # fmt: skip
-    print(f"{'fp32, torch AdamW (seeds)':<36}" + " ".join(f"{x:.4f}" for x in fp32)
-          + f"   spread {min(fp32):.4f}-{max(fp32):.4f}")  # fmt: skip
+    if fp32:
+        print(f"{'fp32, torch AdamW (seeds)':<36}" + " ".join(f"{x:.4f}" for x in fp32)
+              + f"   spread {min(fp32):.4f}-{max(fp32):.4f}")  # fmt: skip
     for name, codec in codecs.items():
         loss = _train(0, args.steps, lambda ps, lr, c=codec: QuantizedAdamW(ps, lr, c))
-        where = "below" if loss < min(fp32) else "inside" if loss <= max(fp32) else "above"
-        print(f"{name:<36}{loss:.4f}   {where} the fp32 spread"
-              + ("" if math.isfinite(loss) else " (diverged)"))  # fmt: skip
+        where = ""
+        if fp32:
+            where = "below" if loss < min(fp32) else "inside" if loss <= max(fp32) else "above"
+            where = f"   {where} the fp32 spread"
+        print(f"{name:<36}{loss:.4f}{where}" + ("" if math.isfinite(loss) else " (diverged)"))
+    print(f"\nPart 3: exp_avg_sq of g**2 = 1 after {args.steps} steps, beta2 0.999")
+    for name, value in ema_stall(args.steps).items():
+        print(f"{name:<36}{value:.4f}")
     return 0
 
 
