@@ -249,10 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, codec in codecs.items():
         loss = _train(0, args.steps, lambda ps, lr, c=codec: QuantizedAdamW(ps, lr, c))
         where = ""
-        if fp32:
+        if not math.isfinite(loss):
+            where = "   diverged"
+        elif fp32:
             where = "below" if loss < min(fp32) else "inside" if loss <= max(fp32) else "above"
             where = f"   {where} the fp32 spread"
-        print(f"{name:<36}{loss:.4f}{where}" + ("" if math.isfinite(loss) else " (diverged)"))
+        print(f"{name:<36}{loss:.4f}{where}")
     print(f"\nPart 3: exp_avg_sq of g**2 = 1 after {args.steps} steps, beta2 0.999")
     for name, value in ema_stall(args.steps).items():
         print(f"{name:<36}{value:.4f}")
