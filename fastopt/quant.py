@@ -17,7 +17,10 @@ The scale is floor(log2(block max)) - 7, clamped to [-100, 120], so the block's 
 magnitude lands in [128, 256) and no scaled or restored value is an fp32 subnormal (whose
 handling differs between devices). Multiplying by a power of two is exact: every backend
 gets these bits with integer operations and exact scalings alone, no division and no lookup
-table. bench/int8_maps.py measured why this map and ``BLOCK``.
+table. bench/int8_maps.py measured why this map and ``BLOCK``, and why the step must round
+the codes stochastically (not yet here: these functions round to nearest): rounded to
+nearest, exp_avg_sq's running average stops growing once a step's increment is under half a
+code's step (bench/RESULTS.md).
 """
 
 from __future__ import annotations
