@@ -18,9 +18,9 @@ magnitude lands in [128, 256) and no scaled or restored value is an fp32 subnorm
 handling differs between devices). Multiplying by a power of two is exact: every backend
 gets these bits with integer operations and exact scalings alone, no division and no lookup
 table. bench/int8_maps.py measured why this map and ``BLOCK``, and why the step must round
-the codes stochastically (not yet here: these functions round to nearest): rounded to
-nearest, exp_avg_sq's running average stops growing once a step's increment is under half a
-code's step (bench/RESULTS.md).
+the codes stochastically (``noise16``; no kernel does yet): rounded to nearest, exp_avg_sq's
+running average stops growing once a step's increment is under half a code's step
+(bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -78,18 +78,29 @@ def _pow2(e: Tensor) -> Tensor:
     return _from_bits((e.long() + 127) << 23)
 
 
-def _encode(a: Tensor, mantissa_bits: int) -> Tensor:
+def _encode(a: Tensor, mantissa_bits: int, noise16: Tensor | None = None) -> Tensor:
     """Non-negative fp32 ``a`` (at most 256, or inf/NaN) to the unsigned float code with 4
-    exponent bits of bias 7 and ``mantissa_bits``, rounded to nearest even: the magnitude
-    bits of E4M3 (3) or of E4M4 (4)."""
+    exponent bits of bias 7 and ``mantissa_bits``: the magnitude bits of E4M3 (3) or of E4M4
+    (4). Rounded to nearest even, or with ``noise16`` (integers in [0, 2**16)) stochastically:
+    up with probability equal to the distance from the code below in units of the step
+    between the two, resolved to 2**-16 of it (the bits below are dropped)."""
     shift = 23 - mantissa_bits
     b = _bits(a)
-    normal = (b + ((1 << (shift - 1)) - 1) + ((b >> shift) & 1)) >> shift
+    if noise16 is None:
+        normal = (b + ((1 << (shift - 1)) - 1) + ((b >> shift) & 1)) >> shift
+    else:
+        normal = (b + (noise16.long() << (shift - 16))) >> shift
     normal = normal - ((127 - 7) << mantissa_bits)
     # Below 2**-6, the subnormal codes k * 2**-(6 + mantissa_bits): a * 2**(6 + mantissa_bits)
-    # rounded to the nearest integer, ties to even (2**23 aligns the fp32 sum's ulp to 1).
-    scaled = a * float(2 ** (6 + mantissa_bits))
-    sub = ((scaled + 2.0**23) - 2.0**23).long()
+    # rounded to the nearest integer, ties to even (2**23 aligns the fp32 sum's ulp to 1), or
+    # a * 2**(22 + mantissa_bits) truncated (the scaling is exact; the value is below 2**20)
+    # plus the noise, over 2**16.
+    if noise16 is None:
+        scaled = a * float(2 ** (6 + mantissa_bits))
+        sub = ((scaled + 2.0**23) - 2.0**23).long()
+    else:
+        fixed = (a * float(2 ** (22 + mantissa_bits))).long()
+        sub = (fixed + noise16.long()) >> 16
     return torch.where(a < 2.0**-6, sub, normal)
 
 
@@ -103,13 +114,20 @@ def _decode(code: Tensor, mantissa_bits: int) -> Tensor:
     return torch.where(exponent == 0, sub, normal)
 
 
-def quantize_m(x: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
-    """fp32 ``x`` (any shape) to (uint8 codes of x's shape, int8 scale per block)."""
+def _noise_rows(noise16: Tensor | None, block: int) -> Tensor | None:
+    return None if noise16 is None else _pad(noise16.reshape(-1).long(), block)
+
+
+def quantize_m(
+    x: Tensor, block: int = BLOCK, noise16: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """fp32 ``x`` (any shape) to (uint8 codes of x's shape, int8 scale per block), rounded to
+    nearest even, or stochastically with ``noise16`` (x's shape, integers in [0, 2**16))."""
     flat = x.reshape(-1).to(torch.float32)
     rows = _pad(flat, block)
     scale = block_scales(rows.abs())
     y = rows * _pow2(-scale.long()).unsqueeze(1)  # exact: a power of two, no subnormal
-    magnitude = _encode(y.abs(), 3)
+    magnitude = _encode(y.abs(), 3, _noise_rows(noise16, block))
     sign = (_bits(y) >> 31) << 7
     code = torch.where(torch.isfinite(y), sign | magnitude, _M_NAN)
     return code.reshape(-1)[: flat.numel()].to(torch.uint8).view(x.shape), scale
@@ -126,14 +144,16 @@ def dequantize_m(code: Tensor, scale: Tensor, block: int = BLOCK) -> Tensor:
     return value.reshape(-1)[: flat.numel()].view(code.shape)
 
 
-def quantize_v(root: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+def quantize_v(
+    root: Tensor, block: int = BLOCK, noise16: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``root`` = sqrt(exp_avg_sq), non-negative fp32 (any shape), to (uint8 codes, int8 scale
-    per block)."""
+    per block), rounded as quantize_m rounds."""
     flat = root.reshape(-1).to(torch.float32)
     rows = _pad(flat, block)
     scale = block_scales(rows)
     y = rows * _pow2(-scale.long()).unsqueeze(1)
-    code = torch.where(torch.isfinite(y), _encode(y, 4), _V_NAN)
+    code = torch.where(torch.isfinite(y), _encode(y, 4, _noise_rows(noise16, block)), _V_NAN)
     return code.reshape(-1)[: flat.numel()].to(torch.uint8).view(root.shape), scale
 
 

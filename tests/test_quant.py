@@ -146,3 +146,52 @@ def test_bit_operations_agree_with_float_arithmetic(n, seed, spread, magnitude):
     root = x.abs()
     v = quant.dequantize_v(*quant.quantize_v(root))
     assert torch.equal(v, _by_arithmetic(root, 4) ** 2)
+
+
+def _stochastic_by_arithmetic(x, mant_bits, noise16):
+    """Stochastic rounding by arithmetic: the value in units of its binade's quantum, resolved
+    to 2**-16 of a unit (truncated), plus the noise, floored."""
+    rows = quant._pad(x, B)
+    top = rows.abs().amax(1, keepdim=True)
+    scale = torch.exp2(torch.floor(torch.log2(top.clamp_min(2.0**-93))) - 7)
+    y = rows / scale
+    e = torch.floor(torch.log2(y.abs().clamp_min(2.0**-126))).clamp_min(-6)
+    quantum = torch.exp2(e - mant_bits)
+    units = torch.floor(y.abs() / quantum * 2.0**16).long()
+    steps = (units + quant._pad(noise16, B).long()) >> 16
+    value = steps.double() * quantum.double() * scale.double()
+    return (torch.sign(y) * value.float()).reshape(-1)[: x.numel()]
+
+
+@settings(max_examples=40)
+@given(n=st.integers(1, 4 * B), seed=st.integers(0, 2**31 - 1), spread=st.floats(0.0, 6.0),
+       magnitude=st.floats(-60, 60))  # fmt: skip
+def test_stochastic_codes_agree_with_float_arithmetic(n, seed, spread, magnitude):
+    x = _heavy(n, seed, spread) * 2.0**magnitude
+    noise = torch.randint(0, 2**16, (n,), generator=torch.Generator().manual_seed(seed))
+    got = quant.dequantize_m(*quant.quantize_m(x, noise16=noise))
+    assert torch.equal(got, _stochastic_by_arithmetic(x, 3, noise))
+    root = x.abs()
+    v = quant.dequantize_v(*quant.quantize_v(root, noise16=noise))
+    assert torch.equal(v, _stochastic_by_arithmetic(root, 4, noise) ** 2)
+
+
+@pytest.mark.parametrize("value", [1.3, 0.7071, 2.0**-7 * 1.37, 100.0])
+def test_stochastic_codes_are_unbiased(value):
+    """10**5 copies of a value between two codes (beside 200, which fixes the scale), each
+    with its own noise: their mean is the value within 5 standard deviations (the spread of
+    a two-point variable between codes a step apart: at most step / 2 / sqrt(n)), and more
+    than 2**-16 of a step from it only by that."""
+    n = 100_000
+    x = torch.full((n, B), 0.0)
+    x[:, 0] = value
+    x[:, 1] = 200.0
+    noise = torch.randint(0, 2**16, (n, B), generator=torch.Generator().manual_seed(1))
+    back = quant.dequantize_m(*quant.quantize_m(x.reshape(-1), noise16=noise.reshape(-1)))
+    back = back.view(n, B)[:, 0]
+    lo, hi = back.min(), back.max()
+    assert lo < value < hi  # two neighbouring codes drawn
+    step = float(hi - lo)
+    assert abs(float(back.double().mean()) - value) < 5 * step / 2 / math.sqrt(n) + step * 2**-16
+    nearest = quant.dequantize_m(*quant.quantize_m(x.reshape(-1))).view(n, B)[:, 0]
+    assert nearest.unique().numel() == 1  # rounded to nearest, every copy alike
