@@ -35,16 +35,18 @@ inline Master master_kind(const AdamWInputs& in) {
   return in.params[0].dtype == ScalarType::BFloat16 ? Master::kRemainder : Master::kCopy;
 }
 
-// Stochastic rounding needs one position (the noise's tensor index) and one first index (of
-// the tensor's first element in its whole param) per tensor, and is implemented for bf16
-// stores only; fastopt.AdamW refuses the rest before a step.
+// Stochastic rounding, and 8-bit moments (whose codes always round so), need one position (the
+// noise's tensor index) and one first index (of the tensor's first element in its whole param)
+// per tensor; stochastic rounding is implemented for bf16 stores only; fastopt.AdamW refuses
+// the rest before a step.
 inline void check_rounding(const AdamWInputs& in, Master master, bool stochastic_rounding,
                            size_t num_positions, size_t num_first_indices) {
-  if (!stochastic_rounding) return;
+  if (!stochastic_rounding && !in.quantized()) return;
   FASTOPT_CHECK(num_positions == in.params.size(), "fastopt.adamw_: positions has ",
                 num_positions, " entries, expected ", in.params.size());
   FASTOPT_CHECK(num_first_indices == in.params.size(), "fastopt.adamw_: first_indices has ",
                 num_first_indices, " entries, expected ", in.params.size());
+  if (!stochastic_rounding) return;
   const bool fp16_store = in.state_dtype == ScalarType::Half ||
                           (in.params[0].dtype == ScalarType::Half && master == Master::kNone);
   FASTOPT_CHECK(!fp16_store, "fastopt.adamw_: stochastic rounding rounds bfloat16 stores "
@@ -53,7 +55,7 @@ inline void check_rounding(const AdamWInputs& in, Master master, bool stochastic
 
 // Calls f(Tag<P>, Tag<G>, Tag<S>, constant<Master>, constant<bool kSR>) for params of type P,
 // instantiating only the combinations a checked call can ask for: grads of the params' dtype
-// or fp32; moments of the params' dtype, fp32 or bf16; a remainder only for bf16 params, an
+// or fp32; moments of the params' dtype, fp32, bf16 or 8-bit codes (uint8); a remainder only for bf16 params, an
 // fp32 copy only for fp16 ones; stochastic rounding only where some store is bf16 and none is
 // fp16.
 template <typename P, typename F>
@@ -90,6 +92,7 @@ void dispatch_adamw_for(ScalarType grad, ScalarType state, Master master, bool s
     };
     if (state == ScalarType::Float) return with_state(Tag<float>{});
     if (state == ScalarType::BFloat16) return with_state(Tag<BFloat16>{});
+    if (state == ScalarType::Byte) return with_state(Tag<uint8_t>{});
     with_state(Tag<P>{});  // the params' own dtype (checked: the only other one allowed)
   };
   if (grad == ScalarType::Float) return with_grad(Tag<float>{});

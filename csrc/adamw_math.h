@@ -84,9 +84,11 @@ FASTOPT_HD AdamWCoeffs adamw_coeffs(double lr, double beta1, double beta2, doubl
 
 // One element's update, in the order of torch.optim.AdamW's for-loop implementation so fp32
 // results agree with it to rounding. vmax is read and written only when kAmsgrad.
+// `root` receives sqrt of the second moment the denominator used (vmax when kAmsgrad): 8-bit
+// states store that square root, so the step takes it from here instead of a second sqrt.
 template <bool kAmsgrad>
 FASTOPT_HD void adamw_math(float& p, float grad, float& m, float& v, float& vmax,
-                           const AdamWCoeffs& c) {
+                           const AdamWCoeffs& c, float& root) {
   const float g = grad * c.grad_coef;
   p = p * c.decay;
   m = (c.lerp_from_m ? m : g) + c.lerp_coef * (g - m);  // torch's lerp(m, g, 1 - beta1)
@@ -98,8 +100,16 @@ FASTOPT_HD void adamw_math(float& p, float grad, float& m, float& v, float& vmax
   }
   // A multiply by the reciprocal instead of torch's division: one division per element
   // instead of two (1 ulp apart), which took the CPU kernel from compute-bound to par.
-  const float denom = sqrtf(second) * c.inv_bc2_sqrt + c.eps;
+  root = sqrtf(second);
+  const float denom = root * c.inv_bc2_sqrt + c.eps;
   p = p - c.step_size * (m / denom);
+}
+
+template <bool kAmsgrad>
+FASTOPT_HD void adamw_math(float& p, float grad, float& m, float& v, float& vmax,
+                           const AdamWCoeffs& c) {
+  float root;
+  adamw_math<kAmsgrad>(p, grad, m, v, vmax, c, root);
 }
 
 // ---- Rounding into 16-bit storage: fastopt/rounding.py is the oracle and explains why. ----
@@ -179,6 +189,85 @@ FASTOPT_HD void split_master(float x, uint16_t& param_bits, int16_t& remainder) 
 FASTOPT_HD float join_master(uint16_t param_bits, int16_t remainder) {
   return bits_f32((static_cast<uint32_t>(param_bits) << 16) +
                   static_cast<uint32_t>(static_cast<int32_t>(remainder)));
+}
+
+// ---- 8-bit moments: fastopt/quant.py is the oracle and explains the format. ----
+// A block of kQuantBlock elements shares a power-of-two scale 2**s (s an int8); exp_avg is an
+// E4M3 code of m * 2**-s, exp_avg_sq an unsigned E4M4 code of sqrt(v) * 2**-s. Codes are
+// always rounded stochastically from 16 noise bits (bench/int8_maps.py: rounded to nearest,
+// exp_avg_sq's running average stalls). Integer operations and exact power-of-two scalings
+// only, so every backend produces the same bytes.
+constexpr int kQuantBlock = 32;
+constexpr int kScaleMin = -100;
+constexpr int kScaleMax = 120;
+constexpr uint32_t kCodeNanM = 0x7F;  // with either sign bit
+constexpr uint32_t kCodeNanV = 0xFF;
+
+// 2**e as fp32 for integer e in [-126, 127], exactly.
+FASTOPT_HD float pow2(int e) { return bits_f32(static_cast<uint32_t>(e + 127) << 23); }
+
+// The magnitude bits a block's maximum is taken over: |x|'s bits, NaN counted as 0 (uint32
+// order is float order for non-negative floats, and integer maxima vectorise).
+FASTOPT_HD uint32_t magnitude_bits(float x) {
+  const uint32_t b = f32_bits(x) & 0x7FFFFFFFu;
+  return b > 0x7F800000u ? 0u : b;
+}
+
+// A block's scale exponent from the largest magnitude_bits: floor(log2(max)) - 7, clamped.
+FASTOPT_HD int block_scale(uint32_t max_bits) {
+  const int e = static_cast<int>(max_bits >> 23) - 127 - 7;
+  return e < kScaleMin ? kScaleMin : (e > kScaleMax ? kScaleMax : e);
+}
+
+// Non-negative finite a (at most 256; callers pass 0 for inf and NaN) to the unsigned float code with 4 exponent bits of bias 7
+// and kMant mantissa bits, rounded up with probability (distance from the code below) / step.
+template <int kMant>
+FASTOPT_HD uint32_t encode_unsigned(float a, uint32_t noise16) {
+  const uint32_t normal = ((f32_bits(a) + (noise16 << (7 - kMant))) >> (23 - kMant)) -
+                          (uint32_t{127 - 7} << kMant);
+  // Below 2**-6 the subnormal codes k * 2**-(6 + kMant): a * 2**(22 + kMant) is exact and
+  // under 2**20, truncated, plus the noise, over 2**16.
+  const auto fixed = static_cast<uint32_t>(static_cast<int32_t>(a * static_cast<float>(1 << (22 + kMant))));
+  const uint32_t sub = (fixed + noise16) >> 16;
+  return a < 0.015625f ? sub : normal;
+}
+
+// The magnitude of an unsigned code (encode_unsigned's inverse on codes).
+template <int kMant>
+FASTOPT_HD float decode_unsigned(uint32_t code) {
+  const uint32_t exponent = code >> kMant;
+  const uint32_t mantissa = code & ((1u << kMant) - 1u);
+  const float normal = bits_f32(((exponent + 127 - 7) << 23) | (mantissa << (23 - kMant)));
+  const float sub = static_cast<float>(mantissa) * (1.f / static_cast<float>(1 << (6 + kMant)));
+  return exponent == 0 ? sub : normal;
+}
+
+// exp_avg: m * 2**-scale to its E4M3 code (sign bit 7); inf and NaN to the NaN code.
+FASTOPT_HD uint8_t encode_m(float m, float inv_scale, uint32_t noise16) {
+  const float y = m * inv_scale;
+  const uint32_t sign = (f32_bits(y) >> 31) << 7;
+  const bool ok = finite(y);
+  const uint32_t code = sign | encode_unsigned<3>(ok ? (y < 0.f ? -y : y) : 0.f, noise16);
+  return static_cast<uint8_t>(ok ? code : kCodeNanM);
+}
+
+FASTOPT_HD float decode_m(uint32_t code, float scale) {
+  const float magnitude = decode_unsigned<3>(code & 0x7Fu);
+  const float value = (code & 0x80u) != 0 ? -magnitude : magnitude;
+  return ((code & 0x7Fu) == kCodeNanM ? bits_f32(0x7FC00000u) : value) * scale;
+}
+
+// exp_avg_sq: its square root times 2**-scale to the E4M4 code; inf and NaN to the NaN code.
+FASTOPT_HD uint8_t encode_v(float root, float inv_scale, uint32_t noise16) {
+  const float y = root * inv_scale;
+  const bool ok = finite(y);
+  return static_cast<uint8_t>(ok ? encode_unsigned<4>(ok ? y : 0.f, noise16) : kCodeNanV);
+}
+
+// exp_avg_sq from its code: the restored square root, squared.
+FASTOPT_HD float decode_v(uint32_t code, float scale) {
+  const float root = (code == kCodeNanV ? bits_f32(0x7FC00000u) : decode_unsigned<4>(code)) * scale;
+  return root * root;
 }
 
 // Dynamic loss-scale update: torch._amp_update_scale_'s rule. The scale never grows past the

@@ -112,9 +112,14 @@ inline void check_list(const std::vector<TensorInfo>& list, const TensorInfo& fi
 // adamw_'s tensor lists, read once (the kernels take their pointers and sizes from here).
 struct AdamWInputs {
   std::vector<TensorInfo> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters;
+  std::vector<TensorInfo> scales;   // of 8-bit moments: int8, (2 or 3, blocks) per param
   std::vector<const float*> steps;  // the one-element fp32 step counts
-  ScalarType state_dtype;           // of the moments: the params' or (lean) fp32 or bf16
+  ScalarType state_dtype;  // of the moments: the params' or (lean) fp32, bf16 or uint8 codes
+  bool quantized() const { return state_dtype == ScalarType::Byte; }
 };
+
+// Elements per block of 8-bit moments (csrc/adamw_math.h's kQuantBlock, fastopt.quant.BLOCK).
+constexpr int64_t kScaleBlock = 32;
 
 // Reads and checks adamw_'s tensor arguments, for a non-empty params on a device of type
 // `device_type`. `lean`: whether this device's kernel takes masters and moments in another
@@ -124,7 +129,7 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
                                       const TensorList& max_exp_avg_sqs,
                                       const TensorList& state_steps, bool amsgrad,
                                       DeviceType device_type, const TensorList& masters = {},
-                                      bool lean = false) {
+                                      bool lean = false, const TensorList& scales = {}) {
   AdamWInputs in;
   const size_t n = params.size();
   in.params = infos(params, Access::kWrite);
@@ -149,9 +154,10 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
     FASTOPT_CHECK(lean, "fastopt.adamw_: exp_avgs are ", in.state_dtype, " and params ", dtype,
                   ": moments in another dtype are not implemented on ",
                   device_type_name(device_type), " yet");
-    FASTOPT_CHECK(in.state_dtype == ScalarType::Float || in.state_dtype == ScalarType::BFloat16,
-                  "fastopt.adamw_: exp_avgs must be ", dtype, " (as params), float32 or "
-                  "bfloat16, got ", in.state_dtype);
+    FASTOPT_CHECK(in.state_dtype == ScalarType::Float || in.state_dtype == ScalarType::BFloat16 ||
+                      in.state_dtype == ScalarType::Byte,
+                  "fastopt.adamw_: exp_avgs must be ", dtype, " (as params), float32, "
+                  "bfloat16 or uint8 (8-bit codes), got ", in.state_dtype);
   }
   check_list(in.exp_avgs, first, n, in.state_dtype, "exp_avgs");
   in.exp_avg_sqs = infos(exp_avg_sqs, Access::kWrite);
@@ -172,6 +178,19 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
       FASTOPT_CHECK(in.masters[i].numel == in.params[i].numel, "fastopt.adamw_: masters[", i,
                     "] and params[", i, "] differ in size");
     }
+  }
+  if (in.quantized()) {
+    in.scales = infos(scales, Access::kWrite);
+    check_list(in.scales, first, n, ScalarType::Char, "scales");
+    const int64_t rows = amsgrad ? 3 : 2;
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t blocks = (in.params[i].numel + kScaleBlock - 1) / kScaleBlock;
+      FASTOPT_CHECK(in.scales[i].numel == rows * blocks, "fastopt.adamw_: scales[", i, "] has ",
+                    in.scales[i].numel, " elements, expected ", rows * blocks, " (", rows,
+                    " moments of ", blocks, " blocks)");
+    }
+  } else {
+    FASTOPT_CHECK(scales.empty(), "fastopt.adamw_: scales are for uint8 (8-bit) moments only");
   }
   FASTOPT_CHECK(state_steps.size() == n, "fastopt.adamw_: state_steps has ", state_steps.size(),
                 " tensors, expected ", n);

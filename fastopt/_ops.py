@@ -45,6 +45,7 @@ def adamw_step(
     seed: int = 0,
     positions: list[int] = (),
     first_indices: list[int] = (),
+    scales: list[Tensor] = (),
 ) -> None:
     if not params:
         return
@@ -57,7 +58,7 @@ def adamw_step(
         bool(maximize), _on(grad_scale, device), _on(found_inf, device), _on(grad_norm, device),
         float(max_grad_norm), float(grad_factor), list(masters), bool(stochastic_rounding),
         int(seed), [int(i) for i in positions],
-        [int(i) for i in first_indices] if first_indices else [0] * len(params),
+        [int(i) for i in first_indices] if first_indices else [0] * len(params), list(scales),
     )  # fmt: skip
 
 
@@ -94,7 +95,7 @@ def _register_fakes() -> None:
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor,
           beta1, beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, grad_norm,
           max_grad_norm, grad_factor, masters, stochastic_rounding, seed, positions,
-          first_indices):  # fmt: skip
+          first_indices, scales):  # fmt: skip
         return None
 
     @torch.library.register_fake("fastopt::multi_tensor_norm")

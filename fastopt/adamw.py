@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from .backends import BACKENDS, backend_ops, select_backend
 from .norm import global_norm
+from .quant import BLOCK, QuantizedMoment, quantize_m, quantize_v
 from .rounding import join_master
 from .sharded import dtensor_type, first_index, is_dtensor, is_fsdp1_flat, like_param, local
 
@@ -28,14 +29,16 @@ __all__ = ["AdamW"]
 
 # The state tensors the kernels update, per param, by (amsgrad, master key or None).
 _STATE_KEYS = {
-    (amsgrad, master): operator.itemgetter(
+    (amsgrad, master, quantized): operator.itemgetter(
         "step", "exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else []),
-        *([master] if master else []),
+        *([master] if master else []), *(["scales"] if quantized else []),
     )
     for amsgrad in (False, True)
     for master in (None, "master_remainder", "master")
+    for quantized in (False, True)
 }  # fmt: skip
-_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16, "int8")
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 class AdamW(Optimizer):
@@ -59,7 +62,11 @@ class AdamW(Optimizer):
             fp32 copy (state ``master``); the param is always the master rounded to nearest.
             fp32 params ignore it. :meth:`master_param` returns the master.
         state_dtype: storage of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None (the
-            param's dtype, as torch), ``torch.float32`` or ``torch.bfloat16``. Math is fp32.
+            param's dtype, as torch), ``torch.float32``, ``torch.bfloat16`` or ``"int8"``:
+            8-bit codes with a power-of-two scale per block of 32 elements (fastopt.quant),
+            about 1.03 bytes per moment element, rounded stochastically. Math is fp32.
+        min_8bit_size: with ``"int8"``, params of fewer elements keep fp32 moments (default
+            4096, as bitsandbytes: their state is small and blocks would not pay).
         stochastic_rounding: every other store into bf16 (params without a master, bf16
             moments) rounds stochastically, so updates below half an ulp survive on average.
         seed: the rounding noise is a function of (seed, the param's position in the
@@ -96,6 +103,7 @@ class AdamW(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         seed: int | None = None,
+        min_8bit_size: int = 4096,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -120,7 +128,7 @@ class AdamW(Optimizer):
             raise ValueError(f"Invalid backend {backend!r}; expected 'auto' or one of {BACKENDS}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be positive or None)")
-        _check_lean(master_weights, state_dtype, stochastic_rounding)
+        _check_lean(master_weights, state_dtype, stochastic_rounding, min_8bit_size)
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
             raise ValueError(f"Invalid seed: {seed!r} (an int from 0 to 2**63 - 1, or None)")
         defaults = dict(
@@ -131,15 +139,17 @@ class AdamW(Optimizer):
         # The lean settings join the defaults (and so every group and the state_dict) only
         # when set: with none, defaults and state_dict are torch.optim.AdamW's exactly.
         lean = dict(master_weights=master_weights, state_dtype=state_dtype,
-                    stochastic_rounding=stochastic_rounding, seed=seed)  # fmt: skip
+                    stochastic_rounding=stochastic_rounding, seed=seed,
+                    min_8bit_size=min_8bit_size)  # fmt: skip
         defaults.update((k, v) for k, v in lean.items() if v != _LEAN_DEFAULTS[k])
         super().__init__(params, defaults)
         for group in self.param_groups:  # per-group overrides, checked as the defaults are
             _check_lean(_lean(group, "master_weights"), _lean(group, "state_dtype"),
-                        _lean(group, "stochastic_rounding"))  # fmt: skip
-        # Drawn here, once, and only for stochastic rounding: an optimizer that does not round
-        # stochastically leaves torch's generator as torch.optim.AdamW does.
-        if seed is None and any(_lean(g, "stochastic_rounding") for g in self.param_groups):
+                        _lean(group, "stochastic_rounding"), _lean(group, "min_8bit_size"))  # fmt: skip
+        # Drawn here, once, and only for stochastic rounding (8-bit codes always round so): an
+        # optimizer that does not round stochastically leaves torch's generator as
+        # torch.optim.AdamW does.
+        if seed is None and any(_rounds_stochastically(g) for g in self.param_groups):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             for group in self.param_groups:
                 group.setdefault("seed", seed)
@@ -164,8 +174,9 @@ class AdamW(Optimizer):
         return local(p).detach().to(torch.float32, copy=True)
 
     def state_nbytes(self) -> int:
-        """Bytes held by the optimizer's state tensors (moments, masters, remainders, step
-        counts) on this process: a sharded param's local shard."""
+        """Bytes held by the optimizer's state tensors (moments or their 8-bit codes and block
+        scales, masters, remainders, step counts) on this process: a sharded param's local
+        shard."""
         total = 0
         for state in self.state.values():
             for value in state.values() if isinstance(state, dict) else ():
@@ -173,6 +184,21 @@ class AdamW(Optimizer):
                     t = local(value)
                     total += t.numel() * t.element_size()
         return total
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, with 8-bit moments as :class:`fastopt.quant.QuantizedMoment` tensors (the
+        ``scales`` entry folded into them): each loads into torch.optim.AdamW as the fp32
+        moment of the param's shape it stands for, back into fastopt exactly (codes and
+        scales, so a resume is bit-exact), and saves at about one byte per element."""
+        packed = super().state_dict()
+        for key, entry in packed["state"].items():
+            if isinstance(entry, dict) and isinstance(entry.get("scales"), Tensor):
+                entry = dict(entry)  # torch's packed state shares the entries with self.state
+                scales = entry.pop("scales")
+                for row, name in enumerate(_MOMENTS[: scales.shape[0]]):
+                    entry[name] = QuantizedMoment(entry[name], scales[row], "v" if row else "m")
+                packed["state"][key] = entry
+        return packed
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Resets the gradients, as torch's, and discards any a GradAccumulator holds."""
@@ -207,11 +233,17 @@ class AdamW(Optimizer):
             if not isinstance(saved, dict) or not isinstance(entry, dict):
                 continue
             group = group_of.get(id(param), self.defaults)
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                value = saved.get(key)
-                if isinstance(value, Tensor) and value.is_floating_point() and key in entry:
-                    dtype = _lean(group, "state_dtype") or param.dtype
-                    entry[key] = value.to(dtype=dtype, device=param.device)
+            if _quantizes(group, param):
+                _load_quantized(entry, saved, param)
+            else:
+                entry.pop("scales", None)
+                for key in _MOMENTS:
+                    value = saved.get(key)
+                    if isinstance(value, QuantizedMoment):
+                        value = value.dequantize()
+                    if isinstance(value, Tensor) and value.is_floating_point() and key in entry:
+                        dtype = _moment_dtype(group, param)
+                        entry[key] = value.to(dtype=dtype, device=param.device)
             # A master saved by fastopt comes back exact. One that went through torch's
             # load_state_dict was cast to the param's dtype (the int16 remainder converted as
             # a number) and is stale besides, since torch then stepped the param without it:
@@ -336,7 +368,9 @@ class AdamW(Optimizer):
         """The state tensors the kernels update, param by param (KeyError if one is missing)."""
 
         def keys(state):
-            return _STATE_KEYS["max_exp_avg_sq" in state, _master_key(state)](state)
+            return _STATE_KEYS["max_exp_avg_sq" in state, _master_key(state), "scales" in state](
+                state
+            )
 
         return chain.from_iterable(map(keys, map(self.state.__getitem__, params)))
 
@@ -356,13 +390,16 @@ class AdamW(Optimizer):
         if len(state) == 0:
             if _is_lean(group):
                 _check_lean_param(p, group)
-            dtype = _lean(group, "state_dtype") or p.dtype
+            quantized = _quantizes(group, p)
+            dtype = _moment_dtype(group, p)
             zeros = dict(dtype=dtype, memory_format=torch.preserve_format)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, **zeros)
             state["exp_avg_sq"] = torch.zeros_like(p, **zeros)
             if amsgrad:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, **zeros)
+            if quantized:  # all-zero codes are 0 whatever the scales
+                state["scales"] = _new_scales(p, 3 if amsgrad else 2)
             if _lean(group, "master_weights"):
                 _init_master(state, p)
         elif amsgrad and "max_exp_avg_sq" not in state:
@@ -470,13 +507,13 @@ class AdamW(Optimizer):
         lean = _is_lean(group)
         extra = {}
         for bucket in plan:
-            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, copies = bucket.views()
+            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scales, copies = bucket.views()
             ops = backend_ops(select_backend(self.backend, device, params[0].dtype))
             if lean:
                 extra = dict(
                     masters=masters, stochastic_rounding=_lean(group, "stochastic_rounding"),
                     seed=_lean(group, "seed") or 0, positions=bucket.positions,
-                    first_indices=bucket.first_indices,
+                    first_indices=bucket.first_indices, **({"scales": scales} if scales else {}),
                 )  # fmt: skip
             bucket_grads = bucket.readable_grads(grads)
             if found_inf is None:
@@ -517,6 +554,7 @@ class _Bucket:
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
             [s[master] for s in states] if master else [],
+            [s["scales"] for s in states] if "scales" in states[0] else [],
         ]
         self.positions = [positions[id(params[i])] for i in indices]
         self.first_indices = [first_index(params[i]) for i in indices]  # non-zero for shards
@@ -547,7 +585,8 @@ class _Bucket:
         return [g if g.is_contiguous() else g.contiguous() for g in own]
 
     def views(self):
-        """(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, copies to write back)."""
+        """(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scales, copies to write
+        back)."""
         tensors = self._locals()
         if self._direct:
             return (*tensors, [])
@@ -567,7 +606,8 @@ class _Bucket:
         return (*lists, copies)
 
 
-_LEAN_DEFAULTS = dict(master_weights=False, state_dtype=None, stochastic_rounding=False, seed=None)
+_LEAN_DEFAULTS = dict(master_weights=False, state_dtype=None, stochastic_rounding=False, seed=None,
+                      min_8bit_size=4096)  # fmt: skip
 
 
 def _lean(group: dict[str, Any], key: str):
@@ -575,7 +615,7 @@ def _lean(group: dict[str, Any], key: str):
     return group.get(key, _LEAN_DEFAULTS[key])
 
 
-def _check_lean(master_weights, state_dtype, stochastic_rounding) -> None:
+def _check_lean(master_weights, state_dtype, stochastic_rounding, min_8bit_size) -> None:
     """The lean-precision settings of a group, or a one-line ValueError naming what is wrong."""
     if not isinstance(master_weights, bool):
         raise ValueError(f"Invalid master_weights: {master_weights!r} (True or False)")
@@ -583,9 +623,11 @@ def _check_lean(master_weights, state_dtype, stochastic_rounding) -> None:
         raise ValueError(f"Invalid stochastic_rounding: {stochastic_rounding!r} (True or False)")
     if state_dtype not in _STATE_DTYPES:
         raise ValueError(
-            f"Invalid state_dtype: {state_dtype!r} (None for the param's dtype, torch.float32 "
-            "or torch.bfloat16)"
+            f"Invalid state_dtype: {state_dtype!r} (None for the param's dtype, torch.float32, "
+            "torch.bfloat16 or 'int8')"
         )
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} (a non-negative int)")
 
 
 def _is_lean(group: dict[str, Any]) -> bool:
@@ -594,6 +636,54 @@ def _is_lean(group: dict[str, Any]) -> bool:
         _lean(group, "master_weights") or _lean(group, "state_dtype") is not None
         or _lean(group, "stochastic_rounding")
     )  # fmt: skip
+
+
+def _rounds_stochastically(group: dict[str, Any]) -> bool:
+    """Whether a group's step draws rounding noise: for stochastic_rounding, or 8-bit codes."""
+    return bool(_lean(group, "stochastic_rounding") or _lean(group, "state_dtype") == "int8")
+
+
+def _quantizes(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether p's moments are 8-bit codes: an int8 group's params of min_8bit_size elements or
+    more (counted over the whole param, so sharding does not change the choice)."""
+    return _lean(group, "state_dtype") == "int8" and p.numel() >= _lean(group, "min_8bit_size")
+
+
+def _moment_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+    """The storage of p's moments: uint8 codes, fp32 for an int8 group's small params, else
+    the group's state_dtype or p's dtype."""
+    state_dtype = _lean(group, "state_dtype")
+    if state_dtype == "int8":
+        return torch.uint8 if _quantizes(group, p) else torch.float32
+    return state_dtype or p.dtype
+
+
+def _new_scales(p: Tensor, rows: int) -> Tensor:
+    """Zero block scales of p's moments: (rows, blocks of p's local tensor), int8."""
+    t = local(p)
+    return torch.zeros((rows, -(-t.numel() // BLOCK)), dtype=torch.int8, device=t.device)
+
+
+def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor) -> None:
+    """An 8-bit state entry from a saved one: codes and scales exactly from fastopt's state
+    dict, or float moments (torch's, a non-8-bit fastopt's) quantized to nearest."""
+    names = [name for name in _MOMENTS if name in entry]
+    scales = _new_scales(p, len(names))
+    for row, name in enumerate(names):
+        value = saved.get(name)
+        if isinstance(value, QuantizedMoment) and value.codes.numel() == p.numel():
+            codes, scale = value.codes, value.scales
+        elif isinstance(value, Tensor) and value.is_floating_point() and value.numel() == p.numel():
+            x = value.detach().to(device=local(p).device, dtype=torch.float32)
+            codes, scale = quantize_m(x) if row == 0 else quantize_v(x.clamp_min(0).sqrt())
+        else:
+            raise ValueError(
+                f"fastopt.AdamW: cannot load {name} of a param of {p.numel()} elements from "
+                f"{type(value).__name__} {getattr(value, 'shape', '')}"
+            )
+        entry[name] = codes.to(device=local(p).device).reshape(local(p).shape).clone()
+        scales[row].copy_(scale)
+    entry["scales"] = scales
 
 
 def _master_key(state: dict[str, Any]) -> str | None:
@@ -621,7 +711,7 @@ def _check_lean_param(p: Tensor, group: dict[str, Any]) -> None:
             f"float32, bfloat16 and float16 params, not {p.dtype}; put this param in a group "
             "without them"
         )
-    state_dtype = _lean(group, "state_dtype") or p.dtype
+    state_dtype = _moment_dtype(group, p)
     fp16_store = state_dtype == torch.float16 or (
         p.dtype == torch.float16 and not _lean(group, "master_weights")
     )

@@ -17,19 +17,24 @@ The scale is floor(log2(block max)) - 7, clamped to [-100, 120], so the block's 
 magnitude lands in [128, 256) and no scaled or restored value is an fp32 subnormal (whose
 handling differs between devices). Multiplying by a power of two is exact: every backend
 gets these bits with integer operations and exact scalings alone, no division and no lookup
-table. bench/int8_maps.py measured why this map and ``BLOCK``, and why the step must round
-the codes stochastically (``noise16``; no kernel does yet): rounded to nearest, exp_avg_sq's
-running average stops growing once a step's increment is under half a code's step
-(bench/RESULTS.md).
+table. bench/int8_maps.py measured why this map and ``BLOCK``, and why the step rounds the
+codes stochastically (``noise16``): rounded to nearest, exp_avg_sq's running average stops
+growing once a step's increment is under half a code's step (bench/RESULTS.md).
+
+:class:`QuantizedMoment` is how a state dict carries a moment's codes and scales: a tensor of
+the moment's shape and dtype fp32 whose every operation sees the dequantized values, so
+torch.optim.AdamW loads it as the moment it stands for, while fastopt takes the codes back.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 __all__ = [
     "BLOCK",
+    "QuantizedMoment",
     "SCALE_MAX",
     "SCALE_MIN",
     "block_scales",
@@ -164,3 +169,67 @@ def dequantize_v(code: Tensor, scale: Tensor, block: int = BLOCK) -> Tensor:
     root = _decode(rows, 4)
     root = torch.where(rows == _V_NAN, float("nan"), root) * _pow2(scale.long()).unsqueeze(1)
     return (root * root).reshape(-1)[: flat.numel()].view(code.shape)
+
+
+class QuantizedMoment(Tensor):
+    """A moment held as 8-bit ``codes`` (uint8, the moment's shape) and per-block ``scales``
+    (int8): ``kind`` "m" for exp_avg's codes, "v" for exp_avg_sq's (and max_exp_avg_sq's).
+
+    It presents itself as the fp32 tensor it stands for: any torch operation on it (``.to``,
+    arithmetic, ``torch.equal``) runs on :meth:`dequantize`'s result. Saved with torch.save it
+    keeps the codes (about a byte per element); ``torch.load(weights_only=True)`` reads it
+    back once fastopt is imported.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    kind: str
+
+    @staticmethod
+    def __new__(cls, codes: Tensor, scales: Tensor, kind: str):
+        if kind not in ("m", "v"):
+            raise ValueError(f"QuantizedMoment: kind must be 'm' or 'v', got {kind!r}")
+        if codes.dtype != torch.uint8 or scales.dtype != torch.int8:
+            raise ValueError(
+                f"QuantizedMoment: codes must be uint8 and scales int8, got {codes.dtype} and "
+                f"{scales.dtype}"
+            )
+        if scales.numel() != -(-codes.numel() // BLOCK):
+            raise ValueError(
+                f"QuantizedMoment: {codes.numel()} codes need {-(-codes.numel() // BLOCK)} "
+                f"scales, got {scales.numel()}"
+            )
+        self = Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32,
+                                             device=codes.device)  # fmt: skip
+        self.codes, self.scales, self.kind = codes, scales.reshape(-1), kind
+        return self
+
+    def dequantize(self) -> Tensor:
+        """The fp32 moment (exp_avg, or exp_avg_sq: the restored square root squared)."""
+        restore = dequantize_m if self.kind == "m" else dequantize_v
+        return restore(self.codes, self.scales)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def plain(x):
+            return x.dequantize() if isinstance(x, QuantizedMoment) else x
+
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_quantized_moment, (self.codes, self.scales, self.kind)
+
+    def __deepcopy__(self, memo):
+        return QuantizedMoment(self.codes.clone(), self.scales.clone(), self.kind)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedMoment(kind={self.kind!r}, shape={tuple(self.shape)}, "
+                f"device={self.device})")  # fmt: skip
+
+
+def _rebuild_quantized_moment(codes: Tensor, scales: Tensor, kind: str) -> QuantizedMoment:
+    return QuantizedMoment(codes, scales, kind)
+
+
+# Checkpoints holding 8-bit moments load with torch.load(weights_only=True).
+torch.serialization.add_safe_globals([_rebuild_quantized_moment])

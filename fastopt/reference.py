@@ -27,6 +27,7 @@ import struct
 import torch
 from torch import Tensor
 
+from .quant import dequantize_m, dequantize_v, quantize_m, quantize_v
 from .rounding import (
     STREAM_MOMENTS2,
     STREAM_PARAM_MOMENT1,
@@ -119,6 +120,7 @@ def adamw_step(
     seed: int = 0,
     positions: list[int] = (),
     first_indices: list[int] = (),
+    scales: list[Tensor] = (),
 ) -> None:
     """One AdamW update (decoupled weight decay) of every tensor in ``params``, in place.
 
@@ -133,6 +135,12 @@ def adamw_step(
     keyed by ``seed``, ``positions[i]`` (the param's place in the optimizer) and the step,
     one word per element by its index in the whole param: ``first_indices[i]`` is the index of
     params[i]'s first element there (non-zero for a shard; empty: all 0).
+
+    8-bit moments (fastopt.quant): uint8 ``exp_avgs``, ``exp_avg_sqs`` and ``max_exp_avg_sqs``
+    hold codes, and ``scales[i]`` is an int8 tensor of shape (2, or 3 with amsgrad, blocks):
+    the block scales of params[i]'s moments in that order, blocks counted from params[i]'s
+    first element. The codes always round stochastically, with the noise of the 16-bit
+    stores they replace (so ``seed``, ``positions`` and ``first_indices`` are needed).
     """
     if not params:
         return
@@ -154,8 +162,13 @@ def adamw_step(
         g = grads[i].to(math_dtype) * coef
         if maximize:
             g = -g
-        m = exp_avgs[i].to(math_dtype)
-        v = exp_avg_sqs[i].to(math_dtype)
+        quantized = exp_avgs[i].dtype == torch.uint8
+        if quantized:
+            m = dequantize_m(exp_avgs[i], scales[i][0])
+            v = dequantize_v(exp_avg_sqs[i], scales[i][1])
+        else:
+            m = exp_avgs[i].to(math_dtype)
+            v = exp_avg_sqs[i].to(math_dtype)
         step = _lr_value(state_steps[i])
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
@@ -173,15 +186,21 @@ def adamw_step(
         v.mul_(beta2).add_((g * g).mul_(1 - beta2))  # v = beta2 * v + (1 - beta2) * g^2
         second = v
         if amsgrad:
-            second = torch.maximum(max_exp_avg_sqs[i].to(math_dtype), v)
+            vmax = (dequantize_v(max_exp_avg_sqs[i], scales[i][2]) if quantized
+                    else max_exp_avg_sqs[i].to(math_dtype))  # fmt: skip
+            second = torch.maximum(vmax, v)
         # Times the reciprocal where torch divides: one division per element in the kernels.
-        denom = (_sqrt(second) * (1 / bias_correction2_sqrt)).add_(eps)
+        root = _sqrt(second)
+        denom = (root * (1 / bias_correction2_sqrt)).add_(eps)
         p.sub_((m / denom).mul_(lr / bias_correction1))
 
         # 16 noise bits per bf16 store: the param's, exp_avg's, exp_avg_sq's, max_exp_avg_sq's
         first = first_indices[i] if first_indices else 0
-        n_p, n_m, n_v, n_vmax = _noise(stochastic_rounding, seed, positions[i] if positions else 0,
-                                       first, state_steps[i], p)  # fmt: skip
+        n_p, n_m, n_v, n_vmax = _noise(stochastic_rounding or quantized, seed,
+                                       positions[i] if positions else 0, first, state_steps[i],
+                                       p)  # fmt: skip
+        if not stochastic_rounding:
+            n_p = None  # 8-bit codes round stochastically, the param only when asked to
         if master is None:
             _store(param, p, n_p)
         elif master.dtype == torch.int16:
@@ -191,6 +210,13 @@ def adamw_step(
         else:
             master.copy_(p)
             param.copy_(p)
+        if quantized:
+            _store_codes(exp_avgs[i], scales[i][0], *quantize_m(m, noise16=n_m))
+            v_root = _sqrt(v) if amsgrad else root
+            _store_codes(exp_avg_sqs[i], scales[i][1], *quantize_v(v_root, noise16=n_v))
+            if amsgrad:
+                _store_codes(max_exp_avg_sqs[i], scales[i][2], *quantize_v(root, noise16=n_vmax))
+            continue
         _store(exp_avgs[i], m, n_m)
         _store(exp_avg_sqs[i], v, n_v)
         if amsgrad:
@@ -209,6 +235,11 @@ def _noise(on: bool, seed: int, position: int, first: int, step: Tensor, like: T
         word = element_noise(key, like.numel(), like.device, first).view(like.shape)
         halves += [word >> 16, word & 0xFFFF]
     return halves
+
+
+def _store_codes(codes: Tensor, scale_row: Tensor, new_codes: Tensor, new_scales: Tensor) -> None:
+    codes.copy_(new_codes.view(codes.shape))
+    scale_row.copy_(new_scales)
 
 
 def _store(dst: Tensor, value: Tensor, noise16: Tensor | None) -> None:

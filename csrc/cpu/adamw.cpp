@@ -131,12 +131,12 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
                const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor,
                const TensorList& masters, bool stochastic_rounding, int64_t seed,
                const std::vector<int64_t>& positions,
-               const std::vector<int64_t>& first_indices) {
+               const std::vector<int64_t>& first_indices, const TensorList& scales) {
   const size_t n = params.size();
   if (n == 0) return;
   const AdamWInputs in = check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                             state_steps, amsgrad, DeviceType::CPU, masters,
-                                            /*lean=*/true);
+                                            /*lean=*/true, scales);
   const auto dtype = in.params[0].dtype;
   const auto grad_dtype = in.grads[0].dtype;
   const Master master = master_kind(in);

@@ -20,12 +20,12 @@ void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorL
                 const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor,
                 const TensorList& masters, bool stochastic_rounding, int64_t seed,
                 const std::vector<int64_t>& positions,
-                const std::vector<int64_t>& first_indices) {
+                const std::vector<int64_t>& first_indices, const TensorList& scales) {
   const size_t n = params.size();
   if (n == 0) return;
   const AdamWInputs in = check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                             state_steps, amsgrad, DeviceType::CUDA, masters,
-                                            /*lean=*/true);
+                                            /*lean=*/true, scales);
   const Master master = master_kind(in);
   check_rounding(in, master, stochastic_rounding, positions.size(), first_indices.size());
   const Device device = in.params[0].device;
