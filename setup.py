@@ -101,6 +101,9 @@ def _extensions():
     # -fno-math-errno: lets GCC vectorise sqrtf in the AdamW loop.
     # -ffp-contract=off: GCC fused multiply-adds differently in the vector body and the scalar
     # peel/tail of one loop, so an element's result depended on its address's alignment.
+    # -fno-trapping-math: lets GCC if-convert the selects between float values of the 8-bit
+    # codes' encode and decode (both sides computed, one kept), which it otherwise leaves as
+    # branches, running those loops scalar; results are unchanged, only FP exception flags.
     # -Wno-psabi: GCC notes that 64-byte vectors passed between target clones change the ABI;
     # they never cross the library's boundary.
     # -fvisibility=hidden: the modules export PyInit_* alone, so no inline function of the
@@ -115,7 +118,8 @@ def _extensions():
     # -include csrc/glibc_compat.h: the wheel loads on glibc 2.28 though built on a newer one.
     compat = [f"-include{ROOT}/csrc/glibc_compat.h"] if sys.platform.startswith("linux") else []
     host = [*hidden, *prefix_maps, *compat]
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi", *host]
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+           "-Wno-psabi", *host]  # fmt: skip
     cxx += stable
     cpu_cxx = list(cxx)
     if cuda:

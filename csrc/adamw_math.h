@@ -206,15 +206,15 @@ constexpr uint32_t kCodeNanV = 0xFF;
 // 2**e as fp32 for integer e in [-126, 127], exactly.
 FASTOPT_HD float pow2(int e) { return bits_f32(static_cast<uint32_t>(e + 127) << 23); }
 
-// The magnitude bits a block's maximum is taken over: |x|'s bits, NaN counted as 0 (uint32
+// The magnitude bits a block's maximum is taken over: |x|'s bits, NaN counted as 0 (integer
 // order is float order for non-negative floats, and integer maxima vectorise).
-FASTOPT_HD uint32_t magnitude_bits(float x) {
-  const uint32_t b = f32_bits(x) & 0x7FFFFFFFu;
-  return b > 0x7F800000u ? 0u : b;
+FASTOPT_HD int32_t magnitude_bits(float x) {
+  const auto b = static_cast<int32_t>(f32_bits(x) & 0x7FFFFFFFu);
+  return b > 0x7F800000 ? 0 : b;
 }
 
 // A block's scale exponent from the largest magnitude_bits: floor(log2(max)) - 7, clamped.
-FASTOPT_HD int block_scale(uint32_t max_bits) {
+FASTOPT_HD int block_scale(int32_t max_bits) {
   const int e = static_cast<int>(max_bits >> 23) - 127 - 7;
   return e < kScaleMin ? kScaleMin : (e > kScaleMax ? kScaleMax : e);
 }

@@ -209,12 +209,20 @@ class QuantizedMoment(Tensor):
         restore = dequantize_m if self.kind == "m" else dequantize_v
         return restore(self.codes, self.scales)
 
+    # Python-level functions and methods are taken here, before torch's own handling: a no-op
+    # ``.to(torch.float32)`` would otherwise return this tensor itself, and torch.optim.AdamW
+    # would then update a temporary in place at every step. Metadata reads pass through.
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        return func(*tree_map(_plain, args), **tree_map(_plain, kwargs))
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        def plain(x):
-            return x.dequantize() if isinstance(x, QuantizedMoment) else x
-
-        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+        return func(*tree_map(_plain, args), **tree_map(_plain, kwargs or {}))
 
     def __reduce_ex__(self, protocol):
         return _rebuild_quantized_moment, (self.codes, self.scales, self.kind)
@@ -225,6 +233,17 @@ class QuantizedMoment(Tensor):
     def __repr__(self) -> str:
         return (f"QuantizedMoment(kind={self.kind!r}, shape={tuple(self.shape)}, "
                 f"device={self.device})")  # fmt: skip
+
+
+def _plain(x):
+    return x.dequantize() if isinstance(x, QuantizedMoment) else x
+
+
+_METADATA = frozenset({
+    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,
+    Tensor.requires_grad.__get__, Tensor.layout.__get__, Tensor.size, Tensor.dim, Tensor.numel,
+    Tensor.is_floating_point, Tensor.is_complex, Tensor.element_size,
+})  # fmt: skip
 
 
 def _rebuild_quantized_moment(codes: Tensor, scales: Tensor, kind: str) -> QuantizedMoment:

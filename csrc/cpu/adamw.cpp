@@ -25,8 +25,47 @@ inline void store_rounded(T* p, int64_t i, float x, uint32_t noise16) {
   }
 }
 
-// Elements per block of the blocked loop below: five fp32 scratch rows of 2 KB, in L1.
+// Elements per block of the blocked loop below: five fp32 scratch rows of 2 KB, in L1 (and two
+// rows of noise words with 8-bit moments). A multiple of kQuantBlock, as kChunk is, so 8-bit
+// blocks never straddle two.
 constexpr int64_t kBlock = 512;
+static_assert(kBlock % kQuantBlock == 0 && kChunk % kBlock == 0);
+
+// One block of n <= kQuantBlock 8-bit codes (csrc/adamw_math.h): the scale from the values'
+// largest magnitude, then each value's code, rounded by the high (kHigh) or low 16 bits of its
+// noise word. Called with n = kQuantBlock but at a tensor's end, so the loops vectorise.
+template <bool kV, bool kHigh>
+FASTOPT_INLINE void encode_block(const float* __restrict__ x, int64_t n, const uint32_t* __restrict__ noise,
+                         uint8_t* __restrict__ codes, int8_t* __restrict__ scale) {
+  int32_t top = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int32_t b = magnitude_bits(x[k]);
+    top = top > b ? top : b;
+  }
+  const int e = block_scale(top);
+  *scale = static_cast<int8_t>(e);
+  const float inv = pow2(-e);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t n16 = kHigh ? noise[k] >> 16 : noise[k] & 0xFFFFu;
+    codes[k] = kV ? encode_v(x[k], inv, n16) : encode_m(x[k], inv, n16);
+  }
+}
+
+// The values of n <= kQuantBlock codes of one block.
+template <bool kV>
+FASTOPT_INLINE void decode_block(const uint8_t* __restrict__ codes, int64_t n, int8_t scale,
+                         float* __restrict__ x) {
+  const float s = pow2(scale);
+  for (int64_t k = 0; k < n; ++k) x[k] = kV ? decode_v(codes[k], s) : decode_m(codes[k], s);
+}
+
+// Every block of the len values at x (a kBlock row) through f(offset, n).
+template <typename F>
+FASTOPT_INLINE void for_each_quant_block(int64_t len, F&& f) {
+  int64_t k = 0;
+  for (; k + kQuantBlock <= len; k += kQuantBlock) f(k, kQuantBlock);
+  if (k < len) f(k, len - k);
+}
 
 // Requests the cache lines of n elements from p (for writing: they are all updated in place).
 template <typename T>
@@ -37,12 +76,48 @@ inline void prefetch_block(const T* p, int64_t n) {
   }
 }
 
+// The stores of one kBlock row with 8-bit moments: the param (rounded stochastically when kSR),
+// then each moment's codes block by block. Noise words as in the 16-bit path: word 1 rounds
+// the param (high half) and exp_avg's codes (low), word 2 exp_avg_sq's (high) and
+// max_exp_avg_sq's (low) codes. base: the low word of the row's first index in the whole param.
+template <typename P, Master kMaster, bool kSR, bool kAmsgrad, typename M>
+FASTOPT_INLINE void quant_block_stores(P* __restrict__ pb, M* __restrict__ mb, const float* p,
+                               const float* m, const float* v, const float* vm, int64_t len,
+                               uint32_t key1, uint32_t key2, uint32_t base, uint8_t* m_codes,
+                               uint8_t* v_codes, uint8_t* vmax_codes, int8_t* scales,
+                               int64_t blocks, int64_t q0) {
+  alignas(64) uint32_t w1[kBlock], w2[kBlock];
+  for (int64_t j = 0; j < len; ++j) w1[j] = mix32(key1 ^ (base + static_cast<uint32_t>(j)));
+  for (int64_t j = 0; j < len; ++j) w2[j] = mix32(key2 ^ (base + static_cast<uint32_t>(j)));
+  for (int64_t j = 0; j < len; ++j) {
+    if constexpr (kMaster == Master::kRemainder) {
+      uint16_t bits;
+      split_master(p[j], bits, mb[j]);
+      pb[j].x = bits;
+    } else if constexpr (kMaster == Master::kCopy) {
+      mb[j] = p[j];
+      store(pb, j, p[j]);
+    } else {
+      store_rounded<kSR>(pb, j, p[j], w1[j] >> 16);
+    }
+  }
+  for_each_quant_block(len, [&](int64_t k, int64_t n) FASTOPT_LAMBDA_INLINE {
+    const int64_t q = q0 + k / kQuantBlock;
+    encode_block<false, false>(m + k, n, w1 + k, m_codes + k, scales + q);
+    encode_block<true, true>(v + k, n, w2 + k, v_codes + k, scales + blocks + q);
+    if constexpr (kAmsgrad) {
+      encode_block<true, false>(vm + k, n, w2 + k, vmax_codes + k, scales + 2 * blocks + q);
+    }
+  });
+}
+
 // One chunk of one tensor. Each clone is compiled for its instruction set and picked at load
 // time, so the same wheel uses AVX2 or AVX-512 where the CPU has it; the plain loops below are
 // what GCC vectorises. P, G, S: the storage of params, grads and moments; M: the master's
 // (int16 remainder or fp32 copy; unused for Master::kNone). key1, key2 and first: the noise's
 // keys (of the high word of the elements' indices in the whole param, which [begin, end)
-// share) and the index there of the tensor's element 0.
+// share) and the index there of the tensor's element 0. S = uint8_t: 8-bit moments, whose block
+// scales are rows of `blocks` int8 at `scales` (exp_avg's, exp_avg_sq's, max_exp_avg_sq's).
 //
 // All-fp32 storage runs as one loop. Otherwise the chunk goes block by block, through fp32
 // scratch rows: GCC 12 picks a loop's vector width from its narrowest type, and a loop whose
@@ -55,7 +130,9 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restrict__ exp_avg,
                  S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq,
                  M* __restrict__ master, int64_t begin, int64_t end, const AdamWCoeffs c,
-                 uint32_t key1, uint32_t key2, uint64_t first) {
+                 uint32_t key1, uint32_t key2, uint64_t first, int8_t* __restrict__ scales,
+                 int64_t blocks) {
+  constexpr bool kQuant = std::is_same_v<S, uint8_t>;
   constexpr bool kAllFloat = std::is_same_v<P, float> && std::is_same_v<G, float> &&
                              std::is_same_v<S, float> && kMaster == Master::kNone;
   if constexpr (kAllFloat) {
@@ -91,34 +168,62 @@ void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restric
       }
     }
     for (int64_t j = 0; j < len; ++j) g[j] = load(grad + b0, j);
-    for (int64_t j = 0; j < len; ++j) m[j] = load(exp_avg + b0, j);
-    for (int64_t j = 0; j < len; ++j) v[j] = load(exp_avg_sq + b0, j);
-    if constexpr (kAmsgrad) {
-      for (int64_t j = 0; j < len; ++j) vm[j] = load(max_exp_avg_sq + b0, j);
-    }
-    for (int64_t j = 0; j < len; ++j) adamw_math<kAmsgrad>(p[j], g[j], m[j], v[j], vm[j], c);
-    // The element's noise words (rounding.element_noise): mix32(key ^ the index's low word);
-    // its high word is in the keys. Word 1 rounds the param (high half) and exp_avg (low),
-    // word 2 exp_avg_sq (high) and max_exp_avg_sq (low).
-    const auto base = static_cast<uint32_t>(first + static_cast<uint64_t>(b0));
-    for (int64_t j = 0; j < len; ++j) {
-      const uint32_t w1 = kSR ? mix32(key1 ^ (base + static_cast<uint32_t>(j))) : 0u;
-      if constexpr (kMaster == Master::kRemainder) {
-        uint16_t bits;
-        split_master(p[j], bits, mb[j]);
-        pb[j].x = bits;
-      } else if constexpr (kMaster == Master::kCopy) {
-        mb[j] = p[j];
-        store(pb, j, p[j]);
-      } else {
-        store_rounded<kSR>(pb, j, p[j], w1 >> 16);
+    if constexpr (kQuant) {
+      const int64_t q0 = b0 / kQuantBlock;
+      for_each_quant_block(len, [&](int64_t k, int64_t n) FASTOPT_LAMBDA_INLINE {
+        const int64_t q = q0 + k / kQuantBlock;
+        decode_block<false>(exp_avg + b0 + k, n, scales[q], m + k);
+        decode_block<true>(exp_avg_sq + b0 + k, n, scales[blocks + q], v + k);
+        if constexpr (kAmsgrad) {
+          decode_block<true>(max_exp_avg_sq + b0 + k, n, scales[2 * blocks + q], vm + k);
+        }
+      });
+      // The codes of v hold its square root, which the denominator computed already; with
+      // amsgrad that is vmax's, and v's own is one more sqrtf.
+      for (int64_t j = 0; j < len; ++j) {
+        float root;
+        adamw_math<kAmsgrad>(p[j], g[j], m[j], v[j], vm[j], c, root);
+        if constexpr (kAmsgrad) {
+          v[j] = sqrtf(v[j]);
+          vm[j] = root;
+        } else {
+          v[j] = root;
+        }
       }
-      store_rounded<kSR>(exp_avg + b0, j, m[j], w1 & 0xFFFFu);
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      const uint32_t w2 = kSR ? mix32(key2 ^ (base + static_cast<uint32_t>(j))) : 0u;
-      store_rounded<kSR>(exp_avg_sq + b0, j, v[j], w2 >> 16);
-      if constexpr (kAmsgrad) store_rounded<kSR>(max_exp_avg_sq + b0, j, vm[j], w2 & 0xFFFFu);
+      quant_block_stores<P, kMaster, kSR, kAmsgrad>(pb, mb, p, m, v, vm, len, key1, key2,
+                                                    static_cast<uint32_t>(first + b0),
+                                                    exp_avg + b0, exp_avg_sq + b0,
+                                                    max_exp_avg_sq + b0, scales, blocks, q0);
+    } else {
+      for (int64_t j = 0; j < len; ++j) m[j] = load(exp_avg + b0, j);
+      for (int64_t j = 0; j < len; ++j) v[j] = load(exp_avg_sq + b0, j);
+      if constexpr (kAmsgrad) {
+        for (int64_t j = 0; j < len; ++j) vm[j] = load(max_exp_avg_sq + b0, j);
+      }
+      for (int64_t j = 0; j < len; ++j) adamw_math<kAmsgrad>(p[j], g[j], m[j], v[j], vm[j], c);
+      // The element's noise words (rounding.element_noise): mix32(key ^ the index's low word);
+      // its high word is in the keys. Word 1 rounds the param (high half) and exp_avg (low),
+      // word 2 exp_avg_sq (high) and max_exp_avg_sq (low).
+      const auto base = static_cast<uint32_t>(first + static_cast<uint64_t>(b0));
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t w1 = kSR ? mix32(key1 ^ (base + static_cast<uint32_t>(j))) : 0u;
+        if constexpr (kMaster == Master::kRemainder) {
+          uint16_t bits;
+          split_master(p[j], bits, mb[j]);
+          pb[j].x = bits;
+        } else if constexpr (kMaster == Master::kCopy) {
+          mb[j] = p[j];
+          store(pb, j, p[j]);
+        } else {
+          store_rounded<kSR>(pb, j, p[j], w1 >> 16);
+        }
+        store_rounded<kSR>(exp_avg + b0, j, m[j], w1 & 0xFFFFu);
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t w2 = kSR ? mix32(key2 ^ (base + static_cast<uint32_t>(j))) : 0u;
+        store_rounded<kSR>(exp_avg_sq + b0, j, v[j], w2 >> 16);
+        if constexpr (kAmsgrad) store_rounded<kSR>(max_exp_avg_sq + b0, j, vm[j], w2 & 0xFFFFu);
+      }
     }
   }
 }
@@ -150,13 +255,15 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
                                       optional_scalar(grad_norm, "grad_norm"),
                                       static_cast<float>(max_grad_norm),
                                       static_cast<float>(grad_factor));
+  // 8-bit codes always round stochastically (fastopt/quant.py says why).
+  const bool noise = stochastic_rounding || in.quantized();
   std::vector<AdamWCoeffs> coeffs(n);
   std::vector<uint32_t> keys1(n), keys2(n);
   const uint32_t seed32 = seed_key(static_cast<uint64_t>(seed));
   for (size_t i = 0; i < n; ++i) {
     coeffs[i] = adamw_coeffs(lr, beta1, beta2, weight_decay, eps, static_cast<double>(*in.steps[i]),
                              coef, maximize);
-    if (stochastic_rounding) {
+    if (noise) {
       const auto position = static_cast<uint32_t>(positions[i]);
       const auto step = static_cast<uint32_t>(*in.steps[i]);
       keys1[i] = noise_key(seed32, position, step, kStreamParamMoment1);
@@ -182,13 +289,15 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
       auto* m = static_cast<S*>(in.exp_avgs[t].data);
       auto* v = static_cast<S*>(in.exp_avg_sqs[t].data);
       auto* mw = kM == Master::kNone ? nullptr : static_cast<M*>(in.masters[t].data);
+      auto* scales = in.quantized() ? static_cast<int8_t*>(in.scales[t].data) : nullptr;
+      const int64_t blocks = (in.params[t].numel + kQuantBlock - 1) / kQuantBlock;
       if (amsgrad) {
         auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
         adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end, coeffs[t], key1,
-                                            key2, first);
+                                            key2, first, scales, blocks);
       } else {
         adamw_chunk<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end, coeffs[t],
-                                             key1, key2, first);
+                                             key1, key2, first, scales, blocks);
       }
     });
   };
@@ -201,7 +310,7 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
       // Elements are counted from the whole param's first (first_indices: a shard's offset),
       // and a range sharing one high index word shares its keys: the chunk in one piece, or
       // two where its indices cross a multiple of 2**32 (possible in a shard only).
-      const uint64_t first = stochastic_rounding ? static_cast<uint64_t>(first_indices[t]) : 0;
+      const uint64_t first = noise ? static_cast<uint64_t>(first_indices[t]) : 0;
       const uint64_t index0 = first + static_cast<uint64_t>(ch.begin);
       const uint64_t high = index0 >> 32;
       const uint64_t next_high_at = ((high + 1) << 32) - first;  // local index of the crossing
