@@ -32,8 +32,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# Absolute, as in adamw.py: this package may be imported as a top-level "kernels".
+from fastopt.quant import BLOCK as _QUANT_BLOCK
+
 __all__ = [
     "Launch",
+    "QUANT_BLOCK",
     "Table",
     "check_lists",
     "chunk_coords",
@@ -50,6 +54,10 @@ __all__ = [
 ROW_NUMEL = tl.constexpr(0)
 ROW_FIRST_CHUNK = tl.constexpr(1)
 ROW_FIRST_POINTER = tl.constexpr(2)
+
+# Elements sharing one scale in 8-bit moments (fastopt.quant.BLOCK). Blocks and chunks are
+# whole multiples of it, so no quantization block straddles two programs or two iterations.
+QUANT_BLOCK = tl.constexpr(_QUANT_BLOCK)
 
 # Distinct (lists, device) combinations kept: one per optimizer param-group/dtype bucket, plus
 # the norm and accumulation lists; a training loop cycles through a handful.
@@ -101,7 +109,9 @@ def launch_heuristics(op: str, elem_bytes: int) -> Launch:
     else:
         raise ValueError(f"no launch heuristics for op {op!r}")
     num_warps = 4
-    block = num_warps * 32 * per_thread
+    block = num_warps * 32 * per_thread  # 1024: 32 quantization blocks (QUANT_BLOCK)
+    if block % _QUANT_BLOCK:
+        raise RuntimeError(f"a {block}-element block would split 8-bit moments' scale blocks")
     return Launch(block=block, chunk=block * 16, num_warps=num_warps)
 
 

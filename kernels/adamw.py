@@ -10,7 +10,10 @@ C++ and CUDA backends agree to the last bit in fp32 wherever the hardware rounds
   built with ``-ffp-contract=off`` (a contracted ``v * beta2 + (1 - beta2) * g * g`` rounds
   differently). The update is memory-bound, so the extra instructions cost nothing measurable;
 * the per-tensor constants (bias corrections, step size, decay) in float64 as in
-  ``adamw_coeffs``, computed on the device from the tensor's step count: no host sync.
+  ``adamw_coeffs``, computed on the device from the tensor's step count: no host sync;
+* 8-bit moments (uint8 exp_avgs, fastopt/quant.py's format) are the same kernel with
+  ``S_DTYPE=tl.uint8``: tiles of (BLOCK // 32, 32) elements, one quantization block a row, so
+  a block's maximum is a row reduction and no block leaves its program.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from torch import Tensor
 # checkout's root (transformers probes for a package of that name).
 from fastopt.rounding import seed_key
 
+from ._quant import check_scales, decode_m, decode_v, pow2, store_quantized
 from ._table import (
+    QUANT_BLOCK,
     ROW_FIRST_POINTER,
+    ROW_NUMEL,
     check_lists,
     chunk_coords,
     get_table,
@@ -119,15 +125,19 @@ def _store(ptr, x, noise16, mask, SR: tl.constexpr):
 
 
 @triton.jit
-def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, decay, lerp_coef,
-            beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1, key2, next_high,
-            AMSGRAD: tl.constexpr, LERP_FROM_M: tl.constexpr, MASTER: tl.constexpr,
-            SR: tl.constexpr):  # fmt: skip
+def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, scale_ptr, n_blocks, offs, rows,
+            mask, row_mask, coef, decay, lerp_coef, beta2, one_minus_beta2, step_size,
+            inv_bc2_sqrt, eps, index0, key1, key2, next_high, AMSGRAD: tl.constexpr,
+            LERP_FROM_M: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+            QUANT: tl.constexpr):  # fmt: skip
     """adamw_math on one block; ``mask`` is None for full blocks (unmasked 128-bit accesses).
     MASTER: 0 none, 1 an int16 remainder of bf16 params, 2 an fp32 copy. ``index0``: the low
     word of the chunk's first element's index in the whole param (the noise's counter); key1
     and key2 the keys of its high word, ``next_high`` what turns them into the next high
-    word's, for elements past a multiple of 2**32 (only a shard's chunk can cross one)."""
+    word's, for elements past a multiple of 2**32 (only a shard's chunk can cross one).
+    QUANT: the moments are 8-bit codes, ``offs`` a (rows, QUANT_BLOCK) tile whose row r is the
+    block of scale ``rows[r]`` counted from ``scale_ptr`` (exp_avg's; exp_avg_sq's and
+    max_exp_avg_sq's follow, ``n_blocks`` apart); ``row_mask`` None or the rows to store."""
     if MASTER == 1:
         bits = tl.load(p_ptr + offs, mask=mask).to(tl.uint16, bitcast=True).to(tl.uint32)
         rem = tl.load(master_ptr + offs, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
@@ -137,8 +147,14 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, 
     else:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * coef
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    if QUANT:
+        scale_m = pow2(tl.load(scale_ptr + rows, mask=row_mask).to(tl.int32))
+        scale_v = pow2(tl.load(scale_ptr + n_blocks + rows, mask=row_mask).to(tl.int32))
+        m = decode_m(tl.load(m_ptr + offs, mask=mask).to(tl.uint32), scale_m[:, None])
+        v = decode_v(tl.load(v_ptr + offs, mask=mask).to(tl.uint32), scale_v[:, None])
+    else:
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     p = p * decay
     # torch's lerp(m, g, 1 - beta1) in its two forms (the header's AdamWCoeffs explains why)
     if LERP_FROM_M:
@@ -148,16 +164,24 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, 
     v = v * beta2 + one_minus_beta2 * (g * g)
     second = v
     if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+        if QUANT:
+            scale_vmax = pow2(tl.load(scale_ptr + 2 * n_blocks + rows, mask=row_mask)
+                               .to(tl.int32))  # fmt: skip
+            vmax = decode_v(tl.load(vmax_ptr + offs, mask=mask).to(tl.uint32),
+                             scale_vmax[:, None])  # fmt: skip
+        else:
+            vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
         vmax = tl.where(vmax > v, vmax, v)  # the header's ternary (NaN in v propagates)
         second = vmax
-    denom = tl.sqrt_rn(second) * inv_bc2_sqrt + eps
+    root = tl.sqrt_rn(second)  # 8-bit codes store it: no second square root without amsgrad
+    denom = root * inv_bc2_sqrt + eps
     p = p - step_size * tl.div_rn(m, denom)
     # Two noise words per element (rounding.element_noise): (param | exp_avg) and
-    # (exp_avg_sq | max_exp_avg_sq), 16 bits each.
+    # (exp_avg_sq | max_exp_avg_sq), 16 bits each. 8-bit codes always round stochastically,
+    # with the halves of the 16-bit stores they replace; the param only when SR.
     w1 = tl.zeros(offs.shape, tl.uint32)
     w2 = tl.zeros(offs.shape, tl.uint32)
-    if SR:
+    if SR or QUANT:
         index = index0 + offs.to(tl.uint32)
         fold = tl.where(index < index0, next_high, 0)
         w1 = _mix32(key1 ^ fold ^ index)
@@ -178,10 +202,35 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, 
         tl.store(p_ptr + offs, to_storage(p, p_ptr.dtype.element_ty), mask=mask)
     else:
         _store(p_ptr + offs, p, w1 >> 16, mask, SR)
-    _store(m_ptr + offs, m, w1 & 0xFFFF, mask, SR)
-    _store(v_ptr + offs, v, w2 >> 16, mask, SR)
-    if AMSGRAD:
-        _store(vmax_ptr + offs, vmax, w2 & 0xFFFF, mask, SR)
+    if QUANT:
+        store_quantized(m_ptr + offs, scale_ptr + rows, m, w1 & 0xFFFF, mask, row_mask, True)
+        v_root = root
+        if AMSGRAD:
+            v_root = tl.sqrt_rn(v)
+            store_quantized(vmax_ptr + offs, scale_ptr + 2 * n_blocks + rows, root,
+                             w2 & 0xFFFF, mask, row_mask, False)  # fmt: skip
+        store_quantized(v_ptr + offs, scale_ptr + n_blocks + rows, v_root, w2 >> 16, mask,
+                         row_mask, False)  # fmt: skip
+    else:
+        _store(m_ptr + offs, m, w1 & 0xFFFF, mask, SR)
+        _store(v_ptr + offs, v, w2 >> 16, mask, SR)
+        if AMSGRAD:
+            _store(vmax_ptr + offs, vmax, w2 & 0xFFFF, mask, SR)
+
+
+@triton.jit
+def _tile(first, BLOCK: tl.constexpr, QUANT: tl.constexpr):
+    """The offsets of the block from ``first``: 1-D, or for 8-bit moments a (BLOCK // 32, 32)
+    tile, one quantization block a row, with the rows' block numbers from the chunk's first."""
+    if QUANT:
+        # int32 (first < CHUNK; tl.cast: the interpreter passes a Python int): with 64-bit
+        # offsets the tile took 146 registers on sm_90, not 128 (fp32), and spilled (amsgrad)
+        rows = tl.cast(first // QUANT_BLOCK, tl.int32) + tl.arange(0, BLOCK // QUANT_BLOCK)
+        offs = rows[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
+    else:
+        offs = first + tl.arange(0, BLOCK)
+        rows = offs
+    return offs, rows
 
 
 # Every runtime int is exempt from Triton's value specialisation (== 1, % 16): a new tensor
@@ -196,13 +245,15 @@ def adamw_kernel(
     log2_beta2_bits: tl.int64,  # float64 bit patterns (f64_bits)
     lerp_coef, beta2, one_minus_beta2, eps,  # fp32, rounded from float64 on the host
     grad_scale_ptr, found_inf_ptr, grad_norm_ptr, max_grad_norm, grad_factor,
-    seed32: tl.int64,  # rounding.seed_key(seed), for stochastic rounding
+    seed32: tl.int64,  # rounding.seed_key(seed), for stochastic rounding and 8-bit codes
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr,
     SR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HAS_CLIP: tl.constexpr, LERP_FROM_M: tl.constexpr, ALIGNED: tl.constexpr,
     MAP_ROW: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
+    # uint8 moments are 8-bit codes: a flag derived from their dtype, not one more argument.
+    QUANT: tl.constexpr = S_DTYPE == tl.uint8
     t, start, n_here = chunk_coords(table, n_tensors, MAP_ROW, CHUNK)
     if HAS_FOUND_INF:
         # A skipped step touches nothing: this program gets no elements.
@@ -215,16 +266,26 @@ def adamw_kernel(
     vmax_ptr = v_ptr
     if AMSGRAD:
         vmax_ptr = tensor_ptr(table, n_tensors, _VMAX, t, start, S_DTYPE, ALIGNED)
-    # Rows after the moments: the masters (when MASTER), the step counts, then (SR) the
-    # positions and the first elements' indices in their whole params.
+    # Rows after the moments: the masters (when MASTER), the step counts, the block scales
+    # (QUANT), then (SR or QUANT) the positions and the first elements' indices in their whole
+    # params.
     master_row: tl.constexpr = _VMAX + AMSGRAD
     step_row: tl.constexpr = master_row + (MASTER != 0)
+    value_row: tl.constexpr = step_row + 1 + QUANT
     master_ptr = p_ptr
     if MASTER == 1:
         master_ptr = tensor_ptr(table, n_tensors, master_row, t, start, tl.int16, ALIGNED)
     elif MASTER == 2:
         master_ptr = tensor_ptr(table, n_tensors, master_row, t, start, tl.float32, ALIGNED)
     step_ptr = tensor_ptr(table, n_tensors, step_row, t, 0, tl.float32, False)
+    # The scales: an int8 (rows, n_blocks) tensor per param, blocks counted from its element 0;
+    # a chunk is whole blocks (launch_heuristics), so its first is block start // QUANT_BLOCK.
+    scale_ptr = step_ptr
+    n_blocks = start
+    if QUANT:
+        scale_ptr = tensor_ptr(table, n_tensors, step_row + 1, t, 0, tl.int8, False)
+        n_blocks = tl.cdiv(tl.load(table + ROW_NUMEL * n_tensors + t), QUANT_BLOCK)
+        scale_ptr += start // QUANT_BLOCK
 
     # adamw_coeffs: float64 from the step count, rounded to fp32 once.
     if HAS_LR_TENSOR:
@@ -239,9 +300,9 @@ def adamw_kernel(
     key2 = tl.zeros((), tl.uint32)
     index0 = tl.zeros((), tl.uint32)
     next_high = tl.zeros((), tl.uint32)
-    if SR:
-        position = tl.load(table + (ROW_FIRST_POINTER + step_row + 1) * n_tensors + t)
-        first = tl.load(table + (ROW_FIRST_POINTER + step_row + 2) * n_tensors + t)
+    if SR or QUANT:
+        position = tl.load(table + (ROW_FIRST_POINTER + value_row) * n_tensors + t)
+        first = tl.load(table + (ROW_FIRST_POINTER + value_row + 1) * n_tensors + t)
         k = _mix32(seed32.to(tl.uint32) ^ position.to(tl.uint32))
         k = _mix32(k ^ step32.to(tl.uint32))
         start_index = first + start
@@ -263,16 +324,20 @@ def adamw_kernel(
     # then at most one masked tail block.
     n_full = n_here // BLOCK
     for i in range(0, n_full):
-        offs = i * BLOCK + tl.arange(0, BLOCK)
-        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, None, coef, decay,
-                lerp_coef, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1,
-                key2, next_high, AMSGRAD, LERP_FROM_M, MASTER, SR)  # fmt: skip
-    offs = n_full * BLOCK + tl.arange(0, BLOCK)
+        offs, rows = _tile(i * BLOCK, BLOCK, QUANT)
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, scale_ptr, n_blocks, offs,
+                rows, None, None, coef, decay, lerp_coef, beta2, one_minus_beta2, step_size,
+                inv_bc2_sqrt, eps, index0, key1, key2, next_high, AMSGRAD, LERP_FROM_M, MASTER,
+                SR, QUANT)  # fmt: skip
+    offs, rows = _tile(n_full * BLOCK, BLOCK, QUANT)
     if n_full * BLOCK < n_here:
+        # Past the end: no load counts, no store lands (a row's block may be partly inside).
         mask = offs < n_here
-        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, mask, coef, decay,
-                lerp_coef, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, index0, key1,
-                key2, next_high, AMSGRAD, LERP_FROM_M, MASTER, SR)  # fmt: skip
+        row_mask = rows * QUANT_BLOCK < n_here
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, scale_ptr, n_blocks, offs,
+                rows, mask, row_mask, coef, decay, lerp_coef, beta2, one_minus_beta2,
+                step_size, inv_bc2_sqrt, eps, index0, key1, key2, next_high, AMSGRAD,
+                LERP_FROM_M, MASTER, SR, QUANT)  # fmt: skip
 
 
 def _lerp_coef(beta1: float) -> tuple[float, bool]:
@@ -344,6 +409,7 @@ def adamw_step(
     seed: int = 0,
     positions: list[int] = (),
     first_indices: list[int] = (),
+    scales: list[Tensor] = (),
 ) -> None:
     """fastopt.reference.adamw_step's contract, in one kernel launch and without host syncs."""
     if not params:
@@ -359,9 +425,10 @@ def adamw_step(
     p_tl = tl_dtype(p_dtype, "params")
     if g_dtype not in (p_dtype, torch.float32):
         raise ValueError(f"grads must be {p_dtype} (as params) or float32, got {g_dtype}")
-    if s_dtype not in (p_dtype, torch.float32, torch.bfloat16):
-        raise ValueError(f"exp_avgs must be {p_dtype} (as params), float32 or bfloat16, "
-                         f"got {s_dtype}")  # fmt: skip
+    quant = s_dtype == torch.uint8
+    if s_dtype not in (p_dtype, torch.float32, torch.bfloat16, torch.uint8):
+        raise ValueError(f"exp_avgs must be {p_dtype} (as params), float32, bfloat16 or uint8 "
+                         f"(8-bit codes), got {s_dtype}")  # fmt: skip
     for name in ("exp_avg_sqs", "max_exp_avg_sqs"):
         if name in lists and lists[name][0].dtype != s_dtype:
             raise ValueError(f"{name} must be {s_dtype} (as exp_avgs), got {lists[name][0].dtype}")
@@ -371,10 +438,16 @@ def adamw_step(
         if want is None or masters[0].dtype != want:
             raise ValueError(f"masters of {p_dtype} params must be {want}, got {masters[0].dtype}")
         master = 1 if p_dtype == torch.bfloat16 else 2
+    if quant:
+        check_scales(scales, numels, 3 if amsgrad else 2, p_dtype, device)
+    elif scales:
+        raise ValueError(f"scales go with uint8 (8-bit) exp_avgs, got {s_dtype} exp_avgs")
     sr = bool(stochastic_rounding)
+    # 8-bit codes always round stochastically, so they draw noise even without sr.
+    noise = sr or quant
+    if (sr or (quant and positions)) and len(positions) != len(params):
+        raise ValueError(f"positions has {len(positions)} entries, expected {len(params)}")
     if sr:
-        if len(positions) != len(params):
-            raise ValueError(f"positions has {len(positions)} entries, expected {len(params)}")
         if s_dtype == torch.float16 or (p_dtype == torch.float16 and not master):
             raise ValueError("stochastic rounding rounds bfloat16 stores only, and this step "
                              "stores float16")  # fmt: skip
@@ -382,12 +455,16 @@ def adamw_step(
 
     launch = launch_heuristics("adamw", p_dtype.itemsize)
     values = ()
-    if sr:
+    if noise:
         firsts = tuple(int(i) for i in first_indices) if first_indices else (0,) * len(params)
         if len(firsts) != len(params):
             raise ValueError(f"first_indices has {len(firsts)} entries, expected {len(params)}")
-        values = (tuple(int(i) & 0xFFFFFFFF for i in positions), firsts)
-    table = get_table(list(lists.values()), launch.chunk, device, (state_steps,), numels, values)
+        places = tuple(int(i) & 0xFFFFFFFF for i in positions) if positions else (0,) * len(params)
+        values = (places, firsts)
+    # The scales are read a row per block, not streamed: pointer rows whose alignment does not
+    # matter, like the step counts'.
+    scalar_lists = (state_steps, list(scales)) if quant else (state_steps,)
+    table = get_table(list(lists.values()), launch.chunk, device, scalar_lists, numels, values)
     if table.n_chunks == 0:
         return  # only empty tensors
 
@@ -405,8 +482,9 @@ def adamw_step(
         lerp_coef, float(beta2), float(1.0 - beta2), float(eps),
         dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
         dummy if grad_norm is None else grad_norm, float(max_grad_norm), float(grad_factor),
-        seed_key(int(seed)) if sr else 0,
-        P_DTYPE=p_tl, G_DTYPE=tl_dtype(g_dtype, "grads"), S_DTYPE=tl_dtype(s_dtype, "exp_avgs"),
+        seed_key(int(seed)) if noise else 0,
+        P_DTYPE=p_tl, G_DTYPE=tl_dtype(g_dtype, "grads"),
+        S_DTYPE=tl.uint8 if quant else tl_dtype(s_dtype, "exp_avgs"),
         MASTER=master, SR=sr, AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize), HAS_LR_TENSOR=lr_tensor is not None,
         HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, HAS_CLIP=clip,
