@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint import AtomicWriteError
 
         hint = ""
-        if isinstance(e, AtomicWriteError) and str(e.filename).endswith(".pt"):
-            out = Path(e.filename).parent.parent  # out/checkpoints/step_XXXXXXXX.pt
+        written = Path(str(e.filename))
+        if isinstance(e, AtomicWriteError) and written.parent.name == "checkpoints":
+            out = written.parent.parent  # out/checkpoints/step_XXXXXXXX(.pt)
             hint = f"; the checkpoints before it are intact: fix that, then {_resume_command(out)}"
         print(f"python -m fastopt {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1

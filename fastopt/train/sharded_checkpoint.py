@@ -53,8 +53,6 @@ _TMP, _OLD = ".tmp-", ".old-"
 def _write_error(e: BaseException, path: Path) -> AtomicWriteError | None:
     """The OSError behind a failed write (DCP wraps each rank's in a CheckpointException),
     as an :class:`AtomicWriteError` naming the folder."""
-    if isinstance(e, AtomicWriteError):
-        return e
     cause = _os_error(e)
     if cause is None:  # DCP's CheckpointException holds {rank: exception}
         failures = getattr(e, "failures", None) or {}
