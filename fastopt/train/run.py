@@ -7,7 +7,9 @@ is a few lines that read alone.
 
 Everything a run depends on is in its checkpoint (model, optimizer, scheduler, loss scaler,
 early stopping, micro-batch size, every rank's RNG states, data position, step), so an
-interrupted run resumes to the bit-identical result on the CPU.
+interrupted run resumes to the bit-identical result on the CPU. A strategy whose checkpoints
+reshard (FSDP2) also resumes on another number of ranks, with the same global batch: to the
+same result within fp32 rounding (without dropout, whose random numbers are per rank).
 """
 
 from __future__ import annotations
