@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import metric_rows
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -183,15 +184,7 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes_exactly(ddp_run):
     for key in full["model"]:
         assert torch.equal(full["model"][key], cut["model"][key]), key
     assert reports[0]["resumed"] == reports[1]["resumed"]
-    drop = (
-        "samples_per_sec",
-        "step_time",
-        "tokens_per_sec",
-        "optimizer_time_fraction",
-        "peak_memory_mb",
-    )
-    rows = lambda d: [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp / d)]  # noqa: E731
-    assert rows("ddp_cut") == rows("ddp_full")
+    assert metric_rows(tmp / "ddp_cut") == metric_rows(tmp / "ddp_full")
 
 
 def test_the_cli_runs_unchanged_under_torchrun(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import metric_rows
 
 from fastopt.train import ConfigError, config_from_dict, load_checkpoint, load_config, read_metrics
 from fastopt.train.cli import main
@@ -37,17 +38,6 @@ def _small(tmp_path, steps=60, hidden=64, extra=""):
     path = tmp_path / "small.yaml"
     path.write_text(SMALL.format(steps=steps, hidden=hidden) + extra)
     return str(path)
-
-
-def _rows(out):
-    timing = (
-        "samples_per_sec",
-        "step_time",
-        "tokens_per_sec",
-        "optimizer_time_fraction",
-        "peak_memory_mb",
-    )  # measured, not computed: they differ from run to run
-    return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out)]
 
 
 def test_train_writes_metrics_plots_and_checkpoints(tmp_path, capsys):
@@ -247,13 +237,13 @@ def test_resume_of_a_run_without_checkpoints_starts_it_over(tmp_path, capsys):
     out = tmp_path / "r"
     cfg = _small(tmp_path, steps=12)
     assert main(["train", "--config", cfg, "--out", str(out), "--no-progress"]) == 0
-    before = _rows(out)
+    before = metric_rows(out)
     shutil.rmtree(out / "checkpoints")
     capsys.readouterr()
     assert main(["train", "--config", cfg, "--out", str(out), "--resume", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert f"warning: {out} holds no checkpoint yet: starting its run from step 0" in err, err
-    assert _rows(out) == before  # the old rows were dropped, not kept twice
+    assert metric_rows(out) == before  # the old rows were dropped, not kept twice
 
 
 def test_config_api_raises_value_error():
@@ -322,8 +312,8 @@ def test_sigterm_then_resume_ends_like_an_uninterrupted_run(tmp_path):
 
     p_resume = _start(["--config", cfg, "--out", str(cut), "--resume"], tmp_path / "resume.log")
     assert p_resume.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
-    rows = _rows(cut)
-    assert rows == _rows(full)
+    rows = metric_rows(cut)
+    assert rows == metric_rows(full)
     last = rows[-1]["step"]  # max_steps, or earlier if early stopping ended both runs
     assert last > stopped_at and "val_loss" in rows[-1]
     a = load_checkpoint(full / "checkpoints" / f"step_{last:08d}.pt")

@@ -5,8 +5,9 @@ largest micro-batch that fits; splitting keeps the update of the whole batch."""
 
 import pytest
 import torch
+from helpers import metric_rows
 from test_train_cli import _small
-from test_trainer import _config, _data, _rows, _SignalAt
+from test_trainer import _config, _data, _SignalAt
 from torch import nn
 
 from fastopt.train import ConfigError, fit, load_checkpoint, make_loader, read_metrics
@@ -49,7 +50,7 @@ def _small_from_the_start(tmp_path, optimizer, size=8):
     model = _model()
     cfg = _cfg(tmp_path, "small", optimizer, micro_batch_size=size)
     fit(model, nn.functional.cross_entropy, *_loaders(), cfg)
-    return model, _rows(cfg.out)
+    return model, metric_rows(cfg.out)
 
 
 def _without_size(rows):
@@ -81,7 +82,7 @@ def test_injected_oom_run_equals_the_small_micro_batch_run(
     cfg = _cfg(tmp_path, "oom", optimizer)  # micro_batch_size null: whole batches of 32
     fit(model, nn.functional.cross_entropy, *_loaders(), cfg)
     _assert_equal_weights(model, reference)
-    rows = _rows(cfg.out)
+    rows = metric_rows(cfg.out)
     assert rows == ref_rows and {r["micro_batch_size"] for r in rows} == {8}
     err = capsys.readouterr().err
     assert "a micro-batch of 32 samples ran out of memory; going on with micro-batches of 16" in err
@@ -106,7 +107,7 @@ def test_the_split_is_kept_on_resume(tmp_path, monkeypatch):
     model = _model(seed=1)
     fit(model, nn.functional.cross_entropy, *_loaders(), cfg, resume=True)
     _assert_equal_weights(model, reference)
-    assert _rows(cfg.out) == ref_rows
+    assert metric_rows(cfg.out) == ref_rows
 
 
 def test_whole_batches_would_differ(tmp_path):
@@ -126,11 +127,11 @@ def test_auto_finds_the_largest_micro_batch_that_fits(tmp_path, monkeypatch, cap
     assert "micro_batch_size auto: 8" in capsys.readouterr().err
     assert "ran out of memory" not in capsys.readouterr().err
     _assert_equal_weights(model, reference)  # the probe left the RNG and the statistics alone
-    assert _without_size(_rows(cfg.out)) == _without_size(ref_rows)
+    assert _without_size(metric_rows(cfg.out)) == _without_size(ref_rows)
     monkeypatch.delenv(INJECT_OOM_ENV)
     cfg = _cfg(tmp_path, "auto-all", "fastopt.AdamW", micro_batch_size="auto", max_steps=6)
     fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
-    assert {r["micro_batch_size"] for r in _rows(cfg.out)} == {BATCH}
+    assert {r["micro_batch_size"] for r in metric_rows(cfg.out)} == {BATCH}
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

@@ -50,3 +50,32 @@ def test_data_parallel_wraps_in_ddp_and_skips_the_sync_but_on_the_last_micro_bat
                               contextlib.nullcontext)  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp2_units_are_the_blocks_or_the_children_that_hold_parameters():
+    """Which submodules fully_shard makes units of their own (the root takes the rest)."""
+    from fastopt.train.fsdp import shard_units
+    from fastopt.train.gpt import build_model
+
+    gpt = build_model(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8)
+    assert shard_units(gpt) == list(gpt.blocks)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
+    assert shard_units(mlp) == [mlp[0], mlp[2]]  # GELU holds no parameter
+    tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 3), nn.Linear(4, 5, bias=False))
+    tied[2].weight = tied[0].weight  # a parameter belongs to one unit: both stay in the root's
+    assert shard_units(tied) == [tied[1]]
+
+
+def test_a_run_from_before_the_parallel_key_keeps_its_fingerprint():
+    """run.json of a run made before ``parallel`` existed: its default must not change the
+    fingerprint, or such runs would no longer resume."""
+    import hashlib
+    import json
+
+    from fastopt.train.config import NOT_FINGERPRINTED, TrainConfig, fingerprint, pinned_config
+
+    cfg = TrainConfig(job="mlp")
+    old = {k: v for k, v in pinned_config(cfg).items() if k not in (*NOT_FINGERPRINTED, "parallel")}
+    blob = json.dumps({"config": old, "extra": {}}, sort_keys=True, default=str)
+    assert fingerprint(cfg) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert fingerprint(TrainConfig(job="mlp", parallel="fsdp2")) != fingerprint(cfg)

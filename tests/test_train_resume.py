@@ -7,7 +7,8 @@ import signal
 
 import pytest
 import torch
-from test_trainer import _config, _loaders, _model, _rows
+from helpers import metric_rows
+from test_trainer import _config, _loaders, _model
 
 from fastopt.train import ConfigError, ResumeWarning, fit, load_checkpoint
 from fastopt.train import checkpoint as ckpt
@@ -66,7 +67,7 @@ def _reference(tmp_path, val_loss=VAL_LOSS, best_and_last=(BEST_STEP, LAST_STEP)
     model = _model()
     result = fit(model, _Scripted(val_loss=val_loss), *_loaders(), cfg)
     assert (result.best_step, result.step) == best_and_last  # the script holds
-    return result, _rows(cfg.out), model.state_dict()
+    return result, metric_rows(cfg.out), model.state_dict()
 
 
 def _assert_same_weights(a, b):
@@ -115,7 +116,7 @@ def test_crash_before_best_pt_is_linked_keeps_the_best_weights(
         ref.best_step,
         ref.stop_reason,
     )
-    assert _rows(cfg.out) == ref_rows
+    assert metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)  # the best weights were put back
     assert load_checkpoint(best_pt)["step"] == crash_step
     _assert_same_weights(load_checkpoint(best_pt)["model"], ref_weights)
@@ -156,7 +157,7 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, how):
         ResumeWarning, match=r"resuming from .*step_00000006\.pt.*step_00000008\.pt does not load"
     ):
         result = fit(model, _Scripted(start=6), *_loaders(), cfg, resume=True)
-    assert result.step == LAST_STEP and _rows(cfg.out) == ref_rows
+    assert result.step == LAST_STEP and metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
 
     _damage(checkpoints / "step_00000012.pt", how)
@@ -179,7 +180,7 @@ def test_a_damaged_best_pt_is_restored_from_the_best_step_checkpoint(tmp_path):
         ResumeWarning, match=r"best\.pt does not load .*restored best\.pt from .*step_00000006\.pt"
     ):
         fit(model, _Scripted(start=8), *_loaders(), cfg, resume=True)
-    assert _rows(cfg.out) == ref_rows
+    assert metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
     _assert_same_weights(load_checkpoint(best_pt)["model"], ref_weights)
 
@@ -199,11 +200,11 @@ def test_resume_before_the_first_checkpoint_starts_from_step_0(tmp_path):
     cfg = _cfg(tmp_path, "crashed", checkpoint_every=0)
     with pytest.raises(_Crash):
         fit(_model(), _Scripted(fail_at=5), *_loaders(), cfg)
-    assert _rows(cfg.out) and not list((tmp_path / "crashed" / "checkpoints").glob("step_*"))
+    assert metric_rows(cfg.out) and not list((tmp_path / "crashed" / "checkpoints").glob("step_*"))
     model = _model()
     with pytest.warns(ResumeWarning, match="holds no checkpoint yet: starting its run from step 0"):
         result = fit(model, _Scripted(), *_loaders(), cfg, resume=True)
-    assert result.step == LAST_STEP and _rows(cfg.out) == ref_rows
+    assert result.step == LAST_STEP and metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
 
 
@@ -214,7 +215,11 @@ def test_resume_may_change_logging_and_checkpointing(tmp_path):
     changed = _cfg(tmp_path, "cut", log_every=1, checkpoint_every=3, keep_last=4)
     model = _model(seed=1)
     result = fit(model, _Scripted(start=5), *_loaders(), changed, resume=True)
-    assert result.step == LAST_STEP and [r["step"] for r in _rows(cfg.out)][-3:] == [10, 11, 12]
+    assert result.step == LAST_STEP and [r["step"] for r in metric_rows(cfg.out)][-3:] == [
+        10,
+        11,
+        12,
+    ]
     _assert_same_weights(model.state_dict(), ref_weights)
     kept = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*"))
     assert kept == ["step_00000005.pt", "step_00000006.pt", "step_00000009.pt", "step_00000012.pt"]

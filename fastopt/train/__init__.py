@@ -4,7 +4,8 @@ One linear loop (:func:`fit`): forward, backward with accumulation in micro-batc
 fused step, schedule, evaluate, log, checkpoint; the pieces it calls are small components
 (``run``, ``microbatch``, ``telemetry``, ``tracking``). Schedules are pure functions of the step
 wrapped as a torch LR scheduler; early stopping is a small object with a pure decision;
-checkpoints are atomic and resume bit-exactly on the CPU; runs unchanged under torchrun (DDP).
+checkpoints are atomic and resume bit-exactly on the CPU; runs unchanged under torchrun (DDP,
+or FSDP2 with ``parallel: fsdp2``, whose checkpoints resume on any number of ranks).
 :func:`run_job` trains a job (``python -m fastopt train``): a model factory and a dataset
 factory, the built-in ones or one's own by import path.
 

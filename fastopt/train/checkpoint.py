@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed as D
+
 __all__ = [
     "AtomicWriteError",
     "CheckpointError",
@@ -33,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "restore_rng",
     "save_atomic",
+    "share_outcome",
     "write_atomic",
 ]
 
@@ -89,6 +92,20 @@ def _replacing(path: Path) -> Iterator[Path]:
             raise
         raise AtomicWriteError(cause.errno, cause.strerror or str(cause), str(path)) from e
     _fsync_dir(path.parent)
+
+
+def share_outcome(error: AtomicWriteError | None) -> None:
+    """Raises on every rank the write error of the first rank that had one (a no-op when
+    none did). Under torchrun a rank whose write failed stops, and the others would wait for
+    it at their next collective forever: they stop with it, with the same one-line error."""
+    if not D.is_distributed():
+        if error is not None:
+            raise error
+        return
+    shared = None if error is None else (error.errno, error.strerror, error.filename)
+    for found in D.all_gather_objects(shared):
+        if found is not None:
+            raise AtomicWriteError(*found)
 
 
 def _write_synced(path: Path, write) -> None:
@@ -161,6 +178,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 class CheckpointManager:
     """``step_*.pt`` files in ``directory``: the newest ``keep_last`` are kept, and ``best.pt``."""
 
+    every_rank = False  # written by rank 0 alone (every rank holds the whole state)
+
     def __init__(self, directory: str | os.PathLike, keep_last: int = 2) -> None:
         if not (isinstance(keep_last, int) and keep_last >= 1):
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
@@ -185,6 +204,9 @@ class CheckpointManager:
             return []
         found = (_STEP_FILE.match(p.name) for p in self.directory.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        return load_checkpoint(path)
 
     def latest(self) -> Path | None:
         steps = self.steps()

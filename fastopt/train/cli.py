@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also log to MLflow's local file store in --out/mlruns (pip install "
         "'fastopt[mlflow]')",
     )
+    train.add_argument(
+        "--parallel",
+        choices=["auto", "single", "ddp", "fsdp2"],
+        help="under torchrun: 'ddp' (what 'auto', the default, picks) or 'fsdp2' (shards the "
+        "model; its checkpoints resume on any number of processes)",
+    )
     train.add_argument("--seed", type=int)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
@@ -121,6 +127,7 @@ def _train(args: argparse.Namespace) -> int:
         precision=args.precision,
         micro_batch_size=args.micro_batch_size,
         tracking=args.tracking,
+        parallel=args.parallel,
         seed=args.seed,
         progress=False if args.no_progress else None,
     )
@@ -241,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint import AtomicWriteError
 
         hint = ""
-        if isinstance(e, AtomicWriteError) and str(e.filename).endswith(".pt"):
-            out = Path(e.filename).parent.parent  # out/checkpoints/step_XXXXXXXX.pt
+        written = Path(str(e.filename))
+        if isinstance(e, AtomicWriteError) and written.parent.name == "checkpoints":
+            out = written.parent.parent  # out/checkpoints/step_XXXXXXXX(.pt)
             hint = f"; the checkpoints before it are intact: fix that, then {_resume_command(out)}"
         print(f"python -m fastopt {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastopt.sharded import is_dtensor
+
 from . import distributed as D
 from .checkpoint import write_atomic
 from .config import (
@@ -166,6 +168,8 @@ def optimizer_step(
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         if max_grad_norm is not None and grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
+        if is_dtensor(grad_norm):  # of FSDP2's shards: the whole model's, once reduced
+            grad_norm = grad_norm.full_tensor()
         if scaler.is_enabled():
             scaler.step(optimizer)  # skips by itself when unscale_ found inf/NaN
             found_inf = scaler.last_found_inf
@@ -180,18 +184,34 @@ def optimizer_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn, loader, device: torch.device, precision: str) -> float:
-    """The sample-weighted mean loss over ``loader``, summed over all ranks."""
+def evaluate(
+    model: nn.Module, loss_fn, loader, device: torch.device, precision: str, *, lockstep=False
+) -> float:
+    """The sample-weighted mean loss over ``loader``, summed over all ranks. ``lockstep``:
+    every rank runs as many forward passes as the rank with the most batches (a sharded
+    model's forward is a collective; a rank out of batches repeats its last one, unweighted)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for inputs, targets in loader:
+    batches, last = iter(loader), None
+    while True:
+        batch = next(batches, None)
+        if lockstep and D.any_rank(batch is not None, device):
+            if batch is None and last is None:
+                raise ValueError(f"the validation loader yields no batch on rank {D.rank()}")
+            weight, batch = (1, batch) if batch is not None else (0, last)
+        elif batch is None:
+            break
+        else:
+            weight = 1
+        last = inputs, targets = batch
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         with autocast(device, precision):
             loss = loss_fn(model(inputs), targets)
-        n = sample_count(targets)
-        sums[0] += loss.double() * n
-        sums[1] += n
+        if weight:
+            n = sample_count(targets)
+            sums[0] += loss.double() * n
+            sums[1] += n
     D.all_reduce_sum(sums)
     model.train(was_training)
     if sums[1].item() == 0:
@@ -271,17 +291,26 @@ def read_run_record(out: Path) -> dict[str, Any]:
     return record
 
 
-def claim_run_dir(out: Path, config: TrainConfig, identity: dict[str, Any], resume: bool) -> str:
+def claim_run_dir(
+    out: Path,
+    config: TrainConfig,
+    identity: dict[str, Any],
+    resume: bool,
+    *,
+    started: dict[str, Any] | None = None,
+) -> str:
     """Checks that ``out`` is free (fresh run) or holds this same run (``resume``, perhaps with
     a larger ``max_steps``), and records the run's identity in ``out/run.json``, atomically.
-    Returns the fingerprint."""
+    ``started``: facts about how the run started that are not its identity (recorded by the
+    fresh run, kept as recorded by a resumed one). Returns the fingerprint."""
     _check_folder(out)
     fp = fingerprint(config, identity)
-    record = {"fingerprint": fp, "config": pinned_config(config), **identity}
+    record = {"fingerprint": fp, "config": pinned_config(config), **identity, **(started or {})}
     run_file = out / RUN_FILE
     saved = None
     if resume:
         saved = read_run_record(out)
+        record.update({k: saved[k] for k in started or {} if k in saved})
         if saved["fingerprint"] != fp:
             old = _flatten({**saved["config"], **{k: saved.get(k) for k in identity}})
             new = _flatten({**record["config"], **identity})

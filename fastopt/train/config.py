@@ -112,6 +112,10 @@ class TrainConfig:
     # min(50, max_steps // 10) warm-up steps. total_steps defaults to max_steps.
     schedule: dict[str, Any] | None = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # How the model is spread over torchrun's processes (fastopt.train.parallel): "auto" is
+    # "ddp" under torchrun and "single" otherwise; "fsdp2" shards it (on any number of ranks,
+    # and its checkpoints resume on any number).
+    parallel: Literal["auto", "single", "ddp", "fsdp2"] = "auto"
     job: Literal["gpt", "mlp"] = "gpt"  # the built-in model and data (fastopt.train.jobs)
     model_factory: str | None = None  # "package.module:function"; None: the job's
     dataset_factory: str | None = None  # "package.module:function"; None: the job's
@@ -446,5 +450,7 @@ def fingerprint(config: TrainConfig, extra: dict[str, Any] | None = None) -> str
     """A hash of everything that determines the run's result (config, model and optimizer
     signatures in ``extra``), to refuse resuming a different run."""
     data = {k: v for k, v in pinned_config(config).items() if k not in NOT_FINGERPRINTED}
+    if data.get("parallel") == "auto":  # the default, so that runs from before the key resume
+        del data["parallel"]
     blob = json.dumps({"config": data, "extra": extra or {}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -272,6 +272,25 @@ def build_job(config) -> tuple[nn.Module, JobData]:
     return model, data
 
 
+def _rank_batch(config, resume: bool) -> int:
+    """Each rank's training batch: ``data.batch_size``, or for a run whose checkpoints reshard
+    (``parallel: fsdp2``) resumed on another number of ranks, the share of the global batch
+    (``data.batch_size`` times the ranks it started on) that keeps it the same."""
+    from . import distributed as D
+    from .components import read_run_record
+
+    batch = config.data["batch_size"]
+    if not resume or config.parallel != "fsdp2":
+        return batch
+    started, world = read_run_record(config.out).get("world_size", D.world_size()), D.world_size()
+    if (batch * started) % world:
+        raise ConfigError(
+            f"the run in {config.out} started on {started} ranks with data.batch_size {batch}: "
+            f"its {batch * started} samples a batch do not split over {world} ranks"
+        )
+    return batch * started // world
+
+
 SAMPLE_CHARS = 300
 SAMPLE_TEMPERATURE = 0.8
 
@@ -282,12 +301,13 @@ def run_job(config, *, resume: bool = False):
     from . import distributed as D
     from .components import evaluate
     from .data import make_loader
+    from .fsdp import is_sharded
     from .loop import fit
 
     model, data = build_job(config)
     loader = config.data
     train_loader = make_loader(
-        data.train, loader["batch_size"], train=True, seed=config.seed,
+        data.train, _rank_batch(config, resume), train=True, seed=config.seed,
         num_workers=loader["num_workers"],
     )  # fmt: skip
     val_loader = None
@@ -300,13 +320,19 @@ def run_job(config, *, resume: bool = False):
     if result.interrupted is not None:
         return result
     device = next(model.parameters()).device
+    sharded = is_sharded(model)
     if data.test is not None:
         test_loader = make_loader(
             data.test, loader["val_batch_size"], train=False, num_workers=loader["num_workers"]
         )
-        result.test_loss = evaluate(model, cross_entropy, test_loader, device, config.precision)
+        result.test_loss = evaluate(
+            model, cross_entropy, test_loader, device, config.precision, lockstep=sharded
+        )
     generate = getattr(model, "generate", None)
-    if D.rank() == 0 and callable(generate) and data.decode and data.prompt is not None:
+    # A sharded model's forward is a collective: every rank generates (the same text, from
+    # the same seed), rank 0 keeps it.
+    prompt = data.prompt if data.decode else None
+    if (D.rank() == 0 or sharded) and callable(generate) and prompt is not None:
         g = torch.Generator(device=device).manual_seed(config.seed)
         ids = generate(data.prompt.to(device)[None], SAMPLE_CHARS, temperature=SAMPLE_TEMPERATURE,
                        generator=g)  # fmt: skip

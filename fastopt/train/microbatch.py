@@ -176,8 +176,9 @@ class MicroBatches:
 
     def _accumulator(self, n_pieces: int):
         """fastopt's fp32 accumulator when a fastopt optimizer sums several micro-batches
-        (made when first needed: a split can make a step of one batch several)."""
-        if not self.fused or n_pieces < 2:
+        (made when first needed: a split can make a step of one batch several). None under
+        a strategy whose gradients must stay in .grad (FSDP2's DTensors)."""
+        if not self.fused or n_pieces < 2 or not self.strategy.buffered_accumulation:
             return None
         if self.accumulator is None:
             import fastopt

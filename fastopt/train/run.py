@@ -7,7 +7,9 @@ is a few lines that read alone.
 
 Everything a run depends on is in its checkpoint (model, optimizer, scheduler, loss scaler,
 early stopping, micro-batch size, every rank's RNG states, data position, step), so an
-interrupted run resumes to the bit-identical result on the CPU.
+interrupted run resumes to the bit-identical result on the CPU. A strategy whose checkpoints
+reshard (FSDP2) also resumes on another number of ranks, with the same global batch: to the
+same result within fp32 rounding (without dropout, whose random numbers are per rank).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from . import distributed as D
 from .checkpoint import (
+    AtomicWriteError,
     CheckpointError,
     CheckpointManager,
     capture_rng,
-    load_checkpoint,
     restore_rng,
+    share_outcome,
 )
 from .components import (
     NO_CLIP,
@@ -106,15 +109,21 @@ class Run:
         identity = {
             "model_signature": model_signature(self.raw_model),
             "optimizer_class": f"{opt_type.__module__}.{opt_type.__qualname__}",
-            "world_size": D.world_size(),
         }
+        # The world size is the run's unless its checkpoints reshard; then run.json records
+        # the one it started on, of which data.batch_size is the per-rank batch (jobs.py).
+        started = {"world_size": D.world_size()}
+        if not self.strategy.reshardable:
+            identity, started = {**identity, **started}, {}
         self.logger = MetricsLogger(
             self.out, enabled=self.is_main, tensorboard=cfg.tensorboard, tracking=cfg.tracking,
             params=_flat(config_to_dict(cfg)),
         )  # fmt: skip
         # The last check before anything is written.
-        self.fingerprint = claim_run_dir(self.out, cfg, identity, resume)
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last)
+        self.fingerprint = claim_run_dir(self.out, cfg, identity, resume, started=started)
+        self.checkpoints = self.strategy.checkpoints(
+            self.out / "checkpoints", cfg.keep_last, self.raw_model, self.optimizer
+        )
         self.step, self.skipped, self.train_loss, self.val_loss = 0, 0, None, None
         self.best_weights = self.stop_reason = self.interrupted = None
         if not (resume and self._resume()):
@@ -130,7 +139,7 @@ class Run:
 
     # -- set-up ------------------------------------------------------------------------------
     def _model(self, model: nn.Module) -> None:
-        self.strategy = choose_strategy()
+        self.strategy = choose_strategy(self.cfg.parallel)
         self.model, self.raw_model = self.strategy.wrap(model, self.device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
 
@@ -140,6 +149,13 @@ class Run:
         cfg = self.cfg
         if optimizer is None:
             optimizer = build_optimizer(cfg.optimizer, self.raw_model)
+        elif self.strategy.reshardable:
+            mine = {id(p) for p in self.raw_model.parameters()}
+            if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):
+                raise ConfigError(
+                    "parallel 'fsdp2' replaces the model's parameters with shards: build the "
+                    "optimizer on the model after fully_shard, or pass none (config.optimizer)"
+                )
         self.fused = is_fastopt(optimizer)
         max_norm = cfg.optimizer.max_grad_norm
         if self.fused and clip_norm(optimizer.max_grad_norm) != clip_norm(max_norm):
@@ -159,10 +175,7 @@ class Run:
 
     def _start(self, train_loader) -> None:
         """A fresh run: seeds, and the micro-batch size probed when it is "auto"."""
-        seed, rank = self.cfg.seed, self.rank
-        torch.manual_seed(seed + rank)  # dropout differs across ranks; data order does not
-        np.random.seed((seed + rank) % 2**32)  # numpy takes only [0, 2**32)
-        random.seed(seed + rank)
+        _seed(self.cfg.seed + self.rank)  # dropout differs across ranks; data order does not
         if self.cfg.micro_batch_size == "auto":
             rng = capture_rng()  # opening the loader draws from them: the run starts as if not
             batch = next(iter(train_loader))
@@ -170,6 +183,21 @@ class Run:
             size = self.micro.probe(batch)
             if self.is_main:
                 print(f"python -m fastopt train: micro_batch_size auto: {size}", file=sys.stderr)
+
+    def _check_world(self, state: dict[str, Any]) -> None:
+        """A checkpoint resumed on another world size must see the same global batch."""
+        saved_world, world = state.get("world_size", D.world_size()), D.world_size()
+        saved_batch = state.get("loader_batch_size")
+        batch = getattr(self.stream.loader, "batch_size", None)
+        if saved_world == world or saved_batch is None or batch is None:
+            return
+        if batch * world != saved_batch * saved_world:
+            total = saved_batch * saved_world
+            raise ConfigError(
+                f"the run in {self.out} was saved on {saved_world} ranks with batches of "
+                f"{saved_batch} ({total} samples a loader batch in all): on {world} ranks it "
+                f"needs a loader batch_size of {total / world:g}"
+            )
 
     def _resume(self) -> bool:
         """Restores the newest checkpoint that loads; False when there is none yet."""
@@ -189,8 +217,8 @@ class Run:
             )
         if state.get("fingerprint") != self.fingerprint:
             raise ConfigError(f"{latest} belongs to a different run than {out / 'run.json'}")
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._check_world(state)
+        self.strategy.load_state_dict(self.raw_model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.stopper.load_state_dict(state["early_stopping"])
@@ -200,10 +228,18 @@ class Run:
         self.stop_reason = self.stopper.state["reason"] if self.cfg.early_stopping.enabled else None
         best_step = self.stopper.best_step
         if best_step is not None:  # also repairs best.pt when early stopping is off
-            best = _recover_best(self.checkpoints, state, best_step, repair=self.is_main)
+            repair = self.is_main or self.checkpoints.every_rank
+            best = _recover_best(self.checkpoints, state, best_step, repair=repair)
             self.best_weights = best if self.keep_best else None
-        self.stream.load_state_dict(state["data"], state["epoch_rng"][self.rank])
-        restore_rng(state["rng"][self.rank])  # last: reopening the epoch drew from the RNGs
+        saved = len(state["rng"])
+        # A rank the saved run did not have (resumed on more ranks) opens the epoch as rank 0
+        # did (the sampler's order depends on the seed and epoch only) and draws fresh random
+        # numbers, as a new rank of a fresh run would.
+        self.stream.load_state_dict(state["data"], state["epoch_rng"][self.rank % saved])
+        if self.rank < saved:
+            restore_rng(state["rng"][self.rank])  # last: reopening the epoch drew from them
+        else:
+            _seed(self.cfg.seed + self.rank + self.step)
         self.logger.truncate_after(self.step)
         return True
 
@@ -214,8 +250,9 @@ class Run:
         es = self.cfg.early_stopping
         if self.val_loader is not None:
             self.val_loss = evaluate(
-                self.raw_model, self.loss_fn, self.val_loader, self.device, self.cfg.precision
-            )
+                self.raw_model, self.loss_fn, self.val_loader, self.device, self.cfg.precision,
+                lockstep=self.strategy.lockstep,
+            )  # fmt: skip
         metric = self.val_loss if es.monitor == "val_loss" else self.train_loss
         if metric is None:
             return False
@@ -225,9 +262,7 @@ class Run:
             self.scheduler.step(metric)
         decision = self.stopper.update(metric, self.step)
         if self.keep_best and decision.improved:
-            self.best_weights = {
-                k: v.detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()
-            }
+            self.best_weights = {k: _copy(v) for k, v in self.raw_model.state_dict().items()}
         if es.enabled and D.any_rank(decision.stop, self.device):
             self.stop_reason = decision.reason or "another rank decided to stop"
         return decision.improved
@@ -262,11 +297,22 @@ class Run:
         if not (due or improved):
             return
         state = self.state()
+        if self.checkpoints.every_rank:  # each writes its shards; the manager shares failures
+            self._save(state, due, improved)
+            return
+        error = None
         if self.is_main:
-            if due:
-                self.checkpoints.save(state, self.step, is_best=improved)
-            else:
-                self.checkpoints.save_best(state)
+            try:
+                self._save(state, due, improved)
+            except AtomicWriteError as e:
+                error = e
+        share_outcome(error)  # rank 0's failure stops every rank, not only rank 0
+
+    def _save(self, state: dict[str, Any], due: bool, improved: bool) -> None:
+        if due:
+            self.checkpoints.save(state, self.step, is_best=improved)
+        else:
+            self.checkpoints.save_best(state)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -276,8 +322,9 @@ class Run:
             "skipped_steps": self.skipped,
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self.strategy.state_dict(self.raw_model, self.optimizer),
+            "world_size": D.world_size(),
+            "loader_batch_size": getattr(self.stream.loader, "batch_size", None),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "early_stopping": self.stopper.state_dict(),
@@ -304,6 +351,20 @@ class Run:
         if self.keep_best and self.best_weights is not None:
             self.raw_model.load_state_dict(self.best_weights)
         return plots
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes only [0, 2**32)
+    random.seed(seed)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a weight that loading later states cannot change: on the CPU, or for a
+    DTensor shard where it lives (its mesh is on that device)."""
+    from fastopt.sharded import is_dtensor
+
+    return t.detach().clone() if is_dtensor(t) else t.detach().to("cpu", copy=True)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -335,7 +396,7 @@ def _recover_best(
     the resumed checkpoint after a hard crash: the replayed steps find that best again.
     """
     try:
-        best = load_checkpoint(checkpoints.best_path)
+        best = checkpoints.load(checkpoints.best_path)
     except FileNotFoundError:
         problem = f"{checkpoints.best_path} is missing"
     except CheckpointError as e:
@@ -347,9 +408,9 @@ def _recover_best(
     source, path = None, checkpoints.step_path(best_step)
     if state["step"] == best_step:
         source = state
-    elif path.is_file():
+    elif path.exists():
         try:
-            source = load_checkpoint(path)
+            source = checkpoints.load(path)
         except CheckpointError as e:
             problem = f"{problem}; {e}"
     if source is None:

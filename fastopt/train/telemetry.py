@@ -15,6 +15,8 @@ the weights, which every other step is spared):
 * ``zero_updates``: elements with a nonzero gradient whose value the step left unchanged:
   updates that rounded to nothing in the param's dtype (for bf16 params, the sign that the
   lr is too small for the precision; for fp32 ones it stays near 0).
+* Under FSDP2 (DTensor params) each rank measures its shards and the sums are added up over
+  the ranks: the numbers are the whole model's, the same on every rank.
 * ``peak_memory_mb``: on a GPU the peak allocated by torch since the last log; on the CPU the
   process's peak resident set size so far (``ru_maxrss``), which cannot be reset.
 """
@@ -29,7 +31,10 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from fastopt.sharded import is_dtensor, like_param, local, shard_spec
 
 __all__ = ["Telemetry"]
 
@@ -86,13 +91,14 @@ class Telemetry:
         if not self.enabled:
             yield
             return
-        before = grads = None
         if measure:
             with torch.no_grad():
-                grads = self._gradients()
-                before = {p: p.detach().clone() for p in grads}
-                norms = {
-                    f"grad_norm/{k}": _norm([grads[p] for p in ps if p in grads])
+                # This rank's shard of each (a DTensor's local part; a plain tensor whole):
+                # the sums below are of shards, added up over the ranks in _whole_sums.
+                grads = {p: _local_grad(p, g) for p, g in self._gradients().items()}
+                before = {p: local(p).detach().clone() for p in grads}
+                sums = {
+                    f"grad/{k}": [(p, _sq(grads[p])) for p in ps if p in grads]
                     for k, ps in self.sets.items()
                 }
                 nonzero = {p: g != 0 for p, g in grads.items()}
@@ -106,15 +112,25 @@ class Telemetry:
         self._optimizer_time += time.perf_counter() - t0
         if measure:
             with torch.no_grad():
-                ratios, zero = {}, 0
                 for k, ps in self.sets.items():
                     ps = [p for p in ps if p in before]
-                    delta = _norm([p.detach().float() - before[p].float() for p in ps])
-                    weight = _norm([before[p] for p in ps])
-                    ratios[f"update_ratio/{k}"] = delta / weight if weight > 0 else None
-                for p, mask in nonzero.items():
-                    zero += int((mask & (p.detach() == before[p])).sum())
-            self._measured = {**norms, **ratios, "zero_updates": zero}
+                    sums[f"delta/{k}"] = [
+                        (p, _sq(local(p).detach().float() - before[p].float())) for p in ps
+                    ]
+                    sums[f"weight/{k}"] = [(p, _sq(before[p])) for p in ps]
+                sums["zero"] = [
+                    (p, (mask & (local(p).detach() == before[p])).sum().double())
+                    for p, mask in nonzero.items()
+                ]
+                whole = _whole_sums(sums, self.device)
+            norms, ratios = {}, {}
+            for k in self.sets:
+                grad, delta, weight = (whole[f"{q}/{k}"] for q in ("grad", "delta", "weight"))
+                norms[f"grad_norm/{k}"] = None if grad is None else math.sqrt(grad)
+                if weight is not None:
+                    ratio = math.sqrt(delta) / math.sqrt(weight) if weight > 0 else None
+                    ratios[f"update_ratio/{k}"] = ratio
+            self._measured = {**norms, **ratios, "zero_updates": int(whole["zero"] or 0)}
 
     def count(self, samples: int, tokens: int) -> None:
         self._steps += 1
@@ -143,11 +159,40 @@ class Telemetry:
         return row
 
 
-def _norm(tensors: list[torch.Tensor]) -> float | None:
-    if not tensors:
-        return None
-    total = sum(float(t.detach().float().pow(2).sum()) for t in tensors)
-    return math.sqrt(total)
+def _local_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``p``'s gradient, element for element beside ``local(p)``."""
+    return local(like_param(p, g)) if is_dtensor(p) else g
+
+
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().double().pow(2).sum()
+
+
+def _whole_sums(
+    sums: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], device: torch.device
+) -> dict[str, float | None]:
+    """Each name's total over the whole params, from (param, this rank's sum over its part)
+    pairs: a sharded param's parts are summed over the ranks that hold them, with one
+    all-reduce per mesh dimension (every rank makes the same calls: the names and params are
+    the same on all). None for a name without params."""
+    plain = {name: 0.0 for name in sums}
+    meshes: dict[tuple, torch.Tensor] = {}
+    for i, (name, items) in enumerate(sums.items()):
+        for p, value in items:
+            spec = shard_spec(p)
+            if spec is None or not spec[1]:  # whole, or a copy on every rank
+                plain[name] += float(value)
+                continue
+            key = (spec[0], spec[1])
+            if key not in meshes:
+                meshes[key] = torch.zeros(len(sums), dtype=torch.float64, device=device)
+            meshes[key][i] += value.to(device)
+    for (mesh, dims), values in meshes.items():
+        for dim in dims:
+            dist.all_reduce(values, group=mesh.get_group(dim))
+        for i, name in enumerate(sums):
+            plain[name] += float(values[i])
+    return {name: plain[name] if items else None for name, items in sums.items()}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
