@@ -144,8 +144,7 @@ class AdamW(Optimizer):
         defaults.update((k, v) for k, v in lean.items() if v != _LEAN_DEFAULTS[k])
         super().__init__(params, defaults)
         for group in self.param_groups:  # per-group overrides, checked as the defaults are
-            _check_lean(_lean(group, "master_weights"), _lean(group, "state_dtype"),
-                        _lean(group, "stochastic_rounding"), _lean(group, "min_8bit_size"))  # fmt: skip
+            _check_lean(*(_lean(group, key) for key in _LEAN_CHECKED))
         # Drawn here, once, and only for stochastic rounding (8-bit codes always round so): an
         # optimizer that does not round stochastically leaves torch's generator as
         # torch.optim.AdamW does.
@@ -606,6 +605,8 @@ class _Bucket:
         return (*lists, copies)
 
 
+# The settings _check_lean takes, in its order.
+_LEAN_CHECKED = ("master_weights", "state_dtype", "stochastic_rounding", "min_8bit_size")
 _LEAN_DEFAULTS = dict(master_weights=False, state_dtype=None, stochastic_rounding=False, seed=None,
                       min_8bit_size=4096)  # fmt: skip
 
