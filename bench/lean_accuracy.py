@@ -40,7 +40,37 @@ CONFIGS = {
             ps, lr=lr, stochastic_rounding=True, state_dtype=torch.bfloat16, seed=0
         ),
     ),
+    "fp32, fastopt int8 states": (
+        torch.float32, lambda ps, lr: fastopt.AdamW(ps, lr=lr, state_dtype="int8", seed=0),
+    ),
+    "bf16, fastopt master_weights + int8 states": (
+        torch.bfloat16,
+        lambda ps, lr: fastopt.AdamW(ps, lr=lr, master_weights=True, state_dtype="int8", seed=0),
+    ),
 }
+
+
+def _third_party_8bit() -> dict:
+    """bitsandbytes' and torchao's AdamW8bit, where they are installed (no test needs them)."""
+    found = {}
+    try:
+        import bitsandbytes as bnb
+
+        found["fp32, bitsandbytes AdamW8bit"] = (
+            torch.float32, lambda ps, lr: bnb.optim.AdamW8bit(ps, lr=lr, weight_decay=1e-2),
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 - a missing or broken install only drops the row
+        pass
+    try:
+        from torchao.optim import AdamW8bit
+
+        found["fp32, torchao AdamW8bit"] = (torch.float32, lambda ps, lr: AdamW8bit(ps, lr=lr))
+    except Exception:  # noqa: BLE001
+        pass
+    return found
+
+
+CONFIGS.update(_third_party_8bit())
 
 
 def corpus(n_bytes: int) -> bytes:
