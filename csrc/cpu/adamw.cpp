@@ -164,6 +164,8 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
     }
   }
 
+  FASTOPT_CHECK(!in.quantized(), "fastopt.adamw_: 8-bit (uint8) moments are not implemented on "
+                "cpu yet");
   // Elements [begin, end) of tensor t, whose indices in the whole param share the high word
   // `high`.
   auto run_piece = [&](int64_t t, int64_t begin, int64_t end, uint64_t high, uint64_t first) {
@@ -177,18 +179,21 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
       constexpr Master kM = decltype(kind)::value;
       constexpr bool kSR = decltype(sr)::value;
       using M = master_storage_t<kM, P>;
-      auto* p = static_cast<P*>(in.params[t].data);
-      auto* g = static_cast<const G*>(in.grads[t].data);
-      auto* m = static_cast<S*>(in.exp_avgs[t].data);
-      auto* v = static_cast<S*>(in.exp_avg_sqs[t].data);
-      auto* mw = kM == Master::kNone ? nullptr : static_cast<M*>(in.masters[t].data);
-      if (amsgrad) {
-        auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
-        adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end, coeffs[t], key1,
-                                            key2, first);
-      } else {
-        adamw_chunk<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end, coeffs[t],
-                                             key1, key2, first);
+      // 8-bit moments are refused above until this kernel has them.
+      if constexpr (!std::is_same_v<S, uint8_t>) {
+        auto* p = static_cast<P*>(in.params[t].data);
+        auto* g = static_cast<const G*>(in.grads[t].data);
+        auto* m = static_cast<S*>(in.exp_avgs[t].data);
+        auto* v = static_cast<S*>(in.exp_avg_sqs[t].data);
+        auto* mw = kM == Master::kNone ? nullptr : static_cast<M*>(in.masters[t].data);
+        if (amsgrad) {
+          auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
+          adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end, coeffs[t], key1,
+                                              key2, first);
+        } else {
+          adamw_chunk<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end, coeffs[t],
+                                               key1, key2, first);
+        }
       }
     });
   };
