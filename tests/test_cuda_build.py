@@ -24,9 +24,11 @@ from fastopt._build import build_info
 # Mangled-name fragments of the kernels (template arguments P, G, S, Master, stochastic
 # rounding, amsgrad): adamw_kernel<float, float, float, Master::kNone, false, false> is the fp32
 # fast path; <bf16, bf16, bf16, Master::kRemainder, false, false> the lean one (bf16 params with
-# exact masters and bf16 moments).
+# exact masters and bf16 moments); <float, float, uint8_t, Master::kNone, false, false> fp32
+# params with 8-bit moments.
 FP32_ADAMW = "adamw_kernelIfffLNS_6MasterE0ELb0ELb0E"
 LEAN_ADAMW = "adamw_kernelIN3c108BFloat16ES3_S3_LNS_6MasterE1ELb0ELb0E"
+INT8_ADAMW = "adamw_kernelIffhLNS_6MasterE0ELb0ELb0E"
 ADAMW = "adamw_kernel"
 MULTI_TENSOR_KERNELS = ("adamw_kernel", "norm_chunk_kernel", "accumulate_kernel")
 ARCH = "sm_90"
@@ -36,14 +38,14 @@ _STORE128 = r"\bSTG\.E(?:\.[A-Z0-9_]+)*\.128\b"
 
 def _adamw_variants() -> int:
     """How many AdamW instantiations csrc/adamw_dispatch.h asks for: grads of the params' dtype
-    or fp32, moments of the params' dtype, fp32 or bf16, a remainder (bf16 params) or an fp32
-    copy (fp16) or no master, stochastic rounding where some store is bf16 and none fp16, and
-    amsgrad or not."""
+    or fp32, moments of the params' dtype, fp32, bf16 or 8-bit codes (u8, neither a bf16 nor
+    an fp16 store), a remainder (bf16 params) or an fp32 copy (fp16) or no master, stochastic
+    rounding where some store is bf16 and none fp16, and amsgrad or not."""
     count = 0
     for p in ("f32", "bf16", "f16"):
         masters = {"f32": ["none"], "bf16": ["none", "remainder"], "f16": ["none", "copy"]}[p]
         for _grad in {p, "f32"}:
-            for s in {p, "f32", "bf16"}:
+            for s in {p, "f32", "bf16", "u8"}:
                 for master in masters:
                     stores = {s} | ({p} if master == "none" else set())
                     count += 2 if "bf16" in stores and "f16" not in stores else 1
@@ -87,7 +89,7 @@ def _run(*args: str) -> str:
     return out.stdout
 
 
-@functools.cache  # one dump per run: 62 AdamW variants take cuobjdump a while
+@functools.cache  # one dump per run: 84 AdamW variants take cuobjdump a while
 def _sass_by_function(so: str) -> dict[str, str]:
     """Mangled kernel name -> its sm_90 SASS."""
     text = _run("--dump-sass", "--gpu-architecture", ARCH, so)
@@ -150,7 +152,7 @@ def test_every_kernel_is_built(so_path):
     for kernel in MULTI_TENSOR_KERNELS + ("norm_finalize_kernel", "update_scale_kernel"):
         assert any(kernel in n for n in names), f"{kernel} missing from the sm_90 SASS: {names}"
     adamw = [n for n in names if ADAMW in n]
-    assert len(adamw) == _adamw_variants() == 62, adamw
+    assert len(adamw) == _adamw_variants() == 84, adamw
 
 
 def test_adamw_fp32_uses_128_bit_loads_and_stores(so_path):
@@ -179,6 +181,23 @@ def test_adamw_lean_uses_128_bit_loads_and_stores(so_path):
     loads, stores = re.findall(_LOAD128, body), re.findall(_STORE128, body)
     assert len(loads) >= 5, f"{len(loads)} 128-bit loads in {lean[0]}"
     assert len(stores) >= 4, f"{len(stores)} 128-bit stores in {lean[0]}"
+
+
+def test_adamw_int8_uses_128_bit_loads_and_stores(so_path):
+    """fp32 params with 8-bit moments: 16 elements a vector, so a thread's param and grad are
+    four 16-byte loads each and each moment's codes one; the param goes back in four 16-byte
+    stores and each moment's codes in one. The block scales are bytes."""
+    sass = _sass_by_function(so_path)
+    int8 = [n for n in sass if INT8_ADAMW in n]
+    assert len(int8) == 1, [n for n in sass if ADAMW in n]
+    body = sass[int8[0]]
+    loads, stores = re.findall(_LOAD128, body), re.findall(_STORE128, body)
+    assert len(loads) >= 4 + 4 + 2, f"{len(loads)} 128-bit loads in {int8[0]}"
+    assert len(stores) >= 4 + 2, f"{len(stores)} 128-bit stores in {int8[0]}"
+    assert re.search(r"\bLDG\.E\.S8\b", body), "the scales are loaded as signed bytes"
+    assert re.search(r"\bSTG\.E\.U8\b", body), "the scales are stored as bytes"
+    # The block's maximum crosses the two lanes holding it.
+    assert re.search(r"\bSHFL\.BFLY\b", body), "no shuffle: how was the block max reduced?"
 
 
 def test_multi_tensor_kernels_do_not_spill(so_path):

@@ -61,14 +61,16 @@ constexpr int kReservedParamBytes = 256;
 
 // The per-launch tensor table, as structure-of-arrays so the padding is nil. Per tensor:
 // kDepth data pointers (8 B each), the element count (8 B), the cumulative chunk count (8 B),
-// for AdamW the pointer to its float32 step count (8 B), and with stochastic rounding the
-// noise's tensor index (its position in the optimizer, 4 B) and the index of its first element
+// for AdamW the pointer to its float32 step count (8 B), and with stochastic rounding or 8-bit
+// moments (whose scales are one more data pointer) the noise's tensor index (its position in the optimizer, 4 B) and the index of its first element
 // in the whole param (8 B; non-zero for a shard). Capacity =
 // (32764 - 256 reserved - 16 header) / bytes per tensor:
 //   AdamW (p, g, m, v, step)                        : 56 B -> 580 tensors per launch
 //   AdamW amsgrad (+ max_exp_avg_sq)                : 64 B -> 507
 //   AdamW with a master (+ remainder or fp32 copy)  : 64 B -> 507
 //   AdamW, master, amsgrad, stochastic rounding     : 84 B -> 386
+//   AdamW, 8-bit moments (+ scales, with the noise) : 76 B -> 427
+//   AdamW, 8-bit, master, amsgrad                   : 92 B -> 353
 //   accumulate (acc, grad)                          : 32 B -> 1015
 //   norm (x)                                        : 24 B -> 1353
 // so a model of 5000 tensors takes about ten AdamW launches.
