@@ -79,16 +79,26 @@ inline void prefetch_block(const T* p, int64_t n) {
 // The stores of one kBlock row with 8-bit moments: the param (rounded stochastically when kSR),
 // then each moment's codes block by block. Noise words as in the 16-bit path: word 1 rounds
 // the param (high half) and exp_avg's codes (low), word 2 exp_avg_sq's (high) and
-// max_exp_avg_sq's (low) codes. base: the low word of the row's first index in the whole param.
+// max_exp_avg_sq's (low) codes. base: the low word of the row's first index in the whole param;
+// key1/key2 are its high word's keys, next1/next2 the next high word's, for the elements past
+// a multiple of 2**32 (a shard's row only; the chunk is not split there, as its 8-bit blocks
+// must stay whole).
 template <typename P, Master kMaster, bool kSR, bool kAmsgrad, typename M>
 FASTOPT_INLINE void quant_block_stores(P* __restrict__ pb, M* __restrict__ mb, const float* p,
                                const float* m, const float* v, const float* vm, int64_t len,
-                               uint32_t key1, uint32_t key2, uint32_t base, uint8_t* m_codes,
+                               uint32_t key1, uint32_t key2, uint32_t next1, uint32_t next2,
+                               uint32_t base, uint8_t* m_codes,
                                uint8_t* v_codes, uint8_t* vmax_codes, int8_t* scales,
                                int64_t blocks, int64_t q0) {
   alignas(64) uint32_t w1[kBlock], w2[kBlock];
-  for (int64_t j = 0; j < len; ++j) w1[j] = mix32(key1 ^ (base + static_cast<uint32_t>(j)));
-  for (int64_t j = 0; j < len; ++j) w2[j] = mix32(key2 ^ (base + static_cast<uint32_t>(j)));
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t index = base + static_cast<uint32_t>(j);
+    w1[j] = mix32((index < base ? next1 : key1) ^ index);
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t index = base + static_cast<uint32_t>(j);
+    w2[j] = mix32((index < base ? next2 : key2) ^ index);
+  }
   for (int64_t j = 0; j < len; ++j) {
     if constexpr (kMaster == Master::kRemainder) {
       uint16_t bits;
@@ -117,7 +127,9 @@ FASTOPT_INLINE void quant_block_stores(P* __restrict__ pb, M* __restrict__ mb, c
 // (int16 remainder or fp32 copy; unused for Master::kNone). key1, key2 and first: the noise's
 // keys (of the high word of the elements' indices in the whole param, which [begin, end)
 // share) and the index there of the tensor's element 0. S = uint8_t: 8-bit moments, whose block
-// scales are rows of `blocks` int8 at `scales` (exp_avg's, exp_avg_sq's, max_exp_avg_sq's).
+// scales are rows of `blocks` int8 at `scales` (exp_avg's, exp_avg_sq's, max_exp_avg_sq's);
+// their chunk is never split at a multiple of 2**32, so the noise keys come unfolded (raw1,
+// raw2) and are folded per row.
 //
 // All-fp32 storage runs as one loop. Otherwise the chunk goes block by block, through fp32
 // scratch rows: GCC 12 picks a loop's vector width from its narrowest type, and a loop whose
@@ -130,7 +142,8 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restrict__ exp_avg,
                  S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq,
                  M* __restrict__ master, int64_t begin, int64_t end, const AdamWCoeffs c,
-                 uint32_t key1, uint32_t key2, uint64_t first, int8_t* __restrict__ scales,
+                 uint32_t key1, uint32_t key2, uint32_t raw1, uint32_t raw2, uint64_t first,
+                 int8_t* __restrict__ scales,
                  int64_t blocks) {
   constexpr bool kQuant = std::is_same_v<S, uint8_t>;
   constexpr bool kAllFloat = std::is_same_v<P, float> && std::is_same_v<G, float> &&
@@ -190,8 +203,12 @@ void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restric
           v[j] = root;
         }
       }
-      quant_block_stores<P, kMaster, kSR, kAmsgrad>(pb, mb, p, m, v, vm, len, key1, key2,
-                                                    static_cast<uint32_t>(first + b0),
+      const uint64_t row0 = first + static_cast<uint64_t>(b0);
+      const auto high = static_cast<uint32_t>(row0 >> 32);
+      quant_block_stores<P, kMaster, kSR, kAmsgrad>(
+          pb, mb, p, m, v, vm, len, noise_key_for_high_word(raw1, high),
+          noise_key_for_high_word(raw2, high), noise_key_for_high_word(raw1, high + 1),
+          noise_key_for_high_word(raw2, high + 1), static_cast<uint32_t>(row0),
                                                     exp_avg + b0, exp_avg_sq + b0,
                                                     max_exp_avg_sq + b0, scales, blocks, q0);
     } else {
@@ -294,10 +311,11 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
       if (amsgrad) {
         auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
         adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end, coeffs[t], key1,
-                                            key2, first, scales, blocks);
+                                            key2, keys1[t], keys2[t], first, scales, blocks);
       } else {
         adamw_chunk<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end, coeffs[t],
-                                             key1, key2, first, scales, blocks);
+                                             key1, key2, keys1[t], keys2[t], first, scales,
+                                             blocks);
       }
     });
   };
@@ -309,13 +327,14 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
       const auto t = ch.tensor;
       // Elements are counted from the whole param's first (first_indices: a shard's offset),
       // and a range sharing one high index word shares its keys: the chunk in one piece, or
-      // two where its indices cross a multiple of 2**32 (possible in a shard only).
+      // two where its indices cross a multiple of 2**32 (possible in a shard only). 8-bit
+      // moments fold per row instead: their blocks must not be cut.
       const uint64_t first = noise ? static_cast<uint64_t>(first_indices[t]) : 0;
       const uint64_t index0 = first + static_cast<uint64_t>(ch.begin);
       const uint64_t high = index0 >> 32;
       const uint64_t next_high_at = ((high + 1) << 32) - first;  // local index of the crossing
-      const auto split = static_cast<int64_t>(
-          std::min<uint64_t>(next_high_at, static_cast<uint64_t>(ch.end)));
+      const auto split = in.quantized() ? ch.end : static_cast<int64_t>(std::min<uint64_t>(
+                                                       next_high_at, static_cast<uint64_t>(ch.end)));
       run_piece(t, ch.begin, split, high, first);
       if (split < ch.end) run_piece(t, split, ch.end, high + 1, first);
     }

@@ -94,7 +94,9 @@ struct AdamWOp {
   static constexpr bool kQuant = kQuantized<S>;
   // The noise words are drawn for stochastic rounding, and always for 8-bit codes.
   static constexpr bool kNoise = kSR || kQuant;
-  static constexpr int kVec = vector_elems<P, G, S, M>();
+  // With a master as well, 16 elements a thread spilled (bf16 + remainder + amsgrad: 28
+  // bytes), so those take 8: their codes move as 8-byte loads, params and masters still 16.
+  static constexpr int kVec = kQuant && kHasMaster ? 8 : vector_elems<P, G, S, M>();
   static constexpr int kUnroll = unroll_for(kVec, adamw_depth(kAmsgrad, kM, kQuant));
   // The moments with codes and a row of scales: exp_avg, exp_avg_sq, max_exp_avg_sq.
   static constexpr int kMoments = kAmsgrad ? 3 : 2;
@@ -458,8 +460,12 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     kept.tensor = -1;
   }
 
-  int slot = 0;
-  for (int64_t chunk = blockIdx.x; chunk < meta.num_chunks; chunk += gridDim.x, slot ^= 1) {
+  // Counted by iteration, the chunk and the slot derived from it: one live register where a
+  // chunk index and a slot took three (the widest 8-bit variant spilled the slot).
+  for (int i = 0;; ++i) {
+    const int64_t chunk = blockIdx.x + static_cast<int64_t>(i) * gridDim.x;
+    if (chunk >= meta.num_chunks) break;
+    const int slot = i & 1;
     if (threadIdx.x == 0) {
       const int t = find_tensor(meta, chunk);
       const float step = *meta.step[t];

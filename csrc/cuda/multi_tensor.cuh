@@ -266,10 +266,14 @@ __device__ __forceinline__ T from_float(float x) {
 }
 
 // N consecutive elements at p as stored. kAligned: p is 16-byte aligned and N elements are a
-// whole number of 16-byte words, each moved with one 128-bit access.
+// whole number of 16-byte words, each moved with one 128-bit access (or, for 8-bit codes of 8
+// elements, one 8-byte word at an 8-byte aligned p).
 template <int N, bool kAligned, typename T>
 __device__ __forceinline__ void load_raw(const T* __restrict__ p, T (&out)[N]) {
-  if constexpr (kAligned) {
+  if constexpr (kAligned && N * sizeof(T) == 8) {  // 8 one-byte codes: one 64-bit access
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    memcpy(&out[0], &raw, sizeof(raw));
+  } else if constexpr (kAligned) {
     constexpr int kPerWord = 16 / sizeof(T);
     static_assert(N % kPerWord == 0, "a vector must be whole 16-byte words");
 #pragma unroll
@@ -293,7 +297,11 @@ __device__ __forceinline__ void load_raw_partial(const T* __restrict__ p, int co
 
 template <int N, bool kAligned, typename T>
 __device__ __forceinline__ void store_raw(T* __restrict__ p, const T (&in)[N]) {
-  if constexpr (kAligned) {
+  if constexpr (kAligned && N * sizeof(T) == 8) {
+    uint2 raw;
+    memcpy(&raw, &in[0], sizeof(raw));
+    *reinterpret_cast<uint2*>(p) = raw;
+  } else if constexpr (kAligned) {
     constexpr int kPerWord = 16 / sizeof(T);
     static_assert(N % kPerWord == 0, "a vector must be whole 16-byte words");
 #pragma unroll
