@@ -41,7 +41,8 @@ CONFIGS = {
         ),
     ),
     "fp32, fastopt int8 states": (
-        torch.float32, lambda ps, lr: fastopt.AdamW(ps, lr=lr, state_dtype="int8", seed=0),
+        torch.float32,
+        lambda ps, lr: fastopt.AdamW(ps, lr=lr, state_dtype="int8", seed=0),
     ),
     "bf16, fastopt master_weights + int8 states": (
         torch.bfloat16,

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             row["state_bytes"] = cases[row["name"]][2]
             if cases[row["name"]][3] is not None:
                 row["peak_bytes"] = cases[row["name"]][3]
-        print(_table("Lean precision: bf16 params with exact masters or stochastic rounding",
+        print(_table("Lean precision: exact masters, stochastic rounding, 8-bit moments",
                      rows, baseline, copy_gbps))  # fmt: skip
         print(*_warnings(rows, other, device), sep="\n")
     return 0

@@ -187,7 +187,10 @@ def pipeline_cases(device: str, max_norm: float = 1.0) -> dict[str, Callable]:
 # Bytes moved per parameter by the lean-precision AdamW steps (bf16 params, bf16 grads), and
 # bytes of optimizer state held per parameter. master_weights + bf16 moments: reads param,
 # remainder, grad, exp_avg, exp_avg_sq (2 each: 10) and writes param, remainder and the moments
-# (8): 18, against 28 for fp32 params; state 6 (moments 4, remainder 2) against 8.
+# (8): 18, against 28 for fp32 params; state 6 (moments 4, remainder 2) against 8. 8-bit
+# moments: a code byte per moment element read and written, plus an int8 scale per 32 (1/32 B
+# each way per moment): fp32 params 8 + 4 + 2 * (2 + 2/32) = 16.125; bf16 params with master
+# 6 + 4 + 4.125 = 14.125. State: 2.0625 (fp32 params) and 4.0625 B (with the remainder).
 LEAN_CASES = {
     # name: (param dtype, bytes moved, optimizer kwargs or None for torch's fused AdamW); the
     # fastopt rows run on each of the device's fastopt backends.
@@ -198,7 +201,29 @@ LEAN_CASES = {
     "bf16 + stochastic rounding + bf16 moments": (
         torch.bfloat16, 14, dict(stochastic_rounding=True, state_dtype=torch.bfloat16, seed=0)),
     "fp32 params": (torch.float32, 28, {}),
+    "fp32 params + int8 moments": (torch.float32, 16.125, dict(state_dtype="int8", seed=0)),
+    "bf16 + master + int8 moments": (
+        torch.bfloat16, 14.125, dict(master_weights=True, state_dtype="int8", seed=0)),
 }  # fmt: skip
+
+
+def _third_party_8bit() -> list[tuple[str, Callable]]:
+    """(name, optimizer factory) of bitsandbytes' and torchao's AdamW8bit where installed: fp32
+    params, 8-bit moments with an fp32 scale per block of 256 (16.06 bytes moved per param)."""
+    found = []
+    try:
+        import bitsandbytes as bnb
+
+        found.append(("bitsandbytes AdamW8bit, fp32 params", bnb.optim.AdamW8bit))
+    except Exception:  # noqa: BLE001 - a missing or broken install only drops the row
+        pass
+    try:
+        from torchao.optim import AdamW8bit
+
+        found.append(("torchao AdamW8bit, fp32 params", AdamW8bit))
+    except Exception:  # noqa: BLE001
+        pass
+    return found
 
 
 def lean_cases(
@@ -214,19 +239,19 @@ def lean_cases(
     runs = []
     for name, (dtype, moved, kwargs) in LEAN_CASES.items():
         if kwargs is None:
-            runs.append((name, dtype, moved, None, None))
+            runs.append((name, dtype, moved, lambda ps: torch.optim.AdamW(ps, fused=True)))
         else:
-            runs += [(f"fastopt {b}, {name}", dtype, moved, kwargs, b) for b in backends]
+            for b in backends:
+                runs.append((f"fastopt {b}, {name}", dtype, moved,
+                             lambda ps, b=b, kw=kwargs: AdamW(ps, backend=b, **kw)))  # fmt: skip
+    runs += [(name, torch.float32, 16.06, make) for name, make in _third_party_8bit()]
     out = {}
-    for name, dtype, moved, kwargs, backend in runs:
+    for name, dtype, moved, make_opt in runs:
         params, grads = make_params(shapes, device, seed=seed)
         params = [torch.nn.Parameter(p.detach().to(dtype)) for p in params]
         for p, g in zip(params, grads):
             p.grad = g.to(dtype)
-        if kwargs is None:
-            opt = torch.optim.AdamW(params, fused=True)
-        else:
-            opt = AdamW(params, backend=backend, **kwargs)
+        opt = make_opt(params)
         opt.step()  # creates the state, so its size can be read before timing
         n = sum(p.numel() for p in params)
         nbytes = sum(t.numel() * t.element_size() for st in opt.state.values()

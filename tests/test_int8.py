@@ -46,8 +46,9 @@ def _state(sizes, gen, p_dtype, master, amsgrad):
         m[torch.rand(n, generator=gen) < 0.1] = 0.0
         v = m.square() * 3 + 1e-12
         codes, scales = [], torch.empty((rows, -(-n // BLOCK)), dtype=torch.int8)
-        for row, (x, quantize) in enumerate([(m, quant.quantize_m), (v.sqrt(), quant.quantize_v),
-                                             (v.sqrt() * 1.5, quant.quantize_v)][:rows]):  # fmt: skip
+        moments = [(m, quant.quantize_m), (v.sqrt(), quant.quantize_v),
+                   (v.sqrt() * 1.5, quant.quantize_v)]  # fmt: skip
+        for row, (x, quantize) in enumerate(moments[:rows]):
             c, sc = quantize(x)
             codes.append(c)
             scales[row] = sc
@@ -321,7 +322,7 @@ def test_a_skipped_step_leaves_codes_and_scales_unchanged():
     opt = fastopt.AdamW(model.parameters(), state_dtype="int8", min_8bit_size=0,
                         max_grad_norm=1.0)  # fmt: skip
     _train(model, opt, 2)
-    before = copy.deepcopy(opt.state)
+    before = {p: {k: v.clone() for k, v in entry.items()} for p, entry in opt.state.items()}
     weights = copy.deepcopy(model.state_dict())
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -342,7 +343,8 @@ def test_accumulation_and_loss_scaling_match_the_reference_backend():
     for backend in ("reference", "cpu"):
         model = _model(dtype=torch.bfloat16)
         opt = fastopt.AdamW(model.parameters(), lr=1e-2, state_dtype="int8", backend=backend,
-                            master_weights=True, min_8bit_size=0, seed=5, max_grad_norm=1.0)  # fmt: skip
+                            master_weights=True, min_8bit_size=0, seed=5,
+                            max_grad_norm=1.0)  # fmt: skip
         acc = fastopt.GradAccumulator(opt, backend=backend)
         scaler = fastopt.LossScaler(init_scale=2.0**20, growth_interval=2, backend=backend)
         _train(model, opt, 5, scaler=scaler, acc=acc)

@@ -32,9 +32,9 @@ def _variants():
     rounding (allowed only where the param's store is bf16), fp32 grads."""
     out = []
     for name, dtype in _P.items():
-        for master in ([False] if dtype == torch.float32 else [False, True]):
-            for sr in ([False, True] if dtype == torch.bfloat16 and not master else [False]):
-                for fp32_grads in ([False] if dtype == torch.float32 else [False, True]):
+        for master in [False] if dtype == torch.float32 else [False, True]:
+            for sr in [False, True] if dtype == torch.bfloat16 and not master else [False]:
+                for fp32_grads in [False] if dtype == torch.float32 else [False, True]:
                     ident = f"{name}{'-master' if master else ''}{'-sr' if sr else ''}"
                     ident += "-fp32grads" if fp32_grads else ""
                     out.append(pytest.param(dtype, master, sr, fp32_grads, id=ident))

@@ -30,6 +30,8 @@ from fastopt import quant, reference
 from fastopt.rounding import split_master
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# On a machine with a GPU these run compiled there, and belong to the GPU suite (-m gpu).
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 ADAMW = tk._table.launch_heuristics("adamw", 4)
 BLOCK = quant.BLOCK
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)

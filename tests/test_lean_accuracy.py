@@ -26,8 +26,9 @@ def test_lean_bf16_trains_like_fp32_where_pure_bf16_stalls():
     fp32 = [final("fp32, torch AdamW", seed) for seed in (0, 1, 2)]
     spread = max(fp32) - min(fp32)
     low, high = min(fp32) - spread, max(fp32) + spread
-    for name in ("bf16, fastopt master_weights", "bf16, fastopt stochastic_rounding",
-                 "fp32, fastopt int8 states", "bf16, fastopt master_weights + int8 states"):  # fmt: skip
+    lean = ("bf16, fastopt master_weights", "bf16, fastopt stochastic_rounding",
+            "fp32, fastopt int8 states", "bf16, fastopt master_weights + int8 states")  # fmt: skip
+    for name in lean:
         loss = final(name, 0)
         assert low <= loss <= high, (name, loss, fp32)
     pure = final("bf16, torch AdamW", 0)

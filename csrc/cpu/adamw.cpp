@@ -91,14 +91,14 @@ FASTOPT_INLINE void quant_block_stores(P* __restrict__ pb, M* __restrict__ mb, c
                                uint8_t* v_codes, uint8_t* vmax_codes, int8_t* scales,
                                int64_t blocks, int64_t q0) {
   alignas(64) uint32_t w1[kBlock], w2[kBlock];
-  for (int64_t j = 0; j < len; ++j) {
-    const uint32_t index = base + static_cast<uint32_t>(j);
-    w1[j] = mix32((index < base ? next1 : key1) ^ index);
-  }
-  for (int64_t j = 0; j < len; ++j) {
-    const uint32_t index = base + static_cast<uint32_t>(j);
-    w2[j] = mix32((index < base ? next2 : key2) ^ index);
-  }
+  // Row elements from `wrap` on have crossed into the next high word. Two loops, not a select
+  // per element: GCC 12 vectorised `base + j < base` wrongly for a crossing inside a vector.
+  const uint64_t to_wrap = (uint64_t{1} << 32) - base;
+  const int64_t wrap = to_wrap < static_cast<uint64_t>(len) ? static_cast<int64_t>(to_wrap) : len;
+  for (int64_t j = 0; j < wrap; ++j) w1[j] = mix32(key1 ^ (base + static_cast<uint32_t>(j)));
+  for (int64_t j = wrap; j < len; ++j) w1[j] = mix32(next1 ^ (base + static_cast<uint32_t>(j)));
+  for (int64_t j = 0; j < wrap; ++j) w2[j] = mix32(key2 ^ (base + static_cast<uint32_t>(j)));
+  for (int64_t j = wrap; j < len; ++j) w2[j] = mix32(next2 ^ (base + static_cast<uint32_t>(j)));
   for (int64_t j = 0; j < len; ++j) {
     if constexpr (kMaster == Master::kRemainder) {
       uint16_t bits;
