@@ -31,40 +31,50 @@ inline void store_rounded(T* p, int64_t i, float x, uint32_t noise16) {
 constexpr int64_t kBlock = 512;
 static_assert(kBlock % kQuantBlock == 0 && kChunk % kBlock == 0);
 
-// One block of n <= kQuantBlock 8-bit codes (csrc/adamw_math.h): the scale from the values'
-// largest magnitude, then each value's code, rounded by the high (kHigh) or low 16 bits of its
-// noise word. Called with n = kQuantBlock but at a tensor's end, so the loops vectorise.
-template <bool kV, bool kHigh>
-FASTOPT_INLINE void encode_block(const float* __restrict__ x, int64_t n, const uint32_t* __restrict__ noise,
-                         uint8_t* __restrict__ codes, int8_t* __restrict__ scale) {
-  int32_t top = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const int32_t b = magnitude_bits(x[k]);
-    top = top > b ? top : b;
-  }
-  const int e = block_scale(top);
-  *scale = static_cast<int8_t>(e);
-  const float inv = pow2(-e);
-  for (int64_t k = 0; k < n; ++k) {
-    const uint32_t n16 = kHigh ? noise[k] >> 16 : noise[k] & 0xFFFFu;
-    codes[k] = kV ? encode_v(x[k], inv, n16) : encode_m(x[k], inv, n16);
+// 8-bit codes a whole kBlock row at a time (csrc/adamw_math.h has the format). Loops over one
+// 32-element block had GCC pick its vector width from the code bytes, 16 of them to a vector,
+// so the fp32 work ran four lanes wide; over a row the floats fill 64-byte vectors. A row's
+// blocks' scales are first spread to one float per element (`spread`), the price of that.
+
+// out[j] = 2**(sign * e[j / kQuantBlock]) for the blocks of a row of len elements.
+template <int kSign>
+FASTOPT_INLINE void spread_scales(const int8_t* __restrict__ e, int64_t len, float* __restrict__ out) {
+  for (int64_t q = 0; q * kQuantBlock < len; ++q) {
+    const float s = pow2(kSign * e[q]);
+    for (int64_t k = 0; k < kQuantBlock; ++k) out[q * kQuantBlock + k] = s;
   }
 }
 
-// The values of n <= kQuantBlock codes of one block.
+// The values of a row of len codes, whose blocks' scale exponents are at e.
 template <bool kV>
-FASTOPT_INLINE void decode_block(const uint8_t* __restrict__ codes, int64_t n, int8_t scale,
-                         float* __restrict__ x) {
-  const float s = pow2(scale);
-  for (int64_t k = 0; k < n; ++k) x[k] = kV ? decode_v(codes[k], s) : decode_m(codes[k], s);
+FASTOPT_INLINE void decode_row(const uint8_t* __restrict__ codes, const int8_t* __restrict__ e,
+                               int64_t len, float* __restrict__ scale, float* __restrict__ x) {
+  spread_scales<1>(e, len, scale);
+  for (int64_t j = 0; j < len; ++j) {
+    x[j] = kV ? decode_v(codes[j], scale[j]) : decode_m(codes[j], scale[j]);
+  }
 }
 
-// Every block of the len values at x (a kBlock row) through f(offset, n).
-template <typename F>
-FASTOPT_INLINE void for_each_quant_block(int64_t len, F&& f) {
-  int64_t k = 0;
-  for (; k + kQuantBlock <= len; k += kQuantBlock) f(k, kQuantBlock);
-  if (k < len) f(k, len - k);
+// The codes of a row of len values and their blocks' scale exponents (into e), each code
+// rounded by the high (kHigh) or low 16 bits of its element's noise word.
+template <bool kV, bool kHigh>
+FASTOPT_INLINE void encode_row(const float* __restrict__ x, int64_t len,
+                               const uint32_t* __restrict__ noise, float* __restrict__ inv,
+                               uint8_t* __restrict__ codes, int8_t* __restrict__ e) {
+  for (int64_t q = 0; q * kQuantBlock < len; ++q) {
+    const int64_t n = std::min<int64_t>(kQuantBlock, len - q * kQuantBlock);
+    int32_t top = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const int32_t b = magnitude_bits(x[q * kQuantBlock + k]);
+      top = top > b ? top : b;
+    }
+    e[q] = static_cast<int8_t>(block_scale(top));
+  }
+  spread_scales<-1>(e, len, inv);
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t n16 = kHigh ? noise[j] >> 16 : noise[j] & 0xFFFFu;
+    codes[j] = kV ? encode_v(x[j], inv[j], n16) : encode_m(x[j], inv[j], n16);
+  }
 }
 
 // Requests the cache lines of n elements from p (for writing: they are all updated in place).
@@ -111,14 +121,12 @@ FASTOPT_INLINE void quant_block_stores(P* __restrict__ pb, M* __restrict__ mb, c
       store_rounded<kSR>(pb, j, p[j], w1[j] >> 16);
     }
   }
-  for_each_quant_block(len, [&](int64_t k, int64_t n) FASTOPT_LAMBDA_INLINE {
-    const int64_t q = q0 + k / kQuantBlock;
-    encode_block<false, false>(m + k, n, w1 + k, m_codes + k, scales + q);
-    encode_block<true, true>(v + k, n, w2 + k, v_codes + k, scales + blocks + q);
-    if constexpr (kAmsgrad) {
-      encode_block<true, false>(vm + k, n, w2 + k, vmax_codes + k, scales + 2 * blocks + q);
-    }
-  });
+  alignas(64) float inv[kBlock];
+  encode_row<false, false>(m, len, w1, inv, m_codes, scales + q0);
+  encode_row<true, true>(v, len, w2, inv, v_codes, scales + blocks + q0);
+  if constexpr (kAmsgrad) {
+    encode_row<true, false>(vm, len, w2, inv, vmax_codes, scales + 2 * blocks + q0);
+  }
 }
 
 // One chunk of one tensor. Each clone is compiled for its instruction set and picked at load
@@ -183,14 +191,12 @@ void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restric
     for (int64_t j = 0; j < len; ++j) g[j] = load(grad + b0, j);
     if constexpr (kQuant) {
       const int64_t q0 = b0 / kQuantBlock;
-      for_each_quant_block(len, [&](int64_t k, int64_t n) FASTOPT_LAMBDA_INLINE {
-        const int64_t q = q0 + k / kQuantBlock;
-        decode_block<false>(exp_avg + b0 + k, n, scales[q], m + k);
-        decode_block<true>(exp_avg_sq + b0 + k, n, scales[blocks + q], v + k);
-        if constexpr (kAmsgrad) {
-          decode_block<true>(max_exp_avg_sq + b0 + k, n, scales[2 * blocks + q], vm + k);
-        }
-      });
+      alignas(64) float scale[kBlock];
+      decode_row<false>(exp_avg + b0, scales + q0, len, scale, m);
+      decode_row<true>(exp_avg_sq + b0, scales + blocks + q0, len, scale, v);
+      if constexpr (kAmsgrad) {
+        decode_row<true>(max_exp_avg_sq + b0, scales + 2 * blocks + q0, len, scale, vm);
+      }
       // The codes of v hold its square root, which the denominator computed already; with
       // amsgrad that is vmax's, and v's own is one more sqrtf.
       for (int64_t j = 0; j < len; ++j) {

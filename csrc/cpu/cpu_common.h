@@ -16,7 +16,6 @@
 // clone's instruction set) only when told to; left to itself it called the 8-bit codes' block
 // loops out of line, built for the baseline x86-64, at a quarter of the AVX-512 width.
 #define FASTOPT_INLINE inline __attribute__((always_inline))
-#define FASTOPT_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace fastopt::cpu {
 
