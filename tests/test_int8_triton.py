@@ -13,10 +13,6 @@ a size is the point.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -309,93 +305,3 @@ def test_random_8bit_configurations_match_the_reference(p_dtype, fp32_grads, mas
              maximize=maximize, weight_decay=weight_decay, grad_magnitude=grad_magnitude,
              seed=seed, first_indices=[first + 7 * i for i in range(len(sizes))],
              hyper=dict(HYPER, beta1=beta1, beta2=beta2))  # fmt: skip
-
-
-# ---------------------------------------------------------------- machine code (sm_90)
-
-# Compiled for sm_90 with the ptxas Triton ships, no GPU needed, in a subprocess without
-# TRITON_INTERPRET (tests/test_triton_sass.py explains). The argument types follow from the
-# names: the table and the dummy pointers are int64 tensors, the other pointers fp32 scalars.
-_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-from collections import Counter
-
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-
-from fastopt.kernels import _table
-from fastopt.kernels.adamw import adamw_kernel
-
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16}
-
-
-def arg_type(name):
-    if name in ("table", "lr_ptr"):
-        return "*i64"
-    if name.endswith("_ptr"):
-        return "*fp32"
-    if name.endswith("_bits") or name == "seed32":
-        return "i64"
-    return "i32" if name == "n_tensors" else "fp32"
-
-
-def compile_int8(p_dtype, amsgrad, master, sr):
-    launch = _table.launch_heuristics("adamw", 4 if p_dtype == "fp32" else 2)
-    constexprs = dict(
-        P_DTYPE=DTYPES[p_dtype], G_DTYPE=DTYPES[p_dtype], S_DTYPE=tl.uint8, MASTER=master,
-        SR=sr, AMSGRAD=amsgrad, MAXIMIZE=False, HAS_LR_TENSOR=False, HAS_SCALE=True,
-        HAS_FOUND_INF=True, HAS_CLIP=True, LERP_FROM_M=True, ALIGNED=True,
-        MAP_ROW=2 + 4 + amsgrad + (master != 0) + 2 + 2, BLOCK=launch.block, CHUNK=launch.chunk,
-    )
-    names = adamw_kernel.arg_names
-    signature = {n: "constexpr" if n in constexprs else arg_type(n) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if signature[n].startswith("*")}
-    src = triton.compiler.ASTSource(adamw_kernel, signature, constexprs, attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": launch.num_warps, "enable_fp_fusion": False})
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "adamw.cubin")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        run = lambda *a: subprocess.run([os.path.join(BIN, "cuobjdump"), *a, cubin],
-                                        capture_output=True, text=True, check=True).stdout
-        sass, usage = run("--dump-sass"), run("--dump-resource-usage")
-    ops = Counter(re.findall(r"\b((?:LDG|STG|LDL|STL)(?:\.[A-Z0-9]+)*)", sass))
-    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
-    return {"ops": dict(ops), **{k.lower(): int(v) for k, v in usage.items()}}
-
-
-cases = {"fp32": ("fp32", False, 0, False), "fp32-amsgrad": ("fp32", True, 0, False),
-         "bf16-master-amsgrad": ("bf16", True, 1, False), "bf16-sr": ("bf16", False, 0, True)}
-print(json.dumps({name: compile_int8(*args) for name, args in cases.items()}))
-"""
-
-
-@pytest.fixture(scope="module")
-def sass() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, f"compiling for sm_90 failed:\n{done.stderr[-4000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_8bit_kernel_keeps_wide_accesses_and_does_not_spill(sass):
-    """Full tiles, 8 elements per thread: fp32 params and grads in two 128-bit loads each and
-    the param in two 128-bit stores; each code stream in one 64-bit load and store (8 bytes).
-    The table's own int64 reads are 64-bit loads too, hence "at least"."""
-    for case, info in sass.items():
-        ops = info["ops"]
-        assert not any(op.startswith(("STL", "LDL")) for op in ops), (case, ops)
-        assert info["local"] == 0 and info["stack"] == 0, (case, info)
-        codes = 3 if "amsgrad" in case else 2
-        assert ops.get("STG.E.64", 0) >= codes, (case, ops)
-    fp32 = sass["fp32"]["ops"]
-    assert fp32.get("LDG.E.128", 0) >= 4 and fp32.get("STG.E.128", 0) >= 2, fp32
-    # 168 registers still fit three resident 4-warp programs per SM (65536 / (3 * 128) =
-    # 170); the 8-bit tile measured 128 (fp32) and 160 (fp32, amsgrad) on sm_90.
-    assert all(info["reg"] <= 168 for info in sass.values()), sass

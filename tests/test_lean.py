@@ -361,7 +361,7 @@ def test_a_skipped_step_changes_no_param_master_or_moment():
     "kwargs,message",
     [
         (dict(state_dtype=torch.float16), "Invalid state_dtype: torch.float16"),
-        (dict(state_dtype="int8"), "Invalid state_dtype: 'int8'"),
+        (dict(state_dtype="int4"), "Invalid state_dtype: 'int4'"),
         (dict(master_weights="yes"), "Invalid master_weights: 'yes'"),
         (dict(stochastic_rounding=1), "Invalid stochastic_rounding: 1"),
         (dict(seed=-1), "Invalid seed: -1"),

@@ -24,7 +24,7 @@ def _adamw_args(amsgrad, dtype=torch.float32):
     return (mk(), mk(), mk(), [t.abs() for t in mk()], [t.abs() for t in mk()] if amsgrad else [],
             [torch.tensor(3.0) for _ in shapes], 1e-3, None, 0.9, 0.999, 0.01, 1e-8, amsgrad,
             False, torch.tensor(4.0), torch.tensor(0.0), torch.tensor(2.0), 1.0, 0.5,
-            [], False, 0, [], [])  # fmt: skip
+            [], False, 0, [], [], [])  # fmt: skip
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -37,7 +37,18 @@ def test_opcheck_adamw_lean():
     first index."""
     args = list(_adamw_args(True, torch.bfloat16))
     args[19] = [torch.zeros(t.shape, dtype=torch.int16) for t in args[0]]  # masters
-    args[20:] = [True, 12345, [0, 1], [2**32 - 3, 40]]
+    args[20:] = [True, 12345, [0, 1], [2**32 - 3, 40], []]
+    torch.library.opcheck(torch.ops.fastopt.adamw_.default, tuple(args))
+
+
+def test_opcheck_adamw_int8():
+    """8-bit moments: uint8 codes and one (3, blocks) int8 tensor of scales per param."""
+    args = list(_adamw_args(True))
+    for k in (2, 3, 4):
+        args[k] = [torch.randint(0, 0x70, t.shape, dtype=torch.uint8) for t in args[0]]
+    args[20:] = [False, 7, [0, 1], [0, 0],
+                 [torch.randint(-9, 0, (3, -(-t.numel() // 32)), dtype=torch.int8)
+                  for t in args[0]]]  # fmt: skip
     torch.library.opcheck(torch.ops.fastopt.adamw_.default, tuple(args))
 
 

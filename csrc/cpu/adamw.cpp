@@ -25,6 +25,23 @@ inline void store_rounded(T* p, int64_t i, float x, uint32_t noise16) {
   }
 }
 
+// Element j of a param from its new fp32 value x: the bf16 param and its remainder, the fp16
+// param and its fp32 copy, or the param alone (rounded stochastically by noise16 when kSR).
+template <Master kMaster, bool kSR, typename P, typename M>
+FASTOPT_INLINE void store_param(P* __restrict__ pb, M* __restrict__ mb, int64_t j, float x,
+                                uint32_t noise16) {
+  if constexpr (kMaster == Master::kRemainder) {
+    uint16_t bits;
+    split_master(x, bits, mb[j]);
+    pb[j].x = bits;
+  } else if constexpr (kMaster == Master::kCopy) {
+    mb[j] = x;
+    store(pb, j, x);
+  } else {
+    store_rounded<kSR>(pb, j, x, noise16);
+  }
+}
+
 // Elements per block of the blocked loop below: five fp32 scratch rows of 2 KB, in L1 (and two
 // rows of noise words with 8-bit moments). A multiple of kQuantBlock, as kChunk is, so 8-bit
 // blocks never straddle two.
@@ -109,18 +126,7 @@ FASTOPT_INLINE void quant_block_stores(P* __restrict__ pb, M* __restrict__ mb, c
   for (int64_t j = wrap; j < len; ++j) w1[j] = mix32(next1 ^ (base + static_cast<uint32_t>(j)));
   for (int64_t j = 0; j < wrap; ++j) w2[j] = mix32(key2 ^ (base + static_cast<uint32_t>(j)));
   for (int64_t j = wrap; j < len; ++j) w2[j] = mix32(next2 ^ (base + static_cast<uint32_t>(j)));
-  for (int64_t j = 0; j < len; ++j) {
-    if constexpr (kMaster == Master::kRemainder) {
-      uint16_t bits;
-      split_master(p[j], bits, mb[j]);
-      pb[j].x = bits;
-    } else if constexpr (kMaster == Master::kCopy) {
-      mb[j] = p[j];
-      store(pb, j, p[j]);
-    } else {
-      store_rounded<kSR>(pb, j, p[j], w1[j] >> 16);
-    }
-  }
+  for (int64_t j = 0; j < len; ++j) store_param<kMaster, kSR>(pb, mb, j, p[j], w1[j] >> 16);
   alignas(64) float inv[kBlock];
   encode_row<false, false>(m, len, w1, inv, m_codes, scales + q0);
   encode_row<true, true>(v, len, w2, inv, v_codes, scales + blocks + q0);
@@ -230,16 +236,7 @@ void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restric
       const auto base = static_cast<uint32_t>(first + static_cast<uint64_t>(b0));
       for (int64_t j = 0; j < len; ++j) {
         const uint32_t w1 = kSR ? mix32(key1 ^ (base + static_cast<uint32_t>(j))) : 0u;
-        if constexpr (kMaster == Master::kRemainder) {
-          uint16_t bits;
-          split_master(p[j], bits, mb[j]);
-          pb[j].x = bits;
-        } else if constexpr (kMaster == Master::kCopy) {
-          mb[j] = p[j];
-          store(pb, j, p[j]);
-        } else {
-          store_rounded<kSR>(pb, j, p[j], w1 >> 16);
-        }
+        store_param<kMaster, kSR>(pb, mb, j, p[j], w1 >> 16);
         store_rounded<kSR>(exp_avg + b0, j, m[j], w1 & 0xFFFFu);
       }
       for (int64_t j = 0; j < len; ++j) {
