@@ -1,8 +1,10 @@
 """kernels/ ships as fastopt.kernels (a top-level `kernels` package belongs to another
-project), from a wheel and from the editable install."""
+project: Hugging Face's kernel hub, which transformers imports), from a wheel and from the
+editable install, and a checkout's root never shadows that other package."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -45,13 +47,57 @@ def test_wheel_installs_kernels_as_fastopt_kernels(tmp_path):
     probe = (
         "import fastopt, fastopt.kernels, fastopt._C, importlib.util;"
         "print(fastopt.kernels.__file__);"
-        "print(importlib.util.find_spec('kernels'))"
+        "spec = importlib.util.find_spec('kernels');"
+        "print(spec.origin if spec else None)"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          cwd=tmp_path, env=env, check=True).stdout.splitlines()  # fmt: skip
     assert out[0].startswith(str(target / "fastopt" / "kernels"))
-    assert out[1] == "None"
+    # A top-level `kernels` may be installed (Hugging Face's): it must not be one of ours.
+    assert not out[1].startswith(str(target)), out[1]
+
+
+def _import_from_root(code: str, *flags: str, env: dict | None = None):
+    """Runs `code` with the checkout's root as the current folder, first on sys.path (as
+    `python -m pytest` and any script started there have it)."""
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)  # fmt: skip
+
+
+def test_checkout_root_does_not_shadow_an_installed_kernels_package(tmp_path):
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("WHOSE = 'the installed package'\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    probe = _import_from_root("import kernels; print(kernels.WHOSE); print(kernels.__file__)",
+                              env=env)  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines() == ["the installed package", str(other / "__init__.py")]
+
+
+def test_checkout_kernels_folder_is_no_top_level_package():
+    # -S: no site-packages, so no other `kernels` exists; the folder must not stand in for one.
+    probe = _import_from_root("import kernels", "-S")
+    assert probe.returncode == 1
+    assert probe.stderr.strip().splitlines()[-1].startswith(
+        "ModuleNotFoundError: No module named 'kernels' (the kernels/ folder of a fastopt checkout"
+    ), probe.stderr
+
+
+def test_hugging_face_kernels_imports_from_checkout_root():
+    """What broke transformers' Trainer when run from the root (transformers >= 5 imports it)."""
+    try:
+        dist = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed (transformers < 5 does not need it)")
+    probe = _import_from_root(
+        "import kernels, transformers.trainer; print(kernels.__file__)"
+    )
+    assert probe.returncode == 0, probe.stderr
+    origin = Path(probe.stdout.splitlines()[-1]).resolve()
+    assert origin != ROOT / "kernels" / "__init__.py", origin  # (a venv may be inside ROOT)
+    assert Path(dist.locate_file("kernels/__init__.py")).resolve() == origin
 
 
 def test_package_exports():
