@@ -1,9 +1,10 @@
 """Builds fastopt and its torch extensions: fastopt._C (the op schemas and the C++ CPU kernels)
 and fastopt._C_cuda (the CUDA kernels).
 
-fastopt._C is always built. fastopt._C_cuda is built when torch is a CUDA build and a CUDA
-toolkit is found; FASTOPT_CUDA=1 or 0 forces either way. torch's own TORCH_CUDA_ARCH_LIST and
-MAX_JOBS are honoured. Build against the torch already installed:
+fastopt._C is always built. fastopt._C_cuda is built where its kernels can run: torch is a
+CUDA build, a CUDA toolkit is found and a GPU is visible, for the visible GPUs' architectures.
+FASTOPT_CUDA=1 builds it without a GPU too (CI and releases), for DEFAULT_CUDA_ARCHS;
+FASTOPT_CUDA=0 never builds it. torch's own TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured. Build against the torch already installed:
     pip install --no-build-isolation -e .
 
 Both libraries use only PyTorch's stable ABI (targeting torch 2.10) and Python's limited API
@@ -28,8 +29,8 @@ from setuptools import setup
 TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
 TORCH_TARGET = f"{int(TORCH_TARGET_VERSION[2:4], 16)}.{int(TORCH_TARGET_VERSION[4:6], 16)}"
 
-# Architectures built when TORCH_CUDA_ARCH_LIST is unset: machine code for the data-centre and
-# workstation GPUs of each generation (A100, H100, B200, RTX 50xx / RTX PRO), and PTX of the
+# Architectures built with FASTOPT_CUDA=1 when TORCH_CUDA_ARCH_LIST is unset: machine code for
+# the data-centre and workstation GPUs of each generation (A100, H100, B200, RTX 50xx / RTX PRO), and PTX of the
 # newest (compute_120) for GPUs after it, compiled by the driver at load time. sm_86/89 run the
 # sm_80 code; sm_103 the sm_100 code; sm_121 the sm_120 code. nvcc 13 knows nothing older
 # than sm_75, and nothing older than sm_80 runs torch's CUDA 13 wheels.
@@ -92,7 +93,20 @@ def _want_cuda():
                 f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
             )
         return forced == "1"
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    # Unasked, only where the kernels can run: compiling four architectures' kernels takes most
+    # of an install's time, wasted on a machine whose GPU-less torch merely has a toolkit beside.
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def _cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST when set; else the visible GPUs' architectures, or, when the build
+    was asked for with FASTOPT_CUDA=1 (no GPU needed), DEFAULT_CUDA_ARCHS."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if os.environ.get("FASTOPT_CUDA") == "1" or not torch.cuda.is_available():
+        return DEFAULT_CUDA_ARCHS
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
 
 
 def _extensions():
@@ -136,7 +150,8 @@ def _extensions():
     ]
     if not cuda:
         return extensions
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    # Set, not only read: _get_cuda_arch_flags() reads it, and _build_info() records it.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
     # -fmad=false: nvcc's counterpart of -ffp-contract=off. With contraction the vector and
     # scalar paths of one kernel rounded differently, so a result depended on the tensor's
     # alignment, and the GPU disagreed with the CPU kernel; the kernels are memory-bound, so
