@@ -64,11 +64,15 @@ def info(argv: list[str]) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    print("\nbackend     device  available  why")
+    gpu = torch.cuda.is_available()
+    print("\nbackend     device  usable here  why")
     for device in ("cpu", "cuda"):
         for name in BACKENDS:
             ok, why = availability(name, device)
-            print(f"{name:<11} {device:<7} {'yes' if ok else 'no':<10} {why}")
+            if ok and device == "cuda" and not gpu:
+                # availability() says what the software supports; here it has nothing to run on.
+                ok, why = False, f"no CUDA GPU is visible (with one: {why})"
+            print(f"{name:<11} {device:<7} {'yes' if ok else 'no':<12} {why}")
     return 0
 
 

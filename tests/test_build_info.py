@@ -51,6 +51,13 @@ def test_info_command_shows_the_build_beside_the_running_torch():
     assert (f"CUDA {info['cuda']}, architectures {info['cuda_archs']}" if info["cuda"]
             else "CUDA: none") in out, out  # fmt: skip
     assert f"running: python {sys.version.split()[0]}, torch {torch.__version__}, " in out, out
+    rows = [line.split(maxsplit=3) for line in out.split("usable here  why\n", 1)[1].splitlines()]
+    usable = {(name, device): flag for name, device, flag, _why in rows}
+    assert usable[("reference", "cpu")] == "yes", out
+    if not torch.cuda.is_available():
+        # Nothing runs on CUDA without a GPU, whatever the software would support.
+        assert {usable[(name, "cuda")] for name in ("reference", "cuda", "triton")} == {"no"}, out
+        assert "no CUDA GPU is visible" in out, out
 
 
 # Imports fastopt with fastopt/_build.py reading the record from `path` instead, and prints
