@@ -24,6 +24,10 @@ fail() { echo "check_wheel: $*" >&2; exit 1; }
 step() { echo "== $* ($(date +%T))"; }
 # pip, quiet but for errors (this machine's pip config lists index folders that may be absent).
 pip_install() { "$1" -m pip install -q "${@:2}" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
+# The README's and CI's pinned set; for another torch, less torch's own pins (torch, Triton and
+# the CUDA libraries follow the torch under test).
+pins=(-c "$root/requirements/constraints.txt")
+grep -vE '^(torch|triton|nvidia-|cuda-)' "$root/requirements/constraints.txt" >"$work/other-torch.txt"
 
 step "name and tags: $name"
 [[ $name =~ ^fastopt-[0-9][^-]*-cp310-abi3-manylinux_[0-9]+_[0-9]+_x86_64\.whl$ ]] \
@@ -42,8 +46,8 @@ grep -qE "(libtorch|libc10|libcudart|libcuda)[^/]*\.so" <<<"$listing" \
 step "venv with torch 2.14.1 (CUDA build)"
 python3 -m venv "$work/cuda"
 cuda_py="$work/cuda/bin/python"
-pip_install "$cuda_py" "torch==2.14.1" abi3audit auditwheel
-pip_install "$cuda_py" "$wheel"  # its dependencies too, as a user gets them
+pip_install "$cuda_py" "${pins[@]}" "torch==2.14.1" abi3audit auditwheel
+pip_install "$cuda_py" "${pins[@]}" "$wheel"  # its dependencies too, as a user gets them
 site=$("$cuda_py" -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")
 
 step "abi3audit and auditwheel show"
@@ -102,7 +106,8 @@ cpu_py="$work/cpu/bin/python"
 # The cluster install of the README: torch and the rest first, then fastopt from the release's
 # index for the wheel's CUDA major (tools/release.py writes it beside the wheel), that index
 # alone. pytest and hypothesis: what tests/conftest.py imports.
-pip_install "$cpu_py" "$check_torch" numpy matplotlib pyyaml tqdm pytest hypothesis
+pip_install "$cpu_py" -c "$work/other-torch.txt" "$check_torch" numpy matplotlib pyyaml tqdm pytest \
+  hypothesis
 version=$(cut -d- -f2 <<<"$name")
 variant=cpu
 if [[ $version =~ \+cu([0-9]+)[0-9]$ ]]; then variant=cu${BASH_REMATCH[1]}; fi
