@@ -27,7 +27,7 @@ pip=("$work/venv/bin/python" -m pip)
 pip_install() { "${pip[@]}" install -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
 pip_install --upgrade pip
 pip_install "$torch_pin"
-pip_install --upgrade --upgrade-strategy eager "$wheel[test]"
+pip_install "$wheel[test]"  # a fresh venv: the newest release of each
 
 echo "== versions that differ from requirements/constraints.txt (pinned -> newest)"
 # name=version lines, sorted by name alone, as join needs them.
