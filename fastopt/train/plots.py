@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 from .metrics import METRICS_FILE, read_metrics
 
 __all__ = ["plot_run"]

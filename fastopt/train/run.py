@@ -1,5 +1,5 @@
 """Everything :func:`fastopt.train.fit`'s loop works with, set up, restored and saved: the
-model (spread over processes by a :mod:`~fastopt.train.parallel` strategy), optimizer,
+model (spread over processes by a :mod:`~fastopt.train.strategy` strategy), optimizer,
 schedule, loss scaler, micro-batches, early stopping, data stream, telemetry, metrics and
 checkpoints, and the run's tally (step, skipped steps, losses). The loop calls
 :meth:`Run.evaluate`, :meth:`Run.report`, :meth:`Run.checkpoint` and :meth:`Run.finish`; each
@@ -44,12 +44,13 @@ from .components import (
     model_signature,
     resolve_device,
 )
-from .config import ConfigError, TrainConfig, build_early_stopping, build_schedule, config_to_dict
+from .config import TrainConfig, build_early_stopping, build_schedule, config_to_dict, flatten
 from .data import BatchStream
+from .errors import ConfigError
 from .metrics import MetricsLogger
 from .microbatch import MicroBatches
-from .parallel import choose_strategy
 from .schedules import ScheduleLR
+from .strategy import choose_strategy
 from .telemetry import Telemetry
 
 __all__ = ["CHECKPOINT_FORMAT", "ResumeWarning", "Run"]
@@ -111,13 +112,13 @@ class Run:
             "optimizer_class": f"{opt_type.__module__}.{opt_type.__qualname__}",
         }
         # The world size is the run's unless its checkpoints reshard; then run.json records
-        # the one it started on, of which data.batch_size is the per-rank batch (jobs.py).
+        # the one it started on, of which data.batch_size is the per-rank batch (jobs/runner.py).
         started = {"world_size": D.world_size()}
         if not self.strategy.reshardable:
             identity, started = {**identity, **started}, {}
         self.logger = MetricsLogger(
             self.out, enabled=self.is_main, tensorboard=cfg.tensorboard, tracking=cfg.tracking,
-            params=_flat(config_to_dict(cfg)),
+            params=flatten(config_to_dict(cfg)),
         )  # fmt: skip
         # The last check before anything is written.
         self.fingerprint = claim_run_dir(self.out, cfg, identity, resume, started=started)
@@ -365,16 +366,6 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
     from fastopt.sharded import is_dtensor
 
     return t.detach().clone() if is_dtensor(t) else t.detach().to("cpu", copy=True)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _note(message: str, stacklevel: int = 5) -> None:

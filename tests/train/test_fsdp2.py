@@ -24,58 +24,43 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import toy
 from helpers import metric_rows
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from fastopt.train import ConfigError, config_from_dict, fit, make_loader, read_metrics
+from fastopt.train import ConfigError, fit, make_loader, read_metrics
 from fastopt.train.checkpoint import AtomicWriteError
 from fastopt.train.cli import main
 
-N_FEATURES, N_CLASSES = 8, 4
 WORLD = 2
 STEPS, CUT = 12, 6
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, N_FEATURES, generator=g)
-    w = torch.randn(N_FEATURES, N_CLASSES, generator=torch.Generator().manual_seed(99))
-    return TensorDataset(x, (x @ w).argmax(1))
 
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(N_FEATURES, 32), nn.GELU(), nn.Linear(32, N_CLASSES))
+    return nn.Sequential(nn.Linear(toy.N_FEATURES, 32), nn.GELU(), nn.Linear(32, toy.N_CLASSES))
 
 
 def _config(out, **overrides):
-    base = {
-        "out": str(out),
+    settings = {
         "max_steps": STEPS,
         "eval_every": 3,
         "log_every": 1,
-        "checkpoint_every": 0,
-        "progress": False,
-        "plots": False,
-        "grad_accum_steps": 2,
         "micro_batch_size": 8,  # four micro-batches a step on each rank
         "schedule": {"name": "warmup_cosine", "warmup_steps": 3, "total_steps": STEPS},
-        "early_stopping": {"enabled": False},
-        "optimizer": {"lr": 1e-2, "max_grad_norm": 0.5},  # fastopt.AdamW; clips most steps
-        "device": "cpu",
     }
-    optimizer = {**base["optimizer"], **overrides.pop("optimizer", {})}
-    return config_from_dict({**base, **overrides, "optimizer": optimizer})
+    # fastopt.AdamW; clips most steps
+    optimizer = {"lr": 1e-2, "max_grad_norm": 0.5, **overrides.pop("optimizer", {})}
+    return toy.config(Path(out).parent, Path(out).name,
+                      **{**settings, **overrides, "optimizer": optimizer})  # fmt: skip
 
 
 def _train(out, batch, resume=False, opt=None, **overrides):
     model = _model()
-    train = make_loader(_data(512, seed=0), batch, train=True, seed=0)
+    train = make_loader(toy.data(512, seed=0), batch, train=True, seed=0)
     # 129 samples: rank 0 gets 65 (three batches of 32), rank 1 64 (two), and the sharded
     # forward must still run in lockstep.
-    val = make_loader(_data(129, seed=1), 32, train=False)
+    val = make_loader(toy.data(129, seed=1), 32, train=False)
     result = fit(model, nn.functional.cross_entropy, train, val, _config(out, **overrides),
                  optimizer=opt, resume=resume)  # fmt: skip
     return model, result
@@ -113,7 +98,7 @@ def _worker(rank, tmp):
     )
     import fastopt.train.checkpoint as ckpt
     import fastopt.train.sharded_checkpoint as sharded
-    from fastopt.train.parallel import choose_strategy
+    from fastopt.train.strategy import choose_strategy
 
     report = {}
     # Checkpoints at 4, 8 and 12 (not a change to the result): the oldest is removed.
@@ -275,7 +260,7 @@ def test_the_readme_commands(tmp_path, capsys):
         "data: {n_train: 512, n_val: 129, batch_size: 16}\n"
         "model: {hidden: 16, depth: 2, dropout: 0.0}\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = {**os.environ, "PYTHONPATH": f"{toy.ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
