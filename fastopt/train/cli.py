@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         "model; its checkpoints resume on any number of processes)",
     )
     train.add_argument("--seed", type=int)
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (off a terminal: no line per logged step either)",
+    )
     train.add_argument(
         "--print-config", action="store_true", help="print the full config as YAML and exit"
     )

@@ -101,7 +101,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500  # 0: only at the end, on a signal and on a new best
     keep_last: int = 2
-    progress: bool | None = None  # tqdm bar; None: when stderr is a terminal
+    # true: a tqdm bar; null: a bar when stderr is a terminal, else a line per logged step;
+    # false: neither.
+    progress: bool | None = None
     tensorboard: bool = False  # also write TensorBoard events to out/tensorboard
     plots: bool = True  # loss, lr and gradient-norm PNGs at the end of the run
     tracking: Literal["none", "mlflow"] = "none"  # mlflow: a local file store in out/mlruns

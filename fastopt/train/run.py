@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -130,12 +131,17 @@ class Run:
         if not (resume and self._resume()):
             self._start(train_loader)
         self.bar = None
-        progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        terminal = sys.stderr.isatty()
+        progress = cfg.progress if cfg.progress is not None else terminal
         if self.is_main and progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                             dynamic_ncols=True)  # fmt: skip
+        # Off a terminal (a log file, a cluster job, CI) a bar draws nothing useful: a plain
+        # line per logged step instead, as Lightning and the Hugging Face Trainer print.
+        self.lines = self.is_main and cfg.progress is None and not terminal
+        self.started = time.monotonic()
         self.telemetry.restart()  # the first interval's rates leave the set-up out
 
     # -- set-up ------------------------------------------------------------------------------
@@ -242,6 +248,9 @@ class Run:
         else:
             _seed(self.cfg.seed + self.rank + self.step)
         self.logger.truncate_after(self.step)
+        if self.is_main:
+            print(f"python -m fastopt train: resuming from step {self.step} ({latest})",
+                  file=sys.stderr)  # fmt: skip
         return True
 
     # -- what the loop calls ----------------------------------------------------------------
@@ -283,11 +292,22 @@ class Run:
                 "val_loss": self.val_loss if evaluating else None,
             }
             self.logger.log(row)
+            if self.lines:
+                print(self._line(lr, evaluating), file=sys.stderr, flush=True)
             if self.bar is not None:
                 shown = {"val": f"{self.val_loss:.4f}"} if self.val_loss is not None else {}
                 self.bar.set_postfix(loss=f"{self.train_loss:.4f}", **shown)
         if self.bar is not None:
             self.bar.update(1)
+
+    def _line(self, lr: float, evaluating: bool) -> str:
+        """A logged step as one line: ``step 20/600: train loss 2.8140, val loss 2.9012,
+        lr 0.003, 4.2 s``."""
+        parts = [f"train loss {self.train_loss:.4f}"]
+        if evaluating and self.val_loss is not None:
+            parts.append(f"val loss {self.val_loss:.4f}")
+        parts += [f"lr {lr:.3g}", f"{time.monotonic() - self.started:.1f} s"]
+        return f"step {self.step}/{self.cfg.max_steps}: {', '.join(parts)}"
 
     def checkpoint(self, improved: bool, interrupted: bool) -> None:
         """On schedule, at the end, on a stop or a signal, on a new best."""
