@@ -71,16 +71,18 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return ticks
 
 
-def _log_axis(ax, values: list[float]) -> None:
-    """A log y axis labelled with plain numbers at :func:`_log_ticks`."""
+def _log_axis(ax) -> None:
+    """A log y axis labelled with plain numbers at :func:`_log_ticks` over its range."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     ax.set_yscale("log")
-    ticks = _log_ticks(min(values), max(values))
+    lo, hi = ax.get_ylim()  # the data's range and matplotlib's margins
+    ticks = _log_ticks(lo, hi)
     if len(ticks) >= 2:
         ax.yaxis.set_major_locator(FixedLocator(ticks))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(lo, hi)
 
 
 def _figure(height: float):
@@ -104,7 +106,7 @@ def loss_figure(rows: list[dict]):
         ax.plot(steps, val, "o-", color="tab:orange", markersize=3.5, label="validation loss")
     ax.set(xlabel="step", ylabel="loss", title="Loss")
     if all(v > 0 for v in train + val) and train + val:
-        _log_axis(ax, train + val)
+        _log_axis(ax)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -131,18 +133,16 @@ def grad_norm_figure(rows: list[dict], clip: float | None = None):
     fig, ax = _figure(3.8)
     ax.plot(steps, norms, color="tab:red", label="global")
     parts = sorted({k for r in rows for k in r if k.startswith("grad_norm/")})
-    shown = list(norms)
     for key in parts:
         part_steps, values = _series(rows, key)
         name = key.split("/", 1)[1]
         ax.plot(part_steps, values, linewidth=0.9, alpha=0.8, label=GROUP_LABELS.get(name, name))
-        shown += values
     if clip is not None:
         ax.axhline(clip, color="black", linestyle="--", linewidth=1.0,
                    label=f"clipping threshold ({clip:g})")  # fmt: skip
     ax.set(xlabel="step", ylabel="gradient norm", title="Gradient norm (before clipping)")
     if all(v > 0 for v in norms):
-        _log_axis(ax, [v for v in shown if v > 0] + ([clip] if clip is not None else []))
+        _log_axis(ax)
     ax.grid(True, which="both", alpha=0.3)
     if len(parts) <= 12:  # per layer there can be dozens: the lines alone then
         ax.legend(fontsize="small")
