@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import toy
-from helpers import metric_rows
 
 from fastopt.train import ConfigError, config_from_dict, load_checkpoint, load_config, read_metrics
 from fastopt.train.cli import main
@@ -217,13 +216,13 @@ def test_resume_of_a_run_without_checkpoints_starts_it_over(tmp_path, capsys):
     out = tmp_path / "r"
     cfg = toy.small(tmp_path, steps=12)
     assert main(["train", "--config", cfg, "--out", str(out), "--no-progress"]) == 0
-    before = metric_rows(out)
+    before = toy.metric_rows(out)
     shutil.rmtree(out / "checkpoints")
     capsys.readouterr()
     assert main(["train", "--config", cfg, "--out", str(out), "--resume", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert f"warning: {out} holds no checkpoint yet: starting its run from step 0" in err, err
-    assert metric_rows(out) == before  # the old rows were dropped, not kept twice
+    assert toy.metric_rows(out) == before  # the old rows were dropped, not kept twice
 
 
 def test_config_api_raises_value_error():
@@ -278,8 +277,8 @@ def test_sigterm_then_resume_ends_like_an_uninterrupted_run(tmp_path):
 
     p_resume = _start(["--config", cfg, "--out", str(cut), "--resume"], tmp_path / "resume.log")
     assert p_resume.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
-    rows = metric_rows(cut)
-    assert rows == metric_rows(full)
+    rows = toy.metric_rows(cut)
+    assert rows == toy.metric_rows(full)
     last = rows[-1]["step"]  # max_steps, or earlier if early stopping ended both runs
     assert last > stopped_at and "val_loss" in rows[-1]
     a = load_checkpoint(full / "checkpoints" / f"step_{last:08d}.pt")

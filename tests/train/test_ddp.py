@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import toy
-from helpers import metric_rows
 from torch import nn
 
 from fastopt.train import fit, load_checkpoint, make_loader, read_metrics
@@ -157,7 +156,7 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes_exactly(ddp_run):
     for key in full["model"]:
         assert torch.equal(full["model"][key], cut["model"][key]), key
     assert reports[0]["resumed"] == reports[1]["resumed"]
-    assert metric_rows(tmp / "ddp_cut") == metric_rows(tmp / "ddp_full")
+    assert toy.metric_rows(tmp / "ddp_cut") == toy.metric_rows(tmp / "ddp_full")
 
 
 def test_the_cli_runs_unchanged_under_torchrun(tmp_path):

@@ -8,7 +8,6 @@ import signal
 import pytest
 import torch
 import toy
-from helpers import metric_rows
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,7 +25,7 @@ from fastopt.train import (
 def test_default_run_learns_and_logs(tmp_path):
     cfg = toy.config(tmp_path, plots=True, optimizer={"lr": 1e-2})
     result = fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
-    rows = metric_rows(cfg.out)
+    rows = toy.metric_rows(cfg.out)
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
     for r in rows:
         assert {"step", "train_loss", "lr", "grad_norm", "skipped_steps", "epoch"} <= set(r)
@@ -59,7 +58,7 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, optimizer):
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_00000016.pt")["step"] == 16
     resumed = fit(toy.model(seed=123), nn.functional.cross_entropy, train(), val, cfg, resume=True)
     assert resumed.step == 40 and resumed.interrupted is None
-    assert metric_rows(cfg.out) == metric_rows(full_cfg.out)
+    assert toy.metric_rows(cfg.out) == toy.metric_rows(full_cfg.out)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000040.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_00000040.pt")
     for key in a["model"]:
@@ -108,7 +107,7 @@ def test_accumulated_grad_norm_matches_one_big_batch(tmp_path, optimizer):
         cfg = toy.config(tmp_path, name, grad_accum_steps=accum, log_every=1, optimizer=opt)
         train = make_loader(toy.data(), batch, train=True, seed=0)
         fit(toy.model(dropout=0.0), nn.functional.cross_entropy, train, None, cfg)
-        runs[name] = [r["grad_norm"] for r in metric_rows(cfg.out)]
+        runs[name] = [r["grad_norm"] for r in toy.metric_rows(cfg.out)]
     assert len(runs["acc"]) == 40
     assert runs["acc"] == pytest.approx(runs["big"], rel=1e-4)
     assert max(runs["acc"]) > 0.5  # clipping was active at least once
@@ -153,7 +152,7 @@ def test_a_skipped_step_does_not_advance_the_schedule(tmp_path, optimizer, preci
     assert result.skipped_steps == 1
     schedule = WarmupLinear(total_steps=12, warmup_steps=8)
     applied = [0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]  # steps applied before each step
-    rows = metric_rows(cfg.out)
+    rows = toy.metric_rows(cfg.out)
     assert [r["lr"] for r in rows] == pytest.approx(
         [1e-2 * schedule(a) for a in applied], rel=1e-12
     )
@@ -185,8 +184,8 @@ def test_fastopt_without_clipping_skips_nan_steps_and_never_clips(tmp_path, give
     cfg = toy.config(tmp_path, "fastopt", optimizer=opt, **common)
     result = fit(model, loss_fn(_NanAt(5)), *toy.loaders(), cfg, optimizer=given_opt)
     assert result.skipped_steps == 1
-    expected = [r["grad_norm"] for r in metric_rows(torch_cfg.out)]
-    norms = [r["grad_norm"] for r in metric_rows(cfg.out)]
+    expected = [r["grad_norm"] for r in toy.metric_rows(torch_cfg.out)]
+    norms = [r["grad_norm"] for r in toy.metric_rows(cfg.out)]
     assert norms[4] == expected[4] == "nan" and min(expected[:4] + expected[5:]) > 1.0
     assert norms[:4] + norms[5:] == pytest.approx(expected[:4] + expected[5:], rel=1e-4)
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -196,7 +195,7 @@ def test_fastopt_without_clipping_skips_nan_steps_and_never_clips(tmp_path, give
 def test_bf16_autocast_trains(tmp_path):
     cfg = toy.config(tmp_path, precision="bf16", optimizer={"lr": 1e-2})
     fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
-    vals = [r["val_loss"] for r in metric_rows(cfg.out) if "val_loss" in r]
+    vals = [r["val_loss"] for r in toy.metric_rows(cfg.out) if "val_loss" in r]
     assert all(math.isfinite(v) for v in vals) and vals[-1] < 0.8 * vals[0]
 
 
@@ -241,7 +240,7 @@ def test_torch_plateau_scheduler_and_optimizer_are_accepted(tmp_path):
         optimizer=opt,
         schedule=plateau,
     )
-    lrs = [r["lr"] for r in metric_rows(cfg.out)]
+    lrs = [r["lr"] for r in toy.metric_rows(cfg.out)]
     assert lrs[0] == 0.5 and lrs[-1] < 0.5 * 1e-1
 
 
@@ -290,7 +289,7 @@ def test_trains_on_the_gpu(tmp_path, precision):
     cfg = toy.config(tmp_path, device="cuda", precision=precision, optimizer={"lr": 1e-2})
     model = toy.model()
     result = fit(model, nn.functional.cross_entropy, *toy.loaders(), cfg)
-    vals = [r["val_loss"] for r in metric_rows(cfg.out) if "val_loss" in r]
+    vals = [r["val_loss"] for r in toy.metric_rows(cfg.out) if "val_loss" in r]
     assert next(model.parameters()).is_cuda and result.skipped_steps < cfg.max_steps // 4
     assert all(math.isfinite(v) for v in vals) and vals[-1] < 0.8 * vals[0]
 

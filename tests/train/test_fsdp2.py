@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import toy
-from helpers import metric_rows
 from torch import nn
 
 from fastopt.train import ConfigError, fit, make_loader, read_metrics
@@ -203,7 +202,7 @@ def test_resumed_on_two_ranks_ends_as_the_uninterrupted_run(fsdp_run):
     assert kept("full") == ["best", "step_00000008", f"step_{STEPS:08d}"]  # keep_last 2
     for rank in range(WORLD):
         assert reports[rank]["resumed"] == reports[rank]["full"]  # bit for bit on the CPU
-    assert metric_rows(tmp / "cut") == metric_rows(tmp / "full")
+    assert toy.metric_rows(tmp / "cut") == toy.metric_rows(tmp / "full")
     record = json.loads((tmp / "cut" / "run.json").read_text())
     assert record["world_size"] == WORLD and record["config"]["parallel"] == "fsdp2"
 
@@ -215,7 +214,7 @@ def test_resumed_on_one_rank_ends_as_the_uninterrupted_run(fsdp_run):
     assert "on 1 ranks it needs a loader batch_size of 32" in report["wrong_batch"]
     for got, want in zip(report["resumed"], reports[0]["full"]):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    full, resumed = metric_rows(tmp / "full"), metric_rows(tmp / "cut1")
+    full, resumed = toy.metric_rows(tmp / "full"), toy.metric_rows(tmp / "cut1")
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for key in ("train_loss", "grad_norm", "val_loss", "update_ratio/decay"):
         assert [r.get(key) for r in resumed] == _approx(r.get(key) for r in full), key
@@ -282,7 +281,7 @@ def test_the_readme_commands(tmp_path, capsys):
     (tmp_path / "c32.yaml").write_text(text)
     assert main(["train", "--config", str(tmp_path / "c32.yaml"), "--out", str(whole),
                  "--no-progress"]) == 0  # fmt: skip
-    got, want = metric_rows(out), metric_rows(whole)
+    got, want = toy.metric_rows(out), toy.metric_rows(whole)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(2, 13, 2))
     for key in ("train_loss", "grad_norm", "val_loss"):
         assert [r.get(key) for r in got] == _approx(r.get(key) for r in want), key

@@ -6,7 +6,6 @@ largest micro-batch that fits; splitting keeps the update of the whole batch."""
 import pytest
 import torch
 import toy
-from helpers import metric_rows
 from torch import nn
 
 from fastopt.train import ConfigError, fit, load_checkpoint, read_metrics
@@ -43,7 +42,7 @@ def _small_from_the_start(tmp_path, optimizer, size=8):
     model = _model()
     cfg = _cfg(tmp_path, "small", optimizer, micro_batch_size=size)
     fit(model, nn.functional.cross_entropy, *toy.loaders(), cfg)
-    return model, metric_rows(cfg.out)
+    return model, toy.metric_rows(cfg.out)
 
 
 def _without_size(rows):
@@ -75,7 +74,7 @@ def test_injected_oom_run_equals_the_small_micro_batch_run(
     cfg = _cfg(tmp_path, "oom", optimizer)  # micro_batch_size null: whole batches of 32
     fit(model, nn.functional.cross_entropy, *toy.loaders(), cfg)
     _assert_equal_weights(model, reference)
-    rows = metric_rows(cfg.out)
+    rows = toy.metric_rows(cfg.out)
     assert rows == ref_rows and {r["micro_batch_size"] for r in rows} == {8}
     err = capsys.readouterr().err
     assert "a micro-batch of 32 samples ran out of memory; going on with micro-batches of 16" in err
@@ -100,7 +99,7 @@ def test_the_split_is_kept_on_resume(tmp_path, monkeypatch):
     model = _model(seed=1)
     fit(model, nn.functional.cross_entropy, *toy.loaders(), cfg, resume=True)
     _assert_equal_weights(model, reference)
-    assert metric_rows(cfg.out) == ref_rows
+    assert toy.metric_rows(cfg.out) == ref_rows
 
 
 def test_whole_batches_would_differ(tmp_path):
@@ -122,11 +121,11 @@ def test_auto_finds_the_largest_micro_batch_that_fits(tmp_path, monkeypatch, cap
     assert "micro_batch_size auto: 8" in capsys.readouterr().err
     assert "ran out of memory" not in capsys.readouterr().err
     _assert_equal_weights(model, reference)  # the probe left the RNG and the statistics alone
-    assert _without_size(metric_rows(cfg.out)) == _without_size(ref_rows)
+    assert _without_size(toy.metric_rows(cfg.out)) == _without_size(ref_rows)
     monkeypatch.delenv(INJECT_OOM_ENV)
     cfg = _cfg(tmp_path, "auto-all", "fastopt.AdamW", micro_batch_size="auto", max_steps=6)
     fit(_model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
-    assert {r["micro_batch_size"] for r in metric_rows(cfg.out)} == {BATCH}
+    assert {r["micro_batch_size"] for r in toy.metric_rows(cfg.out)} == {BATCH}
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

@@ -8,7 +8,6 @@ import signal
 import pytest
 import torch
 import toy
-from helpers import metric_rows
 
 from fastopt.train import ConfigError, ResumeWarning, fit, load_checkpoint
 from fastopt.train import checkpoint as ckpt
@@ -67,7 +66,7 @@ def _reference(tmp_path, val_loss=VAL_LOSS, best_and_last=(BEST_STEP, LAST_STEP)
     model = toy.model()
     result = fit(model, _Scripted(val_loss=val_loss), *toy.loaders(), cfg)
     assert (result.best_step, result.step) == best_and_last  # the script holds
-    return result, metric_rows(cfg.out), model.state_dict()
+    return result, toy.metric_rows(cfg.out), model.state_dict()
 
 
 def _assert_same_weights(a, b):
@@ -116,7 +115,7 @@ def test_crash_before_best_pt_is_linked_keeps_the_best_weights(
         ref.best_step,
         ref.stop_reason,
     )
-    assert metric_rows(cfg.out) == ref_rows
+    assert toy.metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)  # the best weights were put back
     assert load_checkpoint(best_pt)["step"] == crash_step
     _assert_same_weights(load_checkpoint(best_pt)["model"], ref_weights)
@@ -157,7 +156,7 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, how):
         ResumeWarning, match=r"resuming from .*step_00000006\.pt.*step_00000008\.pt does not load"
     ):
         result = fit(model, _Scripted(start=6), *toy.loaders(), cfg, resume=True)
-    assert result.step == LAST_STEP and metric_rows(cfg.out) == ref_rows
+    assert result.step == LAST_STEP and toy.metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
 
     _damage(checkpoints / "step_00000012.pt", how)
@@ -180,7 +179,7 @@ def test_a_damaged_best_pt_is_restored_from_the_best_step_checkpoint(tmp_path):
         ResumeWarning, match=r"best\.pt does not load .*restored best\.pt from .*step_00000006\.pt"
     ):
         fit(model, _Scripted(start=8), *toy.loaders(), cfg, resume=True)
-    assert metric_rows(cfg.out) == ref_rows
+    assert toy.metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
     _assert_same_weights(load_checkpoint(best_pt)["model"], ref_weights)
 
@@ -200,11 +199,13 @@ def test_resume_before_the_first_checkpoint_starts_from_step_0(tmp_path):
     cfg = _cfg(tmp_path, "crashed", checkpoint_every=0)
     with pytest.raises(_Crash):
         fit(toy.model(), _Scripted(fail_at=5), *toy.loaders(), cfg)
-    assert metric_rows(cfg.out) and not list((tmp_path / "crashed" / "checkpoints").glob("step_*"))
+    assert toy.metric_rows(cfg.out) and not list(
+        (tmp_path / "crashed" / "checkpoints").glob("step_*")
+    )
     model = toy.model()
     with pytest.warns(ResumeWarning, match="holds no checkpoint yet: starting its run from step 0"):
         result = fit(model, _Scripted(), *toy.loaders(), cfg, resume=True)
-    assert result.step == LAST_STEP and metric_rows(cfg.out) == ref_rows
+    assert result.step == LAST_STEP and toy.metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
 
 
@@ -215,7 +216,7 @@ def test_resume_may_change_logging_and_checkpointing(tmp_path):
     changed = _cfg(tmp_path, "cut", log_every=1, checkpoint_every=3, keep_last=4)
     model = toy.model(seed=1)
     result = fit(model, _Scripted(start=5), *toy.loaders(), changed, resume=True)
-    assert result.step == LAST_STEP and [r["step"] for r in metric_rows(cfg.out)][-3:] == [
+    assert result.step == LAST_STEP and [r["step"] for r in toy.metric_rows(cfg.out)][-3:] == [
         10,
         11,
         12,

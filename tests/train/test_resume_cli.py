@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import toy
 import yaml
-from helpers import metric_rows
 
 from fastopt.train import read_metrics
 from fastopt.train.cli import main
@@ -81,23 +80,23 @@ def test_a_larger_max_steps_extends_a_finished_run(tmp_path, capsys):
     out = tmp_path / "r"
     cfg = toy.small(tmp_path, extra=DECAY)
     assert main(["train", "--config", cfg, "--out", str(out), "--max-steps", "20"]) == 0
-    before = metric_rows(out)
+    before = toy.metric_rows(out)
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 0
     assert "step 30: train loss" in capsys.readouterr().out
-    rows = metric_rows(out)
+    rows = toy.metric_rows(out)
     assert rows[: len(before)] == before and [r["step"] for r in rows][-2:] == [25, 30]
     assert [r["lr"] for r in rows if r["step"] > 20] == pytest.approx([LR * 0.2] * 2, rel=1e-12)
     config = json.loads((out / "run.json").read_text())["config"]
     assert config["max_steps"] == 30 and config["schedule"]["total_steps"] == 20
     assert main(["train", "--out", str(out), "--resume"]) == 0  # now a finished run of 30
-    assert metric_rows(out) == rows
+    assert toy.metric_rows(out) == rows
 
     data = yaml.safe_load(Path(cfg).read_text())
     data["schedule"]["total_steps"] = 20
     pinned = tmp_path / "pinned.yaml"
     pinned.write_text(yaml.safe_dump({**data, "max_steps": 30}))
     assert main(["train", "--config", str(pinned), "--out", str(tmp_path / "fresh")]) == 0
-    assert metric_rows(tmp_path / "fresh") == rows
+    assert toy.metric_rows(tmp_path / "fresh") == rows
 
 
 def test_resume_refuses_what_would_change_the_result_and_takes_the_rest(tmp_path, capsys):
@@ -125,5 +124,5 @@ def test_resume_refuses_what_would_change_the_result_and_takes_the_rest(tmp_path
     logging.write_text("log_every: 2\nkeep_last: 1\noptimizer: {lr: 0.003}\n")
     args = ["train", "--out", out, "--resume", "--config", str(logging), "--max-steps", "24"]
     assert main(args) == 0
-    assert [r["step"] for r in metric_rows(out)][-3:] == [20, 22, 24]
+    assert [r["step"] for r in toy.metric_rows(out)][-3:] == [20, 22, 24]
     assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["best.pt", "step_00000024.pt"]

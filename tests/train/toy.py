@@ -1,5 +1,6 @@
 """What the trainer's tests share: a small classification task, its model and a CPU config for
-:func:`fastopt.train.fit`, and the ``mlp`` job shrunk to a second or two for the CLI."""
+:func:`fastopt.train.fit`, the ``mlp`` job shrunk to a second or two for the CLI, and a run's
+metrics without what is timed."""
 
 from __future__ import annotations
 
@@ -91,6 +92,21 @@ def small(tmp_path, steps=60, hidden=64, extra="") -> str:
     path = tmp_path / "small.yaml"
     path.write_text(SMALL.format(steps=steps, hidden=hidden) + extra)
     return str(path)
+
+
+# The metrics.jsonl keys that are measured, not computed: they differ from run to run.
+TIMING_KEYS = (
+    "samples_per_sec",
+    "step_time",
+    "tokens_per_sec",
+    "optimizer_time_fraction",
+    "peak_memory_mb",
+)
+
+
+def metric_rows(out) -> list[dict]:
+    """A run folder's metrics.jsonl rows without the timing keys, to compare two runs."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(out)]
 
 
 def wait_for_step(out: Path, step: int, proc, timeout=120.0):
