@@ -2,7 +2,7 @@
 
 One linear loop (:func:`fit`): forward, backward with accumulation in micro-batches that fit,
 fused step, schedule, evaluate, log, checkpoint; the pieces it calls are small components
-(``run``, ``microbatch``, ``telemetry``, ``tracking``). Schedules are pure functions of the step
+(``run``, ``microbatch``, ``telemetry``, ``metrics``). Schedules are pure functions of the step
 wrapped as a torch LR scheduler; early stopping is a small object with a pure decision;
 checkpoints are atomic and resume bit-exactly on the CPU; runs unchanged under torchrun (DDP,
 or FSDP2 with ``parallel: fsdp2``, whose checkpoints resume on any number of ranks).
@@ -17,18 +17,16 @@ factory, the built-in ones or one's own by import path.
 
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_atomic
 from .config import (
-    ConfigError,
     EarlyStoppingConfig,
     OptimizerConfig,
     TelemetryConfig,
     TrainConfig,
     build_schedule,
-    config_from_dict,
-    load_config,
 )
 from .data import BatchStream, ResumableDistributedSampler, make_loader
 from .early_stopping import EarlyStopping
-from .jobs import JobData, cross_entropy, run_job
+from .errors import ConfigError
+from .jobs import JobData, config_from_dict, cross_entropy, load_config, run_job
 from .loop import FitResult, ResumeWarning, fit
 from .metrics import MetricsLogger, read_metrics
 from .plots import plot_run

@@ -31,6 +31,7 @@ __all__ = [
     "AtomicWriteError",
     "CheckpointError",
     "CheckpointManager",
+    "Rotation",
     "capture_rng",
     "load_checkpoint",
     "restore_rng",
@@ -39,7 +40,6 @@ __all__ = [
     "write_atomic",
 ]
 
-_STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -175,38 +175,42 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ) from error
 
 
-class CheckpointManager:
-    """``step_*.pt`` files in ``directory``: the newest ``keep_last`` are kept, and ``best.pt``."""
+class Rotation:
+    """What both checkpoint managers share: ``step_XXXXXXXX`` entries (files ending in
+    ``suffix``, or folders) in ``directory``, of which the newest ``keep_last`` are kept, and
+    ``best``; the newest that loads found by trying them newest first. Subclasses write and
+    load an entry."""
 
-    every_rank = False  # written by rank 0 alone (every rank holds the whole state)
+    suffix = ""
+    every_rank = False  # whether every rank calls every method (else rank 0 alone)
 
     def __init__(self, directory: str | os.PathLike, keep_last: int = 2) -> None:
         if not (isinstance(keep_last, int) and keep_last >= 1):
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
-
-    def _ensure_dir(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(f"{_TMP_PREFIX}*"):  # left by a crash mid-write
-            stale.unlink(missing_ok=True)
+        self._pattern = re.compile(rf"^step_(\d{{8,}}){re.escape(self.suffix)}$")
 
     def step_path(self, step: int) -> Path:
-        return self.directory / f"step_{step:08d}.pt"
+        return self.directory / f"step_{step:08d}{self.suffix}"
 
     @property
     def best_path(self) -> Path:
-        return self.directory / "best.pt"
+        return self.directory / f"best{self.suffix}"
+
+    def _is_entry(self, path: Path) -> bool:
+        """Whether a path named like a step checkpoint is one (a file or a folder)."""
+        return True
 
     def steps(self) -> list[int]:
         """The steps that have a checkpoint, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = (_STEP_FILE.match(p.name) for p in self.directory.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
+        found = ((self._pattern.match(p.name), p) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m, p in found if m and self._is_entry(p))
 
     def load(self, path: str | os.PathLike) -> dict[str, Any]:
-        return load_checkpoint(path)
+        raise NotImplementedError
 
     def latest(self) -> Path | None:
         steps = self.steps()
@@ -220,12 +224,32 @@ class CheckpointManager:
         for step in reversed(self.steps()):
             path = self.step_path(step)
             try:
-                return path, load_checkpoint(path), failures
+                return path, self.load(path), failures
             except CheckpointError as e:
                 failures.append(str(e))
         if failures:
             raise CheckpointError(f"no checkpoint in {self.directory} loads: {'; '.join(failures)}")
         return None
+
+    def _rotate(self, remove) -> None:
+        """``remove``s the step checkpoints beyond the newest ``keep_last``."""
+        for old in self.steps()[: -self.keep_last]:
+            remove(self.step_path(old))
+
+
+class CheckpointManager(Rotation):
+    """``step_*.pt`` files in ``directory``: the newest ``keep_last`` are kept, and ``best.pt``."""
+
+    suffix = ".pt"
+    every_rank = False  # written by rank 0 alone (every rank holds the whole state)
+
+    def _ensure_dir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(f"{_TMP_PREFIX}*"):  # left by a crash mid-write
+            stale.unlink(missing_ok=True)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        return load_checkpoint(path)
 
     def save(self, state: dict[str, Any], step: int, *, is_best: bool = False) -> Path:
         """Writes the checkpoint of ``step`` (and makes it ``best.pt`` too when ``is_best``),
@@ -234,8 +258,7 @@ class CheckpointManager:
         path = save_atomic(state, self.step_path(step))
         if is_best:
             _link_atomic(path, self.best_path)
-        for old in self.steps()[: -self.keep_last]:
-            self.step_path(old).unlink(missing_ok=True)
+        self._rotate(lambda old: old.unlink(missing_ok=True))
         return path
 
     def save_best(self, state: dict[str, Any]) -> Path:

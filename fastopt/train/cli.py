@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["main"]
 
@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         "model; its checkpoints resume on any number of processes)",
     )
     train.add_argument("--seed", type=int)
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (off a terminal: no line per logged step either)",
+    )
     train.add_argument(
         "--print-config", action="store_true", help="print the full config as YAML and exit"
     )
@@ -109,8 +113,7 @@ def _micro_batch_size(text: str):
 def _train(args: argparse.Namespace) -> int:
     from . import distributed as D
     from .components import read_run_record
-    from .config import load_config
-    from .jobs import run_job
+    from .jobs import load_config, run_job
 
     base = None
     if args.resume:  # the run as it was configured; the options given now update it

@@ -21,13 +21,14 @@ from . import distributed as D
 from .checkpoint import write_atomic
 from .config import (
     NOT_FINGERPRINTED,
-    ConfigError,
     OptimizerConfig,
     TrainConfig,
     fingerprint,
+    flatten,
     pinned_config,
 )
 from .data import sample_count
+from .errors import ConfigError
 
 __all__ = [
     "NO_CLIP",
@@ -245,16 +246,6 @@ class SignalGuard:
         self._previous.clear()
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "schedule":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_folder(out: Path) -> None:
     """``out`` is a folder or can be made one (else mkdir would fail later with a
     FileExistsError or NotADirectoryError traceback)."""
@@ -312,8 +303,10 @@ def claim_run_dir(
         saved = read_run_record(out)
         record.update({k: saved[k] for k in started or {} if k in saved})
         if saved["fingerprint"] != fp:
-            old = _flatten({**saved["config"], **{k: saved.get(k) for k in identity}})
-            new = _flatten({**record["config"], **identity})
+            # A schedule is one value: which keys it has depends on its name.
+            old = flatten({**saved["config"], **{k: saved.get(k) for k in identity}},
+                          keep=("schedule",))  # fmt: skip
+            new = flatten({**record["config"], **identity}, keep=("schedule",))
             diff = [
                 f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
                 for k in sorted(set(old) | set(new))

@@ -1,14 +1,16 @@
-"""The trainer's configuration: dataclasses with typed fields, read from YAML or TOML.
+"""The trainer's configuration: dataclasses with typed fields, and their parsing from a mapping
+or a YAML or TOML file.
 
 Every key is checked: an unknown key is named with the valid ones listed, a value of the wrong
 type is named with the type it should have, and nothing falls back silently. Errors are
-:class:`ConfigError`, a ``ValueError`` (the CLI turns them into exit code 2).
+:class:`~fastopt.train.errors.ConfigError`, a ``ValueError`` (the CLI turns them into exit
+code 2).
 
-``job``, ``model_factory``, ``dataset_factory`` and the ``data`` and ``model`` sections say what
-``python -m fastopt train`` trains (see :mod:`fastopt.train.jobs`: the sections' keys are the
-factories' parameters); :func:`fastopt.train.fit` with your own model and loaders ignores
-them. :func:`load_config` starts from the job's preset for the device (the ``gpt`` job's is
-about a minute on a 2-core CPU), then the file, then the overrides.
+This module is the schema alone. ``job``, ``model_factory``, ``dataset_factory`` and the
+``data`` and ``model`` sections say what ``python -m fastopt train`` trains; they are checked
+against the factories, and the job's preset applied, by :mod:`fastopt.train.jobs`
+(``fastopt.train.config_from_dict`` and ``load_config``), so that a :class:`TrainConfig` for
+:func:`fastopt.train.fit` with your own model imports no job.
 """
 
 from __future__ import annotations
@@ -26,28 +28,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .early_stopping import EarlyStopping
+from .errors import ConfigError
 from .schedules import SCHEDULES
 
 __all__ = [
-    "ConfigError",
     "EarlyStoppingConfig",
     "OptimizerConfig",
     "TelemetryConfig",
     "TrainConfig",
     "build_early_stopping",
     "build_schedule",
-    "config_from_dict",
+    "coerce",
     "config_to_dict",
     "fingerprint",
-    "load_config",
+    "flatten",
+    "merge_config",
+    "parse_config",
     "pinned_config",
     "read_config_file",
 ]
-
-
-class ConfigError(ValueError):
-    """Bad input: an unknown key, a wrong type or value, a missing file, a run folder that holds
-    another run. The CLI reports it and exits with code 2."""
 
 
 @dataclass
@@ -102,7 +101,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500  # 0: only at the end, on a signal and on a new best
     keep_last: int = 2
-    progress: bool | None = None  # tqdm bar; None: when stderr is a terminal
+    # true: a tqdm bar; null: a bar when stderr is a terminal, else a line per logged step;
+    # false: neither.
+    progress: bool | None = None
     tensorboard: bool = False  # also write TensorBoard events to out/tensorboard
     plots: bool = True  # loss, lr and gradient-norm PNGs at the end of the run
     tracking: Literal["none", "mlflow"] = "none"  # mlflow: a local file store in out/mlruns
@@ -112,7 +113,7 @@ class TrainConfig:
     # min(50, max_steps // 10) warm-up steps. total_steps defaults to max_steps.
     schedule: dict[str, Any] | None = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    # How the model is spread over torchrun's processes (fastopt.train.parallel): "auto" is
+    # How the model is spread over torchrun's processes (fastopt.train.strategy): "auto" is
     # "ddp" under torchrun and "single" otherwise; "fsdp2" shards it (on any number of ranks,
     # and its checkpoints resume on any number).
     parallel: Literal["auto", "single", "ddp", "fsdp2"] = "auto"
@@ -173,9 +174,6 @@ class TrainConfig:
             build_early_stopping(self.early_stopping)
         except ValueError as e:
             raise ConfigError(f"config section 'early_stopping': {e}") from None
-        from .jobs import check_sections  # imports the factories: a bad path fails here
-
-        self.data, self.model = check_sections(self)
 
 
 # -- checking values against annotations ---------------------------------------------------
@@ -194,13 +192,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} must be a mapping, got {type(value).__name__}")
-        return config_from_dict(value, tp, prefix=f"{key}.")
+        return parse_config(value, tp, prefix=f"{key}.")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -209,7 +207,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce(value, arg, key)
             except ConfigError:
                 pass
     elif origin is Literal:
@@ -218,7 +216,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+            return tuple(coerce(v, a, key) for v, a in zip(value, args))
     elif origin is dict:
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return dict(value)
@@ -248,8 +246,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     )
 
 
-def config_from_dict(data: dict[str, Any], cls: type = None, *, prefix: str = ""):
-    """Builds ``cls`` (default :class:`TrainConfig`) from a mapping, checking every key."""
+def parse_config(data: dict[str, Any], cls: type = None, *, prefix: str = ""):
+    """Builds ``cls`` (default :class:`TrainConfig`) from a mapping, checking every key
+    against the schema (the ``data`` and ``model`` sections are the jobs' to check)."""
     cls = TrainConfig if cls is None else cls
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
@@ -271,7 +270,7 @@ def config_from_dict(data: dict[str, Any], cls: type = None, *, prefix: str = ""
             raise ConfigError(
                 f"unknown config key {prefix + str(key)!r}{where}; valid keys: {', '.join(valid)}"
             )
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[key] = coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 
 
@@ -342,7 +341,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``update``'s keys, section by section (``schedule`` is replaced whole:
     which keys it has depends on its name)."""
     merged = dict(base)
@@ -352,26 +351,6 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
-
-
-def load_config(
-    path: str | os.PathLike | None = None, *, base: dict[str, Any] | None = None, **overrides
-) -> TrainConfig:
-    """Reads a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; ``overrides`` (top-level
-    keys such as ``out`` or ``max_steps``) win over the file. ``base``: a config mapping
-    (a run's recorded one, to resume it) that the file's keys update section by section;
-    without one, the job's preset for the device is the base."""
-    data = {}
-    if path is not None:
-        data = read_config_file(path)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if base is None:
-        from .jobs import job_preset
-
-        base = job_preset({**data, **overrides})
-    data = _merge(dict(base), data)
-    data.update(overrides)
-    return config_from_dict(data)
 
 
 def build_early_stopping(es: EarlyStoppingConfig) -> EarlyStopping:
@@ -402,7 +381,7 @@ def build_schedule(spec: dict[str, Any], max_steps: int):
     if "total_steps" in {f.name for f in dataclasses.fields(cls)}:
         spec.setdefault("total_steps", max_steps)
     try:
-        return config_from_dict(spec, cls, prefix="schedule.")
+        return parse_config(spec, cls, prefix="schedule.")
     except ConfigError as e:
         if "valid keys" in str(e):
             raise ConfigError(f"{e} (and name) for schedule {name!r}") from None
@@ -431,6 +410,18 @@ NOT_FINGERPRINTED = (
     "tracking",
     "telemetry",  # it reads gradients and weights, and changes neither
 )
+
+
+def flatten(d: dict[str, Any], prefix: str = "", *, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A nested mapping as one level of dotted keys (``optimizer.lr``); the sections named in
+    ``keep`` stay whole values."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in keep:
+            out.update(flatten(v, f"{prefix}{k}.", keep=keep))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def pinned_config(config: TrainConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["GPT", "build_model"]
 

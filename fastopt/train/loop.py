@@ -72,7 +72,7 @@ def fit(
     schedule (a ``total_steps`` that defaulted to the old ``max_steps`` is then given as
     ``run.json`` records it; past it the schedule holds its last value).
     Under torchrun (process group initialised) the model is wrapped in DDP, or sharded with
-    FSDP2 when ``config.parallel`` is "fsdp2" (see :mod:`~fastopt.train.fsdp`).
+    FSDP2 when ``config.parallel`` is "fsdp2" (see :mod:`~fastopt.train.strategy`).
     """
     cfg = TrainConfig() if config is None else config
     if not isinstance(cfg, TrainConfig):

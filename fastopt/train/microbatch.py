@@ -32,8 +32,8 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import capture_rng, restore_rng
 from .components import autocast, to_device
-from .config import ConfigError
 from .data import sample_count
+from .errors import ConfigError
 
 __all__ = ["INJECT_OOM_ENV", "MicroBatches", "Passed", "split_batch"]
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .config import ConfigError
+from .errors import ConfigError
+from .jobs.job_data import JobData
 
 __all__ = ["build_dataset", "build_model"]
 
@@ -85,8 +86,6 @@ def build_dataset(
 ):
     """Train and validation sets: generated from ``seed``, or read from ``path`` (``x`` and
     ``y``) and split by ``seed``. ``val_fraction``: with ``path``, the share held out."""
-    from .jobs import JobData
-
     # n_val >= 1: the job evaluates on the validation set (an empty one has no loss), and
     # early stopping and the plateau schedule watch val_loss by default.
     for name, value in (("n_train", n_train), ("n_val", n_val), ("n_features", n_features),

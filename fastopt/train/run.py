@@ -1,5 +1,5 @@
 """Everything :func:`fastopt.train.fit`'s loop works with, set up, restored and saved: the
-model (spread over processes by a :mod:`~fastopt.train.parallel` strategy), optimizer,
+model (spread over processes by a :mod:`~fastopt.train.strategy` strategy), optimizer,
 schedule, loss scaler, micro-batches, early stopping, data stream, telemetry, metrics and
 checkpoints, and the run's tally (step, skipped steps, losses). The loop calls
 :meth:`Run.evaluate`, :meth:`Run.report`, :meth:`Run.checkpoint` and :meth:`Run.finish`; each
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,13 @@ from .components import (
     model_signature,
     resolve_device,
 )
-from .config import ConfigError, TrainConfig, build_early_stopping, build_schedule, config_to_dict
+from .config import TrainConfig, build_early_stopping, build_schedule, config_to_dict, flatten
 from .data import BatchStream
+from .errors import ConfigError
 from .metrics import MetricsLogger
 from .microbatch import MicroBatches
-from .parallel import choose_strategy
 from .schedules import ScheduleLR
+from .strategy import choose_strategy
 from .telemetry import Telemetry
 
 __all__ = ["CHECKPOINT_FORMAT", "ResumeWarning", "Run"]
@@ -111,13 +113,13 @@ class Run:
             "optimizer_class": f"{opt_type.__module__}.{opt_type.__qualname__}",
         }
         # The world size is the run's unless its checkpoints reshard; then run.json records
-        # the one it started on, of which data.batch_size is the per-rank batch (jobs.py).
+        # the one it started on, of which data.batch_size is the per-rank batch (jobs/runner.py).
         started = {"world_size": D.world_size()}
         if not self.strategy.reshardable:
             identity, started = {**identity, **started}, {}
         self.logger = MetricsLogger(
             self.out, enabled=self.is_main, tensorboard=cfg.tensorboard, tracking=cfg.tracking,
-            params=_flat(config_to_dict(cfg)),
+            params=flatten(config_to_dict(cfg)),
         )  # fmt: skip
         # The last check before anything is written.
         self.fingerprint = claim_run_dir(self.out, cfg, identity, resume, started=started)
@@ -129,12 +131,17 @@ class Run:
         if not (resume and self._resume()):
             self._start(train_loader)
         self.bar = None
-        progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        terminal = sys.stderr.isatty()
+        progress = cfg.progress if cfg.progress is not None else terminal
         if self.is_main and progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                             dynamic_ncols=True)  # fmt: skip
+        # Off a terminal (a log file, a cluster job, CI) a bar draws nothing useful: a plain
+        # line per logged step instead, as Lightning and the Hugging Face Trainer print.
+        self.lines = self.is_main and cfg.progress is None and not terminal
+        self.started = time.monotonic()
         self.telemetry.restart()  # the first interval's rates leave the set-up out
 
     # -- set-up ------------------------------------------------------------------------------
@@ -241,6 +248,9 @@ class Run:
         else:
             _seed(self.cfg.seed + self.rank + self.step)
         self.logger.truncate_after(self.step)
+        if self.is_main:
+            print(f"python -m fastopt train: resuming from step {self.step} ({latest})",
+                  file=sys.stderr)  # fmt: skip
         return True
 
     # -- what the loop calls ----------------------------------------------------------------
@@ -282,11 +292,22 @@ class Run:
                 "val_loss": self.val_loss if evaluating else None,
             }
             self.logger.log(row)
+            if self.lines:
+                print(self._line(lr, evaluating), file=sys.stderr, flush=True)
             if self.bar is not None:
                 shown = {"val": f"{self.val_loss:.4f}"} if self.val_loss is not None else {}
                 self.bar.set_postfix(loss=f"{self.train_loss:.4f}", **shown)
         if self.bar is not None:
             self.bar.update(1)
+
+    def _line(self, lr: float, evaluating: bool) -> str:
+        """A logged step as one line: ``step 20/600: train loss 2.8140, val loss 2.9012,
+        lr 0.003, 4.2 s``."""
+        parts = [f"train loss {self.train_loss:.4f}"]
+        if evaluating and self.val_loss is not None:
+            parts.append(f"val loss {self.val_loss:.4f}")
+        parts += [f"lr {lr:.3g}", f"{time.monotonic() - self.started:.1f} s"]
+        return f"step {self.step}/{self.cfg.max_steps}: {', '.join(parts)}"
 
     def checkpoint(self, improved: bool, interrupted: bool) -> None:
         """On schedule, at the end, on a stop or a signal, on a new best."""
@@ -365,16 +386,6 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
     from fastopt.sharded import is_dtensor
 
     return t.detach().clone() if is_dtensor(t) else t.detach().to("cpu", copy=True)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _note(message: str, stacklevel: int = 5) -> None:

@@ -22,7 +22,6 @@ every write is shared by all ranks, so a failure on one stops every rank with th
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from . import distributed as D
 from .checkpoint import (
     AtomicWriteError,
     CheckpointError,
+    Rotation,
     _fsync_dir,
     _os_error,
     load_checkpoint,
@@ -44,7 +44,6 @@ from .checkpoint import (
 
 __all__ = ["ShardedCheckpointManager"]
 
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _SHARDED = ("model", "optimizer")  # what DCP writes; the rest goes into state.pt
 STATE_FILE = "state.pt"
 _TMP, _OLD = ".tmp-", ".old-"
@@ -84,7 +83,7 @@ def _link_tree(src: Path, dst: Path) -> None:
     _fsync_dir(dst)
 
 
-class ShardedCheckpointManager:
+class ShardedCheckpointManager(Rotation):
     """``step_*/`` folders in ``directory``: the newest ``keep_last`` are kept, and ``best/``.
     ``template()`` gives the model's and optimizer's state dicts as this run shards them (the
     layout a checkpoint is loaded into, whatever the world size it was saved on). Every rank
@@ -95,25 +94,11 @@ class ShardedCheckpointManager:
     def __init__(
         self, directory: str | os.PathLike, *, keep_last: int, template: Callable[[], dict]
     ) -> None:
-        if not (isinstance(keep_last, int) and keep_last >= 1):
-            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
-        self.directory = Path(directory)
-        self.keep_last = keep_last
+        super().__init__(directory, keep_last)
         self.template = template
 
-    def step_path(self, step: int) -> Path:
-        return self.directory / f"step_{step:08d}"
-
-    @property
-    def best_path(self) -> Path:
-        return self.directory / "best"
-
-    def steps(self) -> list[int]:
-        """The steps that have a checkpoint folder, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = (_STEP_DIR.match(p.name) for p in self.directory.iterdir() if p.is_dir())
-        return sorted(int(m.group(1)) for m in found if m)
+    def _is_entry(self, path: Path) -> bool:
+        return path.is_dir()
 
     # -- writing ----------------------------------------------------------------------------
     def _write(self, state: dict[str, Any], path: Path) -> None:
@@ -156,8 +141,7 @@ class ShardedCheckpointManager:
         if is_best:
             self.restore_best(step)
         if D.rank() == 0:
-            for old in self.steps()[: -self.keep_last]:
-                shutil.rmtree(self.step_path(old), ignore_errors=True)
+            self._rotate(lambda old: shutil.rmtree(old, ignore_errors=True))
         return path
 
     def save_best(self, state: dict[str, Any]) -> Path:
@@ -202,17 +186,3 @@ class ShardedCheckpointManager:
             detail = f"{type(e).__name__}: {e}".splitlines()[0]
             raise CheckpointError(f"checkpoint {path} does not load ({detail})") from e
         return {**state, **sharded}
-
-    def load_newest(self) -> tuple[Path, dict[str, Any], list[str]] | None:
-        """The newest step checkpoint that loads: (its path, its state, why each newer one did
-        not load). None when there is none; :class:`CheckpointError` when none loads."""
-        failures = []
-        for step in reversed(self.steps()):
-            path = self.step_path(step)
-            try:
-                return path, self.load(path), failures
-            except CheckpointError as e:
-                failures.append(str(e))
-        if failures:
-            raise CheckpointError(f"no checkpoint in {self.directory} loads: {'; '.join(failures)}")
-        return None

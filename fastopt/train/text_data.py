@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .checkpoint import write_atomic
-from .config import ConfigError
+from .errors import ConfigError
+from .jobs.job_data import JobData
 
 __all__ = ["CharCorpus", "CharWindows", "build_dataset", "cache_folder", "load_corpus", "split_of"]
 
@@ -182,8 +183,6 @@ def build_dataset(
     split, and ``val_windows`` and ``test_windows`` windows spread evenly over the other two
     (a fixed subset: evaluating all of a 1.7M-character split would take longer than the
     training does on a CPU). ``root``: another folder of ``.py`` files than the stdlib."""
-    from .jobs import JobData
-
     for name, value in (("block_size", block_size), ("val_windows", val_windows),
                         ("test_windows", test_windows)):  # fmt: skip
         if value < 1:

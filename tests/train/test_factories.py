@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_cli import ROOT
+import toy
 
 from fastopt.train import load_config, read_metrics
 from fastopt.train.cli import main
@@ -24,16 +24,16 @@ def _readme_command() -> str:
 
 
 def _readme() -> str:
-    return (ROOT / "README.md").read_text()
+    return (toy.ROOT / "README.md").read_text()
 
 
 def test_the_readme_example_trains_a_model_of_ones_own(tmp_path):
     """The README's command, in a copy of the checkout's examples/ and README.md (the text it
     trains on), as a process: the LSTM and its data come from examples/char_lstm.py."""
-    shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    shutil.copytree(toy.ROOT / "examples", tmp_path / "examples")
+    shutil.copy(toy.ROOT / "README.md", tmp_path / "README.md")
     command = _readme_command()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(toy.ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, *shlex.split(command)[1:], "--no-progress"],
         cwd=tmp_path,

@@ -1,5 +1,6 @@
 """The parallelism strategies' three calls. DDP across real processes (bit-exact resume, the
-CLI under torchrun) is tests/test_ddp.py; here a one-process gloo group checks the wrapping."""
+CLI under torchrun) is tests/train/test_ddp.py; here a one-process gloo group checks the
+wrapping."""
 
 import contextlib
 import socket
@@ -9,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fastopt.train.parallel import DataParallel, SingleProcess, choose_strategy
+from fastopt.train.strategy import DataParallel, SingleProcess, choose_strategy
 
 
 def test_one_process_is_the_model_as_given():
@@ -54,8 +55,8 @@ def test_data_parallel_wraps_in_ddp_and_skips_the_sync_but_on_the_last_micro_bat
 
 def test_fsdp2_units_are_the_blocks_or_the_children_that_hold_parameters():
     """Which submodules fully_shard makes units of their own (the root takes the rest)."""
-    from fastopt.train.fsdp import shard_units
     from fastopt.train.gpt import build_model
+    from fastopt.train.strategy import shard_units
 
     gpt = build_model(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8)
     assert shard_units(gpt) == list(gpt.blocks)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_cli import ROOT, _small
+import toy
 
 import fastopt
 from fastopt.__main__ import main as fastopt_main
@@ -49,12 +49,12 @@ def test_killed_while_creating_run_json_leaves_no_empty_one(tmp_path, monkeypatc
     monkeypatch.setattr(io, "open", open_then_die)  # pathlib's write_text opens with it
     monkeypatch.setattr(builtins, "open", open_then_die)
     with pytest.raises(_Killed):
-        main(["train", "--config", _small(tmp_path, steps=20), "--out", str(out)])
+        main(["train", "--config", toy.small(tmp_path, steps=20), "--out", str(out)])
     monkeypatch.undo()
     assert os.listdir(out) == []  # the temporary file went too
     assert main(["train", "--out", str(out), "--resume"]) == 2
     assert f"nothing to resume: {out} holds no run" in _error_line(capsys)
-    assert main(["train", "--config", _small(tmp_path, steps=20), "--out", str(out)]) == 0
+    assert main(["train", "--config", toy.small(tmp_path, steps=20), "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize("content", ["", '{"fingerprint": "ab12', "[]"])
@@ -125,7 +125,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(
     """Disk full at the second checkpoint: exit code 1, the path and the OS error on one
     line, the first checkpoint intact; the run resumes from it once there is room."""
     out = tmp_path / "r"
-    cfg = _small(tmp_path, steps=60, extra="checkpoint_every: 20\nplots: false\n")
+    cfg = toy.small(tmp_path, steps=60, extra="checkpoint_every: 20\nplots: false\n")
     save = ckpt.torch.save
     calls = []
 
@@ -153,14 +153,14 @@ def test_a_file_size_limit_stops_the_run_in_one_line(tmp_path):
     """A real process under RLIMIT_FSIZE: run.json and the metrics fit, a checkpoint does
     not (torch.save's own error there is "unexpected pos 704 vs 598", about no file)."""
     out = tmp_path / "r"
-    cfg = _small(tmp_path, steps=20)
+    cfg = toy.small(tmp_path, steps=20)
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
 
     done = subprocess.run(
         [sys.executable, "-m", "fastopt", "train", "--config", cfg, "--out", str(out)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "PYTHONPATH": str(toy.ROOT), "OMP_NUM_THREADS": "1"},
         preexec_fn=limit_file_size,
         capture_output=True,
         text=True,

@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from test_trainer import _config, _loaders, _model
+import toy
 from torch import nn
 
 from fastopt.train import ConfigError, fit, load_checkpoint, read_metrics
@@ -19,9 +19,9 @@ OPTIMIZERS = ["fastopt.AdamW", "torch.optim.AdamW"]
 
 
 def _run(tmp_path, name="run", **overrides):
-    cfg = _config(tmp_path, name, **{"log_every": 1, "max_steps": 6, **overrides})
-    model = _model(dropout=0.0)
-    fit(model, nn.functional.cross_entropy, *_loaders(), cfg)
+    cfg = toy.config(tmp_path, name, **{"log_every": 1, "max_steps": 6, **overrides})
+    model = toy.model(dropout=0.0)
+    fit(model, nn.functional.cross_entropy, *toy.loaders(), cfg)
     return model, read_metrics(cfg.out)
 
 
@@ -91,9 +91,9 @@ def test_telemetry_does_not_change_the_run(tmp_path):
 
 def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
-    cfg = _config(tmp_path, tracking="mlflow")
+    cfg = toy.config(tmp_path, tracking="mlflow")
     with pytest.raises(ConfigError) as e:
-        fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
+        fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
     assert "MLflow is not installed" in str(e.value)
     assert "pip install 'fastopt[mlflow]'" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()  # checked before anything was written
@@ -147,8 +147,8 @@ def _fake_mlflow(monkeypatch):
 def test_mlflow_gets_params_metrics_and_plots(tmp_path, monkeypatch):
     _fake_mlflow(monkeypatch)
     constant = {"name": "constant"}  # no horizon: the resumed run below may extend it
-    cfg = _config(tmp_path, tracking="mlflow", plots=True, max_steps=10, schedule=constant)
-    fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
+    cfg = toy.config(tmp_path, tracking="mlflow", plots=True, max_steps=10, schedule=constant)
+    fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
     calls = _FakeClient.calls
     assert calls[0] == ("uri", (tmp_path / "run" / "mlruns").resolve().as_uri())
     assert ("run", "1", "run") in calls and calls[-1] == ("end", "abc123")
@@ -165,7 +165,7 @@ def test_mlflow_gets_params_metrics_and_plots(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "mlflow_run_id").read_text() == "abc123\n"
     # a resumed run goes on in the same MLflow run
     _FakeClient.calls = []
-    more = _config(tmp_path, tracking="mlflow", plots=True, max_steps=15, schedule=constant)
-    fit(_model(), nn.functional.cross_entropy, *_loaders(), more, resume=True)
+    more = toy.config(tmp_path, tracking="mlflow", plots=True, max_steps=15, schedule=constant)
+    fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), more, resume=True)
     assert ("update", "abc123", "RUNNING") in _FakeClient.calls
     assert not any(c[0] == "run" for c in _FakeClient.calls)

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import toy
 import yaml
-from helpers import metric_rows
-from test_train_cli import ROOT, _small, _wait_for_step
 
 from fastopt.train import read_metrics
 from fastopt.train.cli import main
@@ -26,7 +25,7 @@ DECAY = "schedule: {name: warmup_linear, warmup_steps: 4, final_ratio: 0.2}\nplo
 
 
 def _fastopt(args, cwd, log):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(toy.ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "fastopt", *args],
         cwd=cwd,
@@ -42,7 +41,7 @@ def test_the_readme_resume_example(tmp_path):
     exited 2: "max_steps: 500 there, 3000 now; precision: 'bf16' there, 'fp32' now"). The
     resume command is the one the interrupted run prints. The default job is shrunk to a
     small config and 150 steps (the first run must outlast the wait for its step 10)."""
-    cfg = _small(tmp_path)
+    cfg = toy.small(tmp_path)
     out, first_log, resume_log = tmp_path / "runs" / "a", tmp_path / "a.log", tmp_path / "b.log"
     first = _fastopt(
         ["train", "--config", cfg, "--out", "runs/a", "--max-steps", "150", "--precision", "bf16"],
@@ -50,7 +49,7 @@ def test_the_readme_resume_example(tmp_path):
         first_log,
     )
     try:
-        _wait_for_step(out, 10, first)
+        toy.wait_for_step(out, 10, first)
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=120) == 128 + signal.SIGINT, first_log.read_text()
     finally:
@@ -79,30 +78,30 @@ def test_a_larger_max_steps_extends_a_finished_run(tmp_path, capsys):
     the lr holds the schedule's last value. The result is the run configured that way from
     the start."""
     out = tmp_path / "r"
-    cfg = _small(tmp_path, extra=DECAY)
+    cfg = toy.small(tmp_path, extra=DECAY)
     assert main(["train", "--config", cfg, "--out", str(out), "--max-steps", "20"]) == 0
-    before = metric_rows(out)
+    before = toy.metric_rows(out)
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 0
     assert "step 30: train loss" in capsys.readouterr().out
-    rows = metric_rows(out)
+    rows = toy.metric_rows(out)
     assert rows[: len(before)] == before and [r["step"] for r in rows][-2:] == [25, 30]
     assert [r["lr"] for r in rows if r["step"] > 20] == pytest.approx([LR * 0.2] * 2, rel=1e-12)
     config = json.loads((out / "run.json").read_text())["config"]
     assert config["max_steps"] == 30 and config["schedule"]["total_steps"] == 20
     assert main(["train", "--out", str(out), "--resume"]) == 0  # now a finished run of 30
-    assert metric_rows(out) == rows
+    assert toy.metric_rows(out) == rows
 
     data = yaml.safe_load(Path(cfg).read_text())
     data["schedule"]["total_steps"] = 20
     pinned = tmp_path / "pinned.yaml"
     pinned.write_text(yaml.safe_dump({**data, "max_steps": 30}))
     assert main(["train", "--config", str(pinned), "--out", str(tmp_path / "fresh")]) == 0
-    assert metric_rows(tmp_path / "fresh") == rows
+    assert toy.metric_rows(tmp_path / "fresh") == rows
 
 
 def test_resume_refuses_what_would_change_the_result_and_takes_the_rest(tmp_path, capsys):
     out = str(tmp_path / "r")
-    cfg = _small(tmp_path, extra=DECAY)
+    cfg = toy.small(tmp_path, extra=DECAY)
     assert main(["train", "--config", cfg, "--out", out, "--max-steps", "20"]) == 0
     capsys.readouterr()
     assert main(["train", "--out", out, "--resume", "--precision", "bf16", "--seed", "3"]) == 2
@@ -125,5 +124,5 @@ def test_resume_refuses_what_would_change_the_result_and_takes_the_rest(tmp_path
     logging.write_text("log_every: 2\nkeep_last: 1\noptimizer: {lr: 0.003}\n")
     args = ["train", "--out", out, "--resume", "--config", str(logging), "--max-steps", "24"]
     assert main(args) == 0
-    assert [r["step"] for r in metric_rows(out)][-3:] == [20, 22, 24]
+    assert [r["step"] for r in toy.metric_rows(out)][-3:] == [20, 22, 24]
     assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["best.pt", "step_00000024.pt"]

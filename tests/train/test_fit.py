@@ -7,68 +7,25 @@ import signal
 
 import pytest
 import torch
-from helpers import metric_rows
+import toy
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import fastopt
 from fastopt.train import (
     ConfigError,
-    TrainConfig,
     WarmupLinear,
-    config_from_dict,
     fit,
     load_checkpoint,
     make_loader,
     read_metrics,
 )
 
-N_FEATURES, N_CLASSES = 8, 4
-
-
-def _data(n=512, seed=0, shift=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, N_FEATURES, generator=g)
-    w = torch.randn(N_FEATURES, N_CLASSES, generator=torch.Generator().manual_seed(99))
-    y = ((x @ w).argmax(1) + shift) % N_CLASSES
-    return TensorDataset(x, y)
-
-
-def _model(dropout=0.1, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(N_FEATURES, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, N_CLASSES)
-    )
-
-
-def _config(tmp_path, name="run", **overrides) -> TrainConfig:
-    base = {
-        "out": str(tmp_path / name),
-        "max_steps": 40,
-        "eval_every": 10,
-        "log_every": 5,
-        "checkpoint_every": 0,
-        "progress": False,
-        "plots": False,
-        "grad_accum_steps": 2,
-        "schedule": {"name": "warmup_cosine", "warmup_steps": 5},
-        "early_stopping": {"enabled": False},
-        "device": "cpu",  # bit-exact comparisons are a CPU promise
-    }
-    base.update(overrides)
-    return config_from_dict(base)
-
-
-def _loaders(batch=32):
-    return make_loader(_data(), batch, train=True, seed=0), make_loader(
-        _data(256, seed=1), 128, train=False
-    )
-
 
 def test_default_run_learns_and_logs(tmp_path):
-    cfg = _config(tmp_path, plots=True, optimizer={"lr": 1e-2})
-    result = fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
-    rows = metric_rows(cfg.out)
+    cfg = toy.config(tmp_path, plots=True, optimizer={"lr": 1e-2})
+    result = fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
+    rows = toy.metric_rows(cfg.out)
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
     for r in rows:
         assert {"step", "train_loss", "lr", "grad_norm", "skipped_steps", "epoch"} <= set(r)
@@ -83,38 +40,25 @@ def test_default_run_learns_and_logs(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000040.pt")["step"] == 40
 
 
-class _SignalAt:
-    """A loss function that sends this process SIGTERM on its ``at``-th call."""
-
-    def __init__(self, at):
-        self.at, self.calls = at, 0
-
-    def __call__(self, output, target):
-        self.calls += 1
-        if self.calls == self.at:
-            signal.raise_signal(signal.SIGTERM)
-        return nn.functional.cross_entropy(output, target)
-
-
 @pytest.mark.parametrize("optimizer", ["fastopt.AdamW", "torch.optim.AdamW"])
 def test_resume_after_sigterm_is_bit_exact(tmp_path, optimizer):
     """A plain shuffled DataLoader and dropout: the data order and the dropout masks must
     both continue exactly where they were."""
-    train = lambda: DataLoader(_data(), batch_size=24, shuffle=True)  # noqa: E731 (480/24: epochs end mid-step)
-    val = DataLoader(_data(256, seed=1), batch_size=100)
+    train = lambda: DataLoader(toy.data(), batch_size=24, shuffle=True)  # noqa: E731 (480/24: epochs end mid-step)
+    val = DataLoader(toy.data(256, seed=1), batch_size=100)
     opt = {"name": optimizer, "lr": 1e-2}
-    full_cfg = _config(tmp_path, "full", grad_accum_steps=3, optimizer=opt, checkpoint_every=7)
-    fit(_model(), nn.functional.cross_entropy, train(), val, full_cfg)
+    full_cfg = toy.config(tmp_path, "full", grad_accum_steps=3, optimizer=opt, checkpoint_every=7)
+    fit(toy.model(), nn.functional.cross_entropy, train(), val, full_cfg)
 
-    cfg = _config(tmp_path, "cut", grad_accum_steps=3, optimizer=opt, checkpoint_every=7)
+    cfg = toy.config(tmp_path, "cut", grad_accum_steps=3, optimizer=opt, checkpoint_every=7)
     # loss calls: 3 per step, 3 more for the evaluation at step 10; the 50th is in step 16,
     # which the trainer finishes before it saves and returns
-    cut = fit(_model(), _SignalAt(50), train(), val, cfg)
+    cut = fit(toy.model(), toy.SignalAt(50), train(), val, cfg)
     assert cut.interrupted == "SIGTERM" and cut.step == 16
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_00000016.pt")["step"] == 16
-    resumed = fit(_model(seed=123), nn.functional.cross_entropy, train(), val, cfg, resume=True)
+    resumed = fit(toy.model(seed=123), nn.functional.cross_entropy, train(), val, cfg, resume=True)
     assert resumed.step == 40 and resumed.interrupted is None
-    assert metric_rows(cfg.out) == metric_rows(full_cfg.out)
+    assert toy.metric_rows(cfg.out) == toy.metric_rows(full_cfg.out)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000040.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_00000040.pt")
     for key in a["model"]:
@@ -125,27 +69,29 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, optimizer):
 def test_accumulation_weights_micro_batches_by_size(tmp_path, optimizer):
     """Micro-batches of 16 and 8 samples accumulate to the gradient of the 24 together: each
     micro-batch's mean loss is weighted by its sample count, the sum divided by 24."""
-    x, y = _data(24).tensors
+    x, y = toy.data(24).tensors
     opt = {"name": optimizer, "lr": 0.1, "max_grad_norm": None}
     common = {"max_steps": 1, "eval_every": 1, "optimizer": opt, "schedule": {"name": "constant"}}
-    split = _model(dropout=0.0)
+    split = toy.model(dropout=0.0)
     fit(
         split,
         nn.functional.cross_entropy,
         [(x[:16], y[:16]), (x[16:], y[16:])],
         None,
-        _config(tmp_path, "split", grad_accum_steps=2, **common),
+        toy.config(tmp_path, "split", grad_accum_steps=2, **common),
     )
-    whole = _model(dropout=0.0)
+    whole = toy.model(dropout=0.0)
     fit(
         whole,
         nn.functional.cross_entropy,
         [(x, y)],
         None,
-        _config(tmp_path, "whole", grad_accum_steps=1, **common),
+        toy.config(tmp_path, "whole", grad_accum_steps=1, **common),
     )
     moved = 0.0
-    for p, q, p0 in zip(split.parameters(), whole.parameters(), _model(dropout=0.0).parameters()):
+    for p, q, p0 in zip(
+        split.parameters(), whole.parameters(), toy.model(dropout=0.0).parameters()
+    ):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         moved += (p - p0).abs().sum().item()
     assert moved > 1e-3  # the step did something
@@ -158,10 +104,10 @@ def test_accumulated_grad_norm_matches_one_big_batch(tmp_path, optimizer):
     opt = {"name": optimizer, "lr": 1e-2, "max_grad_norm": 0.5}
     runs = {}
     for name, batch, accum in (("acc", 16, 2), ("big", 32, 1)):
-        cfg = _config(tmp_path, name, grad_accum_steps=accum, log_every=1, optimizer=opt)
-        train = make_loader(_data(), batch, train=True, seed=0)
-        fit(_model(dropout=0.0), nn.functional.cross_entropy, train, None, cfg)
-        runs[name] = [r["grad_norm"] for r in metric_rows(cfg.out)]
+        cfg = toy.config(tmp_path, name, grad_accum_steps=accum, log_every=1, optimizer=opt)
+        train = make_loader(toy.data(), batch, train=True, seed=0)
+        fit(toy.model(dropout=0.0), nn.functional.cross_entropy, train, None, cfg)
+        runs[name] = [r["grad_norm"] for r in toy.metric_rows(cfg.out)]
     assert len(runs["acc"]) == 40
     assert runs["acc"] == pytest.approx(runs["big"], rel=1e-4)
     assert max(runs["acc"]) > 0.5  # clipping was active at least once
@@ -191,7 +137,7 @@ class _NanAt:
     ],
 )
 def test_a_skipped_step_does_not_advance_the_schedule(tmp_path, optimizer, precision, clip):
-    cfg = _config(
+    cfg = toy.config(
         tmp_path,
         max_steps=12,
         log_every=1,
@@ -201,12 +147,12 @@ def test_a_skipped_step_does_not_advance_the_schedule(tmp_path, optimizer, preci
         schedule={"name": "warmup_linear", "warmup_steps": 8},
         optimizer={"name": optimizer, "lr": 1e-2, "max_grad_norm": clip},
     )
-    model = _model()
-    result = fit(model, _NanAt(9), *_loaders(), cfg)  # call 9 is in step 5
+    model = toy.model()
+    result = fit(model, _NanAt(9), *toy.loaders(), cfg)  # call 9 is in step 5
     assert result.skipped_steps == 1
     schedule = WarmupLinear(total_steps=12, warmup_steps=8)
     applied = [0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]  # steps applied before each step
-    rows = metric_rows(cfg.out)
+    rows = toy.metric_rows(cfg.out)
     assert [r["lr"] for r in rows] == pytest.approx(
         [1e-2 * schedule(a) for a in applied], rel=1e-12
     )
@@ -228,16 +174,18 @@ def test_fastopt_without_clipping_skips_nan_steps_and_never_clips(tmp_path, give
     def loss_fn(nan_at):  # x10: gradient norms well above the default clip of 1
         return lambda output, target: 10.0 * nan_at(output, target)
 
-    reference = _model(dropout=0.0)
-    torch_cfg = _config(tmp_path, "torch", optimizer={**opt, "name": "torch.optim.AdamW"}, **common)
-    fit(reference, loss_fn(_NanAt(5)), *_loaders(), torch_cfg)
-    model = _model(dropout=0.0)
+    reference = toy.model(dropout=0.0)
+    torch_cfg = toy.config(
+        tmp_path, "torch", optimizer={**opt, "name": "torch.optim.AdamW"}, **common
+    )
+    fit(reference, loss_fn(_NanAt(5)), *toy.loaders(), torch_cfg)
+    model = toy.model(dropout=0.0)
     given_opt = fastopt.AdamW(model.parameters(), lr=3e-2, max_grad_norm=None) if given else None
-    cfg = _config(tmp_path, "fastopt", optimizer=opt, **common)
-    result = fit(model, loss_fn(_NanAt(5)), *_loaders(), cfg, optimizer=given_opt)
+    cfg = toy.config(tmp_path, "fastopt", optimizer=opt, **common)
+    result = fit(model, loss_fn(_NanAt(5)), *toy.loaders(), cfg, optimizer=given_opt)
     assert result.skipped_steps == 1
-    expected = [r["grad_norm"] for r in metric_rows(torch_cfg.out)]
-    norms = [r["grad_norm"] for r in metric_rows(cfg.out)]
+    expected = [r["grad_norm"] for r in toy.metric_rows(torch_cfg.out)]
+    norms = [r["grad_norm"] for r in toy.metric_rows(cfg.out)]
     assert norms[4] == expected[4] == "nan" and min(expected[:4] + expected[5:]) > 1.0
     assert norms[:4] + norms[5:] == pytest.approx(expected[:4] + expected[5:], rel=1e-4)
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -245,16 +193,16 @@ def test_fastopt_without_clipping_skips_nan_steps_and_never_clips(tmp_path, give
 
 
 def test_bf16_autocast_trains(tmp_path):
-    cfg = _config(tmp_path, precision="bf16", optimizer={"lr": 1e-2})
-    fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
-    vals = [r["val_loss"] for r in metric_rows(cfg.out) if "val_loss" in r]
+    cfg = toy.config(tmp_path, precision="bf16", optimizer={"lr": 1e-2})
+    fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
+    vals = [r["val_loss"] for r in toy.metric_rows(cfg.out) if "val_loss" in r]
     assert all(math.isfinite(v) for v in vals) and vals[-1] < 0.8 * vals[0]
 
 
 def test_early_stopping_stops_restores_best_and_stays_stopped(tmp_path):
     """Validation labels are the training labels shifted by one class, so fitting the training
     set makes the validation loss worse after the first evaluations."""
-    cfg = _config(
+    cfg = toy.config(
         tmp_path,
         max_steps=200,
         eval_every=4,
@@ -262,9 +210,9 @@ def test_early_stopping_stops_restores_best_and_stays_stopped(tmp_path):
         optimizer={"lr": 3e-2},
         early_stopping={"patience": 3},
     )
-    model = _model()
-    val = make_loader(_data(256, seed=1, shift=1), 128, train=False)
-    result = fit(model, nn.functional.cross_entropy, _loaders()[0], val, cfg)
+    model = toy.model()
+    val = make_loader(toy.data(256, seed=1, shift=1), 128, train=False)
+    result = fit(model, nn.functional.cross_entropy, toy.loaders()[0], val, cfg)
     assert "did not improve" in result.stop_reason
     assert result.step == result.best_step + 3 * 4 < 200
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
@@ -273,57 +221,63 @@ def test_early_stopping_stops_restores_best_and_stays_stopped(tmp_path):
         assert torch.equal(value, best["model"][key]), key
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{result.step:08d}.pt")
     assert not all(torch.equal(last["model"][k], v) for k, v in best["model"].items())
-    again = fit(_model(), nn.functional.cross_entropy, _loaders()[0], val, cfg, resume=True)
+    again = fit(toy.model(), nn.functional.cross_entropy, toy.loaders()[0], val, cfg, resume=True)
     assert again.step == result.step and again.stop_reason == result.stop_reason
 
 
 def test_torch_plateau_scheduler_and_optimizer_are_accepted(tmp_path):
-    model = _model()
+    model = toy.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=0)
-    cfg = _config(tmp_path, eval_every=5, optimizer={"max_grad_norm": None})
-    val = make_loader(_data(256, seed=1, shift=1), 128, train=False)  # gets worse: reduces
+    cfg = toy.config(tmp_path, eval_every=5, optimizer={"max_grad_norm": None})
+    val = make_loader(toy.data(256, seed=1, shift=1), 128, train=False)  # gets worse: reduces
     fit(
-        model, nn.functional.cross_entropy, _loaders()[0], val, cfg, optimizer=opt, schedule=plateau
+        model,
+        nn.functional.cross_entropy,
+        toy.loaders()[0],
+        val,
+        cfg,
+        optimizer=opt,
+        schedule=plateau,
     )
-    lrs = [r["lr"] for r in metric_rows(cfg.out)]
+    lrs = [r["lr"] for r in toy.metric_rows(cfg.out)]
     assert lrs[0] == 0.5 and lrs[-1] < 0.5 * 1e-1
 
 
 def test_run_folder_identity(tmp_path):
-    cfg = _config(tmp_path, max_steps=8)
-    fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
+    cfg = toy.config(tmp_path, max_steps=8)
+    fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
     with pytest.raises(ConfigError, match="already holds a run"):
-        fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
-    other = _config(tmp_path, max_steps=8, optimizer={"lr": 0.5})
+        fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
+    other = toy.config(tmp_path, max_steps=8, optimizer={"lr": 0.5})
     with pytest.raises(ConfigError, match=r"different run.*optimizer\.lr: 0\.003 there, 0\.5 now"):
-        fit(_model(), nn.functional.cross_entropy, *_loaders(), other, resume=True)
+        fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), other, resume=True)
     with pytest.raises(ConfigError, match="different run.*model_signature"):
         fit(
-            nn.Linear(N_FEATURES, N_CLASSES),
+            nn.Linear(toy.N_FEATURES, toy.N_CLASSES),
             nn.functional.cross_entropy,
-            *_loaders(),
+            *toy.loaders(),
             cfg,
             resume=True,
         )
     with pytest.raises(ConfigError, match="nothing to resume"):
         fit(
-            _model(),
+            toy.model(),
             nn.functional.cross_entropy,
-            *_loaders(),
-            _config(tmp_path, "empty"),
+            *toy.loaders(),
+            toy.config(tmp_path, "empty"),
             resume=True,
         )
 
 
 def test_fastopt_optimizer_must_agree_with_the_config_on_clipping(tmp_path):
-    model = _model()
+    model = toy.model()
     with pytest.raises(ConfigError, match="max_grad_norm"):
         fit(
             model,
             nn.functional.cross_entropy,
-            *_loaders(),
-            _config(tmp_path),
+            *toy.loaders(),
+            toy.config(tmp_path),
             optimizer=fastopt.AdamW(model.parameters()),
         )
 
@@ -332,38 +286,38 @@ def test_fastopt_optimizer_must_agree_with_the_config_on_clipping(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_trains_on_the_gpu(tmp_path, precision):
-    cfg = _config(tmp_path, device="cuda", precision=precision, optimizer={"lr": 1e-2})
-    model = _model()
-    result = fit(model, nn.functional.cross_entropy, *_loaders(), cfg)
-    vals = [r["val_loss"] for r in metric_rows(cfg.out) if "val_loss" in r]
+    cfg = toy.config(tmp_path, device="cuda", precision=precision, optimizer={"lr": 1e-2})
+    model = toy.model()
+    result = fit(model, nn.functional.cross_entropy, *toy.loaders(), cfg)
+    vals = [r["val_loss"] for r in toy.metric_rows(cfg.out) if "val_loss" in r]
     assert next(model.parameters()).is_cuda and result.skipped_steps < cfg.max_steps // 4
     assert all(math.isfinite(v) for v in vals) and vals[-1] < 0.8 * vals[0]
 
 
 def test_tensorboard_is_optional_and_checked_before_the_run(tmp_path):
-    cfg = _config(tmp_path, tensorboard=True, max_steps=8)
+    cfg = toy.config(tmp_path, tensorboard=True, max_steps=8)
     try:
         import tensorboard  # noqa: F401
     except ImportError:
         with pytest.raises(ConfigError, match="TensorBoard is not installed"):
-            fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
+            fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
         assert not (tmp_path / "run").exists()  # nothing was started
     else:
-        fit(_model(), nn.functional.cross_entropy, *_loaders(), cfg)
+        fit(toy.model(), nn.functional.cross_entropy, *toy.loaders(), cfg)
         assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
 def test_sigint_checkpoints_too_and_the_handlers_are_put_back(tmp_path):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
-    class _InterruptAt(_SignalAt):
+    class _InterruptAt(toy.SignalAt):
         def __call__(self, output, target):
             self.calls += 1
             if self.calls == self.at:
                 signal.raise_signal(signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt mid-step
             return nn.functional.cross_entropy(output, target)
 
-    result = fit(_model(), _InterruptAt(7), *_loaders(), _config(tmp_path))
+    result = fit(toy.model(), _InterruptAt(7), *toy.loaders(), toy.config(tmp_path))
     assert result.interrupted == "SIGINT" and result.step == 4
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004.pt")["step"] == 4
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import metric_rows
+import toy
 
 from fastopt.train import load_config, read_metrics
 from fastopt.train import text_data as T
@@ -141,7 +141,9 @@ def test_worker_processes_load_the_same_batches(tmp_path):
         out = tmp_path / f"w{workers}"
         cfg = _tiny(tmp_path, steps=20, workers=workers)
         assert main(["train", "--config", cfg, "--out", str(out), "--no-progress"]) == 0
-        runs.append([{k: v for k, v in r.items() if "per_sec" not in k} for r in metric_rows(out)])
+        runs.append(
+            [{k: v for k, v in r.items() if "per_sec" not in k} for r in toy.metric_rows(out)]
+        )
     assert runs[0] == runs[1] and len(runs[0]) == 2
 
 

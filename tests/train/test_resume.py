@@ -7,8 +7,7 @@ import signal
 
 import pytest
 import torch
-from helpers import metric_rows
-from test_trainer import _config, _loaders, _model
+import toy
 
 from fastopt.train import ConfigError, ResumeWarning, fit, load_checkpoint
 from fastopt.train import checkpoint as ckpt
@@ -58,16 +57,16 @@ def _cfg(tmp_path, name, **overrides):
         "early_stopping": {"patience": 3},
         **overrides,
     }
-    return _config(tmp_path, name, **settings)
+    return toy.config(tmp_path, name, **settings)
 
 
 def _reference(tmp_path, val_loss=VAL_LOSS, best_and_last=(BEST_STEP, LAST_STEP)):
     """A run never interrupted: its result, rows and final weights."""
     cfg = _cfg(tmp_path, "reference")
-    model = _model()
-    result = fit(model, _Scripted(val_loss=val_loss), *_loaders(), cfg)
+    model = toy.model()
+    result = fit(model, _Scripted(val_loss=val_loss), *toy.loaders(), cfg)
     assert (result.best_step, result.step) == best_and_last  # the script holds
-    return result, metric_rows(cfg.out), model.state_dict()
+    return result, toy.metric_rows(cfg.out), model.state_dict()
 
 
 def _assert_same_weights(a, b):
@@ -99,7 +98,7 @@ def test_crash_before_best_pt_is_linked_keeps_the_best_weights(
 
     monkeypatch.setattr(ckpt, "_link_atomic", crash_before_linking)
     with pytest.raises(_Crash):
-        fit(_model(), _Scripted(val_loss=val_loss), *_loaders(), cfg)
+        fit(toy.model(), _Scripted(val_loss=val_loss), *toy.loaders(), cfg)
     monkeypatch.undo()
     best_pt = cfg.out + "/checkpoints/best.pt"
     if best_pt_before is None:
@@ -107,16 +106,16 @@ def test_crash_before_best_pt_is_linked_keeps_the_best_weights(
     else:
         assert load_checkpoint(best_pt)["step"] == best_pt_before
 
-    model = _model(seed=1)
+    model = toy.model(seed=1)
     with pytest.warns(ResumeWarning, match=f"the best step is {crash_step}: restored best.pt"):
         scripted = _Scripted(start=crash_step, val_loss=val_loss)
-        result = fit(model, scripted, *_loaders(), cfg, resume=True)
+        result = fit(model, scripted, *toy.loaders(), cfg, resume=True)
     assert (result.step, result.best_step, result.stop_reason) == (
         ref.step,
         ref.best_step,
         ref.stop_reason,
     )
-    assert metric_rows(cfg.out) == ref_rows
+    assert toy.metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)  # the best weights were put back
     assert load_checkpoint(best_pt)["step"] == crash_step
     _assert_same_weights(load_checkpoint(best_pt)["model"], ref_weights)
@@ -141,7 +140,7 @@ def _damage(path, how):
 def _interrupted(tmp_path, name="cut", stop_at=8, **overrides):
     """A run stopped by SIGTERM in step ``stop_at`` (checkpoints of steps 6 and 8 kept)."""
     cfg = _cfg(tmp_path, name, **overrides)
-    cut = fit(_model(), _Scripted(stop_at=stop_at), *_loaders(), cfg)
+    cut = fit(toy.model(), _Scripted(stop_at=stop_at), *toy.loaders(), cfg)
     assert cut.interrupted == "SIGTERM" and cut.step == stop_at
     return cfg
 
@@ -152,12 +151,12 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, how):
     cfg = _interrupted(tmp_path)
     checkpoints = tmp_path / "cut" / "checkpoints"
     _damage(checkpoints / "step_00000008.pt", how)
-    model = _model(seed=1)
+    model = toy.model(seed=1)
     with pytest.warns(
         ResumeWarning, match=r"resuming from .*step_00000006\.pt.*step_00000008\.pt does not load"
     ):
-        result = fit(model, _Scripted(start=6), *_loaders(), cfg, resume=True)
-    assert result.step == LAST_STEP and metric_rows(cfg.out) == ref_rows
+        result = fit(model, _Scripted(start=6), *toy.loaders(), cfg, resume=True)
+    assert result.step == LAST_STEP and toy.metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
 
     _damage(checkpoints / "step_00000012.pt", how)
@@ -167,7 +166,7 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, how):
         match=r"cannot resume .*no checkpoint in .* loads: checkpoint .*step_00000012\.pt does "
         r"not load .*; checkpoint .*step_00000010\.pt does not load",
     ):
-        fit(_model(), _Scripted(start=LAST_STEP), *_loaders(), cfg, resume=True)
+        fit(toy.model(), _Scripted(start=LAST_STEP), *toy.loaders(), cfg, resume=True)
 
 
 def test_a_damaged_best_pt_is_restored_from_the_best_step_checkpoint(tmp_path):
@@ -175,12 +174,12 @@ def test_a_damaged_best_pt_is_restored_from_the_best_step_checkpoint(tmp_path):
     cfg = _interrupted(tmp_path)
     best_pt = tmp_path / "cut" / "checkpoints" / "best.pt"
     _damage(best_pt, "truncated")
-    model = _model(seed=1)
+    model = toy.model(seed=1)
     with pytest.warns(
         ResumeWarning, match=r"best\.pt does not load .*restored best\.pt from .*step_00000006\.pt"
     ):
-        fit(model, _Scripted(start=8), *_loaders(), cfg, resume=True)
-    assert metric_rows(cfg.out) == ref_rows
+        fit(model, _Scripted(start=8), *toy.loaders(), cfg, resume=True)
+    assert toy.metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
     _assert_same_weights(load_checkpoint(best_pt)["model"], ref_weights)
 
@@ -189,7 +188,7 @@ def test_a_damaged_best_pt_without_its_step_checkpoint_does_not_block_resume(tmp
     cfg = _interrupted(tmp_path, keep_last=1)  # step 6's checkpoint is gone
     _damage(tmp_path / "cut" / "checkpoints" / "best.pt", "empty")
     with pytest.warns(ResumeWarning, match=r"weights of the best step so far \(6\) are lost"):
-        result = fit(_model(), _Scripted(start=8), *_loaders(), cfg, resume=True)
+        result = fit(toy.model(), _Scripted(start=8), *toy.loaders(), cfg, resume=True)
     assert (result.step, result.best_step) == (LAST_STEP, BEST_STEP)
 
 
@@ -199,12 +198,14 @@ def test_resume_before_the_first_checkpoint_starts_from_step_0(tmp_path):
     _, ref_rows, ref_weights = _reference(tmp_path)
     cfg = _cfg(tmp_path, "crashed", checkpoint_every=0)
     with pytest.raises(_Crash):
-        fit(_model(), _Scripted(fail_at=5), *_loaders(), cfg)
-    assert metric_rows(cfg.out) and not list((tmp_path / "crashed" / "checkpoints").glob("step_*"))
-    model = _model()
+        fit(toy.model(), _Scripted(fail_at=5), *toy.loaders(), cfg)
+    assert toy.metric_rows(cfg.out) and not list(
+        (tmp_path / "crashed" / "checkpoints").glob("step_*")
+    )
+    model = toy.model()
     with pytest.warns(ResumeWarning, match="holds no checkpoint yet: starting its run from step 0"):
-        result = fit(model, _Scripted(), *_loaders(), cfg, resume=True)
-    assert result.step == LAST_STEP and metric_rows(cfg.out) == ref_rows
+        result = fit(model, _Scripted(), *toy.loaders(), cfg, resume=True)
+    assert result.step == LAST_STEP and toy.metric_rows(cfg.out) == ref_rows
     _assert_same_weights(model.state_dict(), ref_weights)
 
 
@@ -213,9 +214,9 @@ def test_resume_may_change_logging_and_checkpointing(tmp_path):
     _, _, ref_weights = _reference(tmp_path)
     cfg = _interrupted(tmp_path, stop_at=5)
     changed = _cfg(tmp_path, "cut", log_every=1, checkpoint_every=3, keep_last=4)
-    model = _model(seed=1)
-    result = fit(model, _Scripted(start=5), *_loaders(), changed, resume=True)
-    assert result.step == LAST_STEP and [r["step"] for r in metric_rows(cfg.out)][-3:] == [
+    model = toy.model(seed=1)
+    result = fit(model, _Scripted(start=5), *toy.loaders(), changed, resume=True)
+    assert result.step == LAST_STEP and [r["step"] for r in toy.metric_rows(cfg.out)][-3:] == [
         10,
         11,
         12,

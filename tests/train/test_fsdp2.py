@@ -24,58 +24,42 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import metric_rows
+import toy
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from fastopt.train import ConfigError, config_from_dict, fit, make_loader, read_metrics
+from fastopt.train import ConfigError, fit, make_loader, read_metrics
 from fastopt.train.checkpoint import AtomicWriteError
 from fastopt.train.cli import main
 
-N_FEATURES, N_CLASSES = 8, 4
 WORLD = 2
 STEPS, CUT = 12, 6
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, N_FEATURES, generator=g)
-    w = torch.randn(N_FEATURES, N_CLASSES, generator=torch.Generator().manual_seed(99))
-    return TensorDataset(x, (x @ w).argmax(1))
 
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(N_FEATURES, 32), nn.GELU(), nn.Linear(32, N_CLASSES))
+    return nn.Sequential(nn.Linear(toy.N_FEATURES, 32), nn.GELU(), nn.Linear(32, toy.N_CLASSES))
 
 
 def _config(out, **overrides):
-    base = {
-        "out": str(out),
+    settings = {
         "max_steps": STEPS,
         "eval_every": 3,
         "log_every": 1,
-        "checkpoint_every": 0,
-        "progress": False,
-        "plots": False,
-        "grad_accum_steps": 2,
         "micro_batch_size": 8,  # four micro-batches a step on each rank
         "schedule": {"name": "warmup_cosine", "warmup_steps": 3, "total_steps": STEPS},
-        "early_stopping": {"enabled": False},
-        "optimizer": {"lr": 1e-2, "max_grad_norm": 0.5},  # fastopt.AdamW; clips most steps
-        "device": "cpu",
     }
-    optimizer = {**base["optimizer"], **overrides.pop("optimizer", {})}
-    return config_from_dict({**base, **overrides, "optimizer": optimizer})
+    # fastopt.AdamW; clips most steps
+    optimizer = {"lr": 1e-2, "max_grad_norm": 0.5, **overrides.pop("optimizer", {})}
+    return toy.config(Path(out).parent, Path(out).name,
+                      **{**settings, **overrides, "optimizer": optimizer})  # fmt: skip
 
 
 def _train(out, batch, resume=False, opt=None, **overrides):
     model = _model()
-    train = make_loader(_data(512, seed=0), batch, train=True, seed=0)
+    train = make_loader(toy.data(512, seed=0), batch, train=True, seed=0)
     # 129 samples: rank 0 gets 65 (three batches of 32), rank 1 64 (two), and the sharded
     # forward must still run in lockstep.
-    val = make_loader(_data(129, seed=1), 32, train=False)
+    val = make_loader(toy.data(129, seed=1), 32, train=False)
     result = fit(model, nn.functional.cross_entropy, train, val, _config(out, **overrides),
                  optimizer=opt, resume=resume)  # fmt: skip
     return model, result
@@ -113,7 +97,7 @@ def _worker(rank, tmp):
     )
     import fastopt.train.checkpoint as ckpt
     import fastopt.train.sharded_checkpoint as sharded
-    from fastopt.train.parallel import choose_strategy
+    from fastopt.train.strategy import choose_strategy
 
     report = {}
     # Checkpoints at 4, 8 and 12 (not a change to the result): the oldest is removed.
@@ -218,7 +202,7 @@ def test_resumed_on_two_ranks_ends_as_the_uninterrupted_run(fsdp_run):
     assert kept("full") == ["best", "step_00000008", f"step_{STEPS:08d}"]  # keep_last 2
     for rank in range(WORLD):
         assert reports[rank]["resumed"] == reports[rank]["full"]  # bit for bit on the CPU
-    assert metric_rows(tmp / "cut") == metric_rows(tmp / "full")
+    assert toy.metric_rows(tmp / "cut") == toy.metric_rows(tmp / "full")
     record = json.loads((tmp / "cut" / "run.json").read_text())
     assert record["world_size"] == WORLD and record["config"]["parallel"] == "fsdp2"
 
@@ -230,7 +214,7 @@ def test_resumed_on_one_rank_ends_as_the_uninterrupted_run(fsdp_run):
     assert "on 1 ranks it needs a loader batch_size of 32" in report["wrong_batch"]
     for got, want in zip(report["resumed"], reports[0]["full"]):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    full, resumed = metric_rows(tmp / "full"), metric_rows(tmp / "cut1")
+    full, resumed = toy.metric_rows(tmp / "full"), toy.metric_rows(tmp / "cut1")
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for key in ("train_loss", "grad_norm", "val_loss", "update_ratio/decay"):
         assert [r.get(key) for r in resumed] == _approx(r.get(key) for r in full), key
@@ -275,7 +259,7 @@ def test_the_readme_commands(tmp_path, capsys):
         "data: {n_train: 512, n_val: 129, batch_size: 16}\n"
         "model: {hidden: 16, depth: 2, dropout: 0.0}\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = {**os.environ, "PYTHONPATH": f"{toy.ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -297,7 +281,7 @@ def test_the_readme_commands(tmp_path, capsys):
     (tmp_path / "c32.yaml").write_text(text)
     assert main(["train", "--config", str(tmp_path / "c32.yaml"), "--out", str(whole),
                  "--no-progress"]) == 0  # fmt: skip
-    got, want = metric_rows(out), metric_rows(whole)
+    got, want = toy.metric_rows(out), toy.metric_rows(whole)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(2, 13, 2))
     for key in ("train_loss", "grad_norm", "val_loss"):
         assert [r.get(key) for r in got] == _approx(r.get(key) for r in want), key

@@ -19,46 +19,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import metric_rows
+import toy
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from fastopt.train import config_from_dict, fit, load_checkpoint, make_loader, read_metrics
+from fastopt.train import fit, load_checkpoint, make_loader, read_metrics
 
-N_FEATURES, N_CLASSES = 8, 4
 WORLD = 2
 
 
-def _data(n, seed, shift=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, N_FEATURES, generator=g)
-    w = torch.randn(N_FEATURES, N_CLASSES, generator=torch.Generator().manual_seed(99))
-    return TensorDataset(x, ((x @ w).argmax(1) + shift) % N_CLASSES)
-
-
-def _model(dropout):
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(N_FEATURES, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, N_CLASSES)
-    )
-
-
 def _config(out, **overrides):
-    base = {
-        "out": str(out),
-        "max_steps": 24,
-        "eval_every": 6,
-        "log_every": 1,
-        "checkpoint_every": 0,
-        "progress": False,
-        "plots": False,
-        "grad_accum_steps": 2,
-        "schedule": {"name": "warmup_cosine", "warmup_steps": 4},
-        "early_stopping": {"enabled": False},
-        "device": "cpu",
-    }
-    base.update(overrides)
-    return config_from_dict(base)
+    settings = {"max_steps": 24, "eval_every": 6, "log_every": 1,
+                "schedule": {"name": "warmup_cosine", "warmup_steps": 4}}  # fmt: skip
+    return toy.config(Path(out).parent, Path(out).name, **{**settings, **overrides})
 
 
 SCENARIOS = {
@@ -77,9 +49,9 @@ def _train(
     val_shift=0,
     **overrides,
 ):
-    model = _model(dropout)
-    train = make_loader(_data(512, seed=0), batch, train=True, seed=0)
-    val = make_loader(_data(200, seed=1, shift=val_shift), 64, train=False)
+    model = toy.model(dropout)
+    train = make_loader(toy.data(512, seed=0), batch, train=True, seed=0)
+    val = make_loader(toy.data(200, seed=1, shift=val_shift), 64, train=False)
     cfg = _config(out, **{**SCENARIOS[scenario], **overrides})
     result = fit(model, loss_fn, train, val, cfg, resume=resume)
     return model, result
@@ -184,7 +156,7 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes_exactly(ddp_run):
     for key in full["model"]:
         assert torch.equal(full["model"][key], cut["model"][key]), key
     assert reports[0]["resumed"] == reports[1]["resumed"]
-    assert metric_rows(tmp / "ddp_cut") == metric_rows(tmp / "ddp_full")
+    assert toy.metric_rows(tmp / "ddp_cut") == toy.metric_rows(tmp / "ddp_full")
 
 
 def test_the_cli_runs_unchanged_under_torchrun(tmp_path):
@@ -194,7 +166,7 @@ def test_the_cli_runs_unchanged_under_torchrun(tmp_path):
         "schedule: {name: constant, warmup_steps: 5}\n"
         "data: {n_train: 2048, n_val: 512, batch_size: 32}\nmodel: {hidden: 32, depth: 1}\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = toy.ROOT
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     out = tmp_path / "run"

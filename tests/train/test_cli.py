@@ -7,42 +7,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import metric_rows
+import toy
 
 from fastopt.train import ConfigError, config_from_dict, load_checkpoint, load_config, read_metrics
 from fastopt.train.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# The mlp job shrunk to a second or two.
-SMALL = """\
-job: mlp
-device: cpu
-max_steps: {steps}
-eval_every: 20
-log_every: 5
-checkpoint_every: 50
-schedule: {{name: warmup_cosine, warmup_steps: 10, min_ratio: 0.1}}
-data: {{n_train: 4096, n_val: 1024, batch_size: 64}}
-model: {{hidden: {hidden}, depth: 2}}
-"""
-
-
-def _small(tmp_path, steps=60, hidden=64, extra=""):
-    path = tmp_path / "small.yaml"
-    path.write_text(SMALL.format(steps=steps, hidden=hidden) + extra)
-    return str(path)
-
 
 def test_train_writes_metrics_plots_and_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", _small(tmp_path), "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", "--config", toy.small(tmp_path), "--out", str(out), "--no-progress"]) == 0
     rows = read_metrics(out)
     assert rows[-1]["step"] == 60 and "val_loss" in rows[-1]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -63,12 +40,14 @@ def test_train_writes_metrics_plots_and_checkpoints(tmp_path, capsys):
 
 
 def test_print_config_round_trips(tmp_path, capsys):
-    assert main(["train", "--config", _small(tmp_path), "--max-steps", "77", "--print-config"]) == 0
+    assert (
+        main(["train", "--config", toy.small(tmp_path), "--max-steps", "77", "--print-config"]) == 0
+    )
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
     config = load_config(printed)
     assert config.max_steps == 77 and config.model["hidden"] == 64 and config.device == "cpu"
-    assert config == load_config(_small(tmp_path), max_steps=77)
+    assert config == load_config(toy.small(tmp_path), max_steps=77)
 
 
 def test_max_steps_option_and_toml_config(tmp_path, capsys):
@@ -193,7 +172,7 @@ def test_print_config_refuses_bad_values_too(tmp_path, capsys, yaml_text, messag
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_seed_out_of_range_on_the_command_line(tmp_path, capsys, seed):
     out = tmp_path / "o"
-    assert main(["train", "--config", _small(tmp_path), "--out", str(out), "--seed", seed]) == 2
+    assert main(["train", "--config", toy.small(tmp_path), "--out", str(out), "--seed", seed]) == 2
     assert f"'seed' must be in [0, 2**32), got {seed}" in capsys.readouterr().err
     assert not out.exists()  # run.json was not written: the folder stays free
 
@@ -213,7 +192,7 @@ def test_bad_command_line(tmp_path, capsys):
 
 def test_resume_refuses_another_run_and_an_empty_folder(tmp_path, capsys):
     out = str(tmp_path / "r")
-    cfg = _small(tmp_path, steps=12)
+    cfg = toy.small(tmp_path, steps=12)
     assert main(["train", "--config", cfg, "--out", out, "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["train", "--config", cfg, "--out", out, "--no-progress"]) == 2
@@ -235,15 +214,15 @@ def test_resume_of_a_run_without_checkpoints_starts_it_over(tmp_path, capsys):
     """A run that failed before its first checkpoint leaves run.json (and maybe metrics):
     --resume starts it from step 0 in its folder, says so, and ends as a fresh run does."""
     out = tmp_path / "r"
-    cfg = _small(tmp_path, steps=12)
+    cfg = toy.small(tmp_path, steps=12)
     assert main(["train", "--config", cfg, "--out", str(out), "--no-progress"]) == 0
-    before = metric_rows(out)
+    before = toy.metric_rows(out)
     shutil.rmtree(out / "checkpoints")
     capsys.readouterr()
     assert main(["train", "--config", cfg, "--out", str(out), "--resume", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert f"warning: {out} holds no checkpoint yet: starting its run from step 0" in err, err
-    assert metric_rows(out) == before  # the old rows were dropped, not kept twice
+    assert toy.metric_rows(out) == before  # the old rows were dropped, not kept twice
 
 
 def test_config_api_raises_value_error():
@@ -262,7 +241,7 @@ def _start(args, log):
     # threads spin), and all three runs reduce in the same order.
     env = {
         **os.environ,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": f"{toy.ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.Popen(
@@ -274,31 +253,17 @@ def _start(args, log):
     )
 
 
-def _wait_for_step(out: Path, step: int, proc, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return
-        try:
-            if any(r["step"] >= step for r in read_metrics(out)):
-                return
-        except FileNotFoundError:
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(f"no step {step} in {out} after {timeout} s")
-
-
 def test_sigterm_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     """Real processes, a real SIGTERM mid-epoch: the run writes a checkpoint and exits with
     128 + SIGTERM; ``--resume`` then ends with the same losses, bit for bit, as a run never
     stopped (started at the same time, on the other core)."""
     steps = 400
-    cfg = _small(tmp_path, steps=steps, hidden=128)
+    cfg = toy.small(tmp_path, steps=steps, hidden=128)
     full, cut = tmp_path / "full", tmp_path / "cut"
     p_full = _start(["--config", cfg, "--out", str(full)], tmp_path / "full.log")
     p_cut = _start(["--config", cfg, "--out", str(cut)], tmp_path / "cut.log")
     try:
-        _wait_for_step(cut, 70, p_cut)
+        toy.wait_for_step(cut, 70, p_cut)
         p_cut.send_signal(signal.SIGTERM)
         assert p_cut.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "cut.log").read_text()
         assert p_full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
@@ -312,8 +277,8 @@ def test_sigterm_then_resume_ends_like_an_uninterrupted_run(tmp_path):
 
     p_resume = _start(["--config", cfg, "--out", str(cut), "--resume"], tmp_path / "resume.log")
     assert p_resume.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
-    rows = metric_rows(cut)
-    assert rows == metric_rows(full)
+    rows = toy.metric_rows(cut)
+    assert rows == toy.metric_rows(full)
     last = rows[-1]["step"]  # max_steps, or earlier if early stopping ended both runs
     assert last > stopped_at and "val_loss" in rows[-1]
     a = load_checkpoint(full / "checkpoints" / f"step_{last:08d}.pt")

@@ -1,0 +1,37 @@
+"""The config schema stands alone: a TrainConfig for fit() with one's own model imports no
+job, while the jobs' configs (config_from_dict, load_config, run_job) check their sections."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastopt.train import ConfigError, TrainConfig, config_from_dict
+from fastopt.train.config import parse_config
+from fastopt.train.jobs import checked
+
+JOB_MODULES = ("fastopt.train.gpt", "fastopt.train.text_data", "fastopt.train.mlp")
+
+
+def test_a_train_config_imports_no_job(tmp_path):
+    code = (
+        "import sys\n"
+        "from fastopt.train import TrainConfig, config_from_dict, fit\n"
+        "TrainConfig(max_steps=5, data={'anything': 1})\n"
+        f"loaded = [m for m in {JOB_MODULES!r} if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "config_from_dict({'job': 'mlp'})\n"
+        "assert 'fastopt.train.mlp' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_schema_alone_leaves_the_sections_to_the_jobs():
+    assert parse_config({"job": "mlp", "data": {"n_train": 3}}).data == {"n_train": 3}
+    with pytest.raises(ConfigError, match="unknown config key 'data.nope'"):
+        checked(TrainConfig(job="mlp", data={"nope": 1}))
+    filled = config_from_dict({"job": "mlp", "data": {"n_train": 3}})
+    assert filled.data["n_train"] == 3 and filled.data["batch_size"] == 128
+    assert checked(filled) == filled  # checking twice changes nothing
