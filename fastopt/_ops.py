@@ -5,6 +5,8 @@ Also registers the fake (meta) implementations that let torch.compile trace arou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -42,9 +44,18 @@ def adamw_step(
         0.0 if lr_tensor is not None else lr, lr_tensor, h.beta1, h.beta2, h.weight_decay,
         h.eps, h.amsgrad, h.maximize, _on(h.grad_scale, device), _on(h.found_inf, device),
         _on(h.grad_norm, device), h.max_grad_norm, h.grad_factor, lean.masters,
-        lean.stochastic_rounding, lean.seed, lean.positions,
-        lean.first_indices or [0] * len(params), lean.scales,
+        lean.stochastic_rounding, lean.seed, lean.positions, _first_indices(lean, exp_avgs),
+        lean.scales,
     )  # fmt: skip
+
+
+def _first_indices(lean: Lean, exp_avgs: list[Tensor]) -> Sequence[int]:
+    """first_indices as the op takes them: one per tensor where noise is drawn (stochastic
+    rounding, 8-bit codes), empty meaning all 0; none otherwise, as the op then reads none
+    (every int in a list is one more conversion per call)."""
+    if lean.first_indices or not (lean.stochastic_rounding or exp_avgs[0].dtype == torch.uint8):
+        return lean.first_indices
+    return [0] * len(exp_avgs)
 
 
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
