@@ -74,7 +74,7 @@ class Bucket:
         self._whole = indices == list(range(len(params)))  # the group's only bucket
         self._lean = is_lean(group)
         self._rounding = (lean(group, "stochastic_rounding"), lean(group, "seed") or 0)
-        first = self._tensors[0][0]
+        first = _real(local(self._tensors[0][0]))  # as the kernels see it (complex: real pairs)
         self.ops: ModuleType = backend_ops(select_backend(backend, first.device, first.dtype))
         # Built once where the kernels take the state tensors themselves.
         self.lean = self._lean_of(self._tensors[4], self._tensors[5]) if self.fast else None
