@@ -147,7 +147,7 @@ class GroupStep:
 class _Plan:
     """A group's buckets and what a step compares to know that they still hold."""
 
-    __slots__ = ("group", "listed", "settings", "key", "entries", "entry_sizes", "getters",
+    __slots__ = ("group", "listed", "settings", "key", "getters",
                  "tensors", "buckets", "grads", "present", "grad_dtypes", "step",
                  "fast")  # fmt: skip
 
@@ -191,7 +191,6 @@ class Planner:
             or not all(map(is_, listed, plan.listed))
             or (group["amsgrad"], lean(group, "stochastic_rounding"), lean(group, "seed"),
                 backend) != plan.settings
-            or list(map(len, plan.entries)) != plan.entry_sizes
         ):  # fmt: skip
             return None
         try:
@@ -277,8 +276,7 @@ class Planner:
             groups[(p.dtype, g.dtype, entry["exp_avg"].dtype, master_key(entry))].append(i)
         positions = _positions(optimizer.param_groups)
         plan = _Plan()
-        plan.key, plan.settings, plan.entries = key, settings, entries
-        plan.entry_sizes = list(map(len, entries))
+        plan.key, plan.settings = key, settings
         plan.buckets = [Bucket(state, params, idx, group, positions, backend)
                         for idx in groups.values()]  # fmt: skip
         # Each bucket's entries read by one getter of their keys: checked in C-level passes.

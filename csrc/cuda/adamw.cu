@@ -19,6 +19,8 @@ struct StepCounts {
   float* count[kCountsPerLaunch];
   int n;
 };
+static_assert(sizeof(StepCounts) + sizeof(const float*) <= kMaxKernelParamBytes,
+              "advance_counts' arguments exceed the kernel parameter space");
 
 // Each count one higher, unless found_inf is non-zero. A launch of its own after the update:
 // the update's blocks all read a tensor's count (and compute with it plus one) before any
