@@ -115,10 +115,10 @@ def adamw_step(
     empty unless ``hyper.amsgrad``. The moments may be stored in another dtype than the params
     (fp32, bf16); the math is fp32.
 
-    ``masters`` is empty or holds one tensor per param: the int16 remainder of a bf16 param's
-    fp32 master, or the fp32 master of a fp16 param (fastopt.rounding). The update then starts
-    from the master, and the param is stored as the new master rounded to nearest.
-    ``stochastic_rounding``: every other store into bf16 rounds stochastically, with noise
+    ``lean.masters`` is empty or holds one tensor per param: the int16 remainder of a bf16
+    param's fp32 master, or the fp32 master of a fp16 param (fastopt.rounding). The update then
+    starts from the master, and the param is stored as the new master rounded to nearest.
+    ``lean.stochastic_rounding``: every other store into bf16 rounds stochastically, with noise
     keyed by ``seed``, ``positions[i]`` (the param's place in the optimizer) and the step,
     one word per element by its index in the whole param: ``first_indices[i]`` is the index of
     params[i]'s first element there (non-zero for a shard; empty: all 0).
