@@ -9,14 +9,16 @@
 
 STABLE_TORCH_LIBRARY(fastopt, m) {
   // AdamW update of many tensors at once. grads may be the params' dtype or fp32. state_steps
-  // already hold this step's count. lr_tensor, when given, overrides lr (read on device).
+  // hold the counts before this step: the op advances each by one (unless found_inf is
+  // non-zero: a skipped step leaves them as they are) and updates with the advanced count.
+  // lr_tensor, when given, overrides lr (read on device).
   // masters (empty, or one per param), the moments' own dtype and stochastic rounding (noise
   // keyed by seed, positions and the step, by each element's index in its whole param from
   // first_indices), 8-bit moments (uint8 codes, with one int8 tensor of block scales per
   // param in scales; empty otherwise): fastopt.reference.adamw_step explains them.
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(g!)[] state_steps, "
       "float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, "
       "bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
       "float max_grad_norm, float grad_factor, Tensor(e!)[] masters, bool stochastic_rounding, "

@@ -5,10 +5,13 @@ Also registers the fake (meta) implementations that let torch.compile trace arou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from . import _ext
+from .step_args import PLAIN, Hyper, Lean
 
 __all__ = ["accumulate_", "adamw_step", "multi_tensor_norm", "update_scale_"]
 
@@ -27,39 +30,32 @@ def adamw_step(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    amsgrad: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    grad_norm: Tensor | None = None,
-    max_grad_norm: float = 0.0,
-    grad_factor: float = 1.0,
-    masters: list[Tensor] = (),
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    positions: list[int] = (),
-    first_indices: list[int] = (),
-    scales: list[Tensor] = (),
+    hyper: Hyper,
+    lean: Lean = PLAIN,
 ) -> None:
     if not params:
         return
+    h = hyper
     device = params[0].device
+    lr = h.lr
     lr_tensor = _on(lr, device) if isinstance(lr, Tensor) else None
-    torch.ops.fastopt.adamw_(
+    torch.ops.fastopt.adamw_.default(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-        0.0 if lr_tensor is not None else float(lr), lr_tensor,
-        float(beta1), float(beta2), float(weight_decay), float(eps), bool(amsgrad),
-        bool(maximize), _on(grad_scale, device), _on(found_inf, device), _on(grad_norm, device),
-        float(max_grad_norm), float(grad_factor), list(masters), bool(stochastic_rounding),
-        int(seed), [int(i) for i in positions],
-        [int(i) for i in first_indices] if first_indices else [0] * len(params), list(scales),
+        0.0 if lr_tensor is not None else lr, lr_tensor, h.beta1, h.beta2, h.weight_decay,
+        h.eps, h.amsgrad, h.maximize, _on(h.grad_scale, device), _on(h.found_inf, device),
+        _on(h.grad_norm, device), h.max_grad_norm, h.grad_factor, lean.masters,
+        lean.stochastic_rounding, lean.seed, lean.positions, _first_indices(lean, exp_avgs),
+        lean.scales,
     )  # fmt: skip
+
+
+def _first_indices(lean: Lean, exp_avgs: list[Tensor]) -> Sequence[int]:
+    """first_indices as the op takes them: one per tensor where noise is drawn (stochastic
+    rounding, 8-bit codes), empty meaning all 0; none otherwise, as the op then reads none
+    (every int in a list is one more conversion per call)."""
+    if lean.first_indices or not (lean.stochastic_rounding or exp_avgs[0].dtype == torch.uint8):
+        return lean.first_indices
+    return [0] * len(exp_avgs)
 
 
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
@@ -92,10 +88,7 @@ def _register_fakes() -> None:
     """Shapes and dtypes of the outputs, without computing them (torch.compile, meta tensors)."""
 
     @torch.library.register_fake("fastopt::adamw_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor,
-          beta1, beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, grad_norm,
-          max_grad_norm, grad_factor, masters, stochastic_rounding, seed, positions,
-          first_indices, scales):  # fmt: skip
+    def _(*args):  # the schema's arguments (csrc/ops.cpp); every output is written in place
         return None
 
     @torch.library.register_fake("fastopt::multi_tensor_norm")

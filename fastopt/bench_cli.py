@@ -13,17 +13,15 @@ from . import benchmark as B
 __all__ = ["main"]
 
 
-def _percent(gbps: float, copy_gbps: float | None) -> str:
-    return "n/a" if copy_gbps is None else f"{100 * gbps / copy_gbps:.0f}%"
-
-
 def _table(title: str, rows: list[dict], baseline: str, copy_gbps: float | None) -> str:
     idle = "idle_ms" in rows[0]
     state = "state_bytes" in rows[0]
     peak = "peak_bytes" in rows[0]
+    copy = copy_gbps is not None  # measured on a GPU only
     width = max(30, *(len(r["name"]) + 2 for r in rows))
     lines = [f"\n{title}", f"{'implementation':<{width}}{'ms/step':>9}{'min-max ms':>15}"
-             f"{'B/param':>9}{'GB/s':>8}{'% copy':>8}{'speed-up':>10}{'min-max':>13}"
+             f"{'B/param':>9}{'GB/s':>8}" + (f"{'% copy':>8}" if copy else "")
+             + f"{'speed-up':>10}{'min-max':>13}"
              + (f"{'state B/param':>15}" if state else "")
              + (f"{'peak B/param':>14}" if peak else "")
              + (f"{'from idle':>11}" if idle else "")]  # fmt: skip
@@ -31,14 +29,20 @@ def _table(title: str, rows: list[dict], baseline: str, copy_gbps: float | None)
         spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
         ratios = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"
         lines.append(f"{r['name']:<{width}}{r['ms']:>9.2f}{spread:>15}{r['bytes_per_param']:>9}"
-                     f"{r['gbps']:>8.1f}{_percent(r['gbps'], copy_gbps):>8}"
-                     f"{r['speedup']:>9.2f}x{ratios:>13}"
+                     f"{r['gbps']:>8.1f}"
+                     + (f"{100 * r['gbps'] / copy_gbps:>7.0f}%" if copy else "")
+                     + f"{r['speedup']:>9.2f}x{ratios:>13}"
                      + (f"{r['state_bytes']:>15.2f}" if state else "")
                      + (f"{r['peak_bytes']:>14.2f}" if peak else "")
                      + (f"{r['idle_ms']:>11.2f}" if idle else "")
                      + ("  (wide spread)" if r["wide"] else ""))  # fmt: skip
     lines.append(f"speed-up: median over repeats of {baseline}'s ms / this row's ms, timed "
                  "side by side; min-max: their range")  # fmt: skip
+    if copy:
+        lines.append("% copy: GB/s against a device-to-device copy's, the memory's ceiling")
+    else:  # torch's copy_ on the CPU is slower than AdamW, so no ceiling to compare with
+        lines.append("% copy (GB/s against a copy's) is shown on a GPU only: on the CPU no "
+                     "copy measures the memory's ceiling")  # fmt: skip
     if idle:
         lines.append("ms/step: device time, steps queued as a training loop queues them; "
                      "from idle: ms from a synchronize, host work included")  # fmt: skip
@@ -76,13 +80,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="parameter count (default 30e6 on CPU, 1e9 on GPU)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per implementation")  # fmt: skip
-    parser.add_argument("--suite", choices=["adamw", "pipeline", "lean", "all"], default="all")
+    parser.add_argument("--suite", choices=["adamw", "pipeline", "lean", "overhead", "all"],
+                        default="all",
+                        help="all: adamw, pipeline and lean; overhead: the host's cost per "
+                        "tensor, on --tensors small tensors")  # fmt: skip
+    parser.add_argument("--tensors", default=",".join(map(str, B.OVERHEAD_TENSORS)),
+                        help="overhead suite: tensor counts, comma-separated")  # fmt: skip
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible")
     n_target = args.params or (1e9 if device == "cuda" else 30e6)
     repeats = args.repeats or (20 if device == "cuda" else 15)
+    if args.suite == "overhead":
+        return _overhead(device, [int(t) for t in args.tensors.split(",")], repeats)
 
     shapes = B.transformer_shapes(n_target)
     params, grads = B.make_params(shapes, device)
@@ -146,4 +157,39 @@ def main(argv: list[str] | None = None) -> int:
         print(_table("Lean precision: exact masters, stochastic rounding, 8-bit moments",
                      rows, baseline, copy_gbps))  # fmt: skip
         print(*_warnings(rows, other, device), sep="\n")
+    return 0
+
+
+def _overhead(device: str, counts: list[int], repeats: int) -> int:
+    """The host's cost per tensor: microseconds per param tensor per step on small tensors."""
+    where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
+    omp = os.environ.get("OMP_NUM_THREADS", "unset")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"AdamW step on {B.OVERHEAD_NUMEL}-element tensors on {device} ({where}); torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={omp}), "
+          f"{repeats} repeats, medians; load average {load:.2f} on {os.cpu_count()} cores at "
+          "start")  # fmt: skip
+    width = 24
+    print(f"\n{'tensors':>8}  {'implementation':<{width}}{'us/tensor':>10}{'min-max':>14}"
+          f"{'vs torch fused':>16}{'min-max':>13}")  # fmt: skip
+    all_rows = []
+    with B.OtherLoad() as other:
+        for n in counts:
+            steps, per_call = B.overhead_steps(device, n)
+            # From an idle device on a GPU: the host's work is what is measured.
+            times = B.time_interleaved(steps, device, repeats)
+            rows = B.summarize(times, n, B.BYTES_PER_PARAM, "torch fused")
+            scale = 1e3 / (n * per_call)  # ms per call -> us per tensor per step
+            for r in rows:
+                spread = f"{r['min_ms'] * scale:.2f}-{r['max_ms'] * scale:.2f}"
+                ratios = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"
+                print(f"{n:>8}  {r['name']:<{width}}{r['ms'] * scale:>10.2f}{spread:>14}"
+                      f"{r['speedup']:>15.2f}x{ratios:>13}"
+                      + ("  (wide spread)" if r["wide"] else ""))  # fmt: skip
+            all_rows += [dict(r, name=f"{r['name']} ({n} tensors)") for r in rows]
+            del steps
+    print("us/tensor: a step's time over its param tensors; vs torch fused: median over "
+          "repeats of torch fused's time / this row's, timed side by side; lean: bf16 params "
+          "with masters, bf16 moments and stochastic rounding")  # fmt: skip
+    print(*_warnings(all_rows, other, device), sep="\n")
     return 0

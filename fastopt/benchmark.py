@@ -20,6 +20,8 @@ from .backends import availability
 __all__ = [
     "BYTES_PER_PARAM",
     "LEAN_CASES",
+    "OVERHEAD_NUMEL",
+    "OVERHEAD_TENSORS",
     "PIPELINE_BYTES",
     "WIDE_SPREAD",
     "OtherLoad",
@@ -27,6 +29,7 @@ __all__ = [
     "copy_bandwidth",
     "lean_cases",
     "make_params",
+    "overhead_steps",
     "pipeline_cases",
     "summarize",
     "time_interleaved",
@@ -268,6 +271,48 @@ def lean_cases(
             peak = (tensors + nbytes + transient) / n
         out[name] = (opt.step, moved, nbytes / n, peak)
     return out
+
+
+# The overhead suite: tensors of OVERHEAD_NUMEL elements, so few that a step costs what the
+# host does per tensor (collecting, checking, calling the kernel), not what memory moves.
+OVERHEAD_TENSORS = (10, 100, 1000, 10000)
+OVERHEAD_NUMEL = 16
+
+
+def overhead_steps(device: str, n_tensors: int, numel: int = OVERHEAD_NUMEL,
+                   ) -> tuple[dict[str, Callable[[], None]], int]:  # fmt: skip
+    """(name -> step function, steps per call): torch's fused and foreach AdamW and fastopt's
+    backends, plain (fp32) and lean (bf16 params with masters, bf16 moments and stochastic
+    rounding), each on its own ``n_tensors`` params with gradients. A call runs enough steps
+    (about 10,000 tensor updates) for the host clock to resolve a small model's step."""
+    from . import AdamW
+
+    lean = dict(master_weights=True, state_dtype=torch.bfloat16, stochastic_rounding=True, seed=0)
+    makers: dict[str, tuple[torch.dtype, Callable]] = {
+        "torch fused": (torch.float32, lambda ps: torch.optim.AdamW(ps, fused=True)),
+        "torch foreach": (torch.float32, lambda ps: torch.optim.AdamW(ps, foreach=True)),
+    }
+    for name in _fastopt_backends(device):
+        makers[f"fastopt {name}"] = (torch.float32, lambda ps, b=name: AdamW(ps, backend=b))
+        makers[f"fastopt {name}, lean"] = (
+            torch.bfloat16,
+            lambda ps, b=name: AdamW(ps, backend=b, **lean),
+        )
+    per_call = max(1, 10_000 // n_tensors)
+    steps = {}
+    for name, (dtype, make) in makers.items():
+        params, grads = make_params([(numel,)] * n_tensors, device, dtype=dtype)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt = make(params)
+        opt.step()  # allocates the state (and builds fastopt's plan) outside the timing
+
+        def run(step=opt.step):
+            for _ in range(per_call):
+                step()
+
+        steps[name] = run
+    return steps, per_call
 
 
 def time_interleaved(

@@ -14,9 +14,9 @@ The arithmetic contract every backend follows:
   ``min(1, max_grad_norm / (grad_norm * coef + 1e-6))`` when clipping is on
   (:func:`grad_coefficient`). ``grad_norm`` is the norm of the gradients as stored, so the
   unscaled norm is ``grad_norm * coef``; the ``1e-6`` is torch's ``clip_grad_norm_``'s.
-* ``found_inf`` non-zero means the whole update is skipped: params and moments are unchanged.
-  The caller advances ``state_steps`` (by 1, or by 0 when ``found_inf`` is non-zero) before
-  the update.
+* ``found_inf`` non-zero means the whole update is skipped: params, moments and step counts
+  are unchanged. Otherwise the op advances each of ``state_steps`` by 1 and updates with the
+  new count: the caller never touches the counts (one tensor per param, none listed twice).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .rounding import (
     round_bf16_stochastic,
     split_master,
 )
+from .step_args import PLAIN, Hyper, Lean
 
 __all__ = [
     "CLIP_EPS",
@@ -102,36 +103,22 @@ def adamw_step(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    amsgrad: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    grad_norm: Tensor | None = None,
-    max_grad_norm: float = 0.0,
-    grad_factor: float = 1.0,
-    masters: list[Tensor] = (),
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    positions: list[int] = (),
-    first_indices: list[int] = (),
-    scales: list[Tensor] = (),
+    hyper: Hyper,
+    lean: Lean = PLAIN,
 ) -> None:
     """One AdamW update (decoupled weight decay) of every tensor in ``params``, in place.
 
+    ``hyper`` holds the step's scalars, ``lean`` the memory-lean settings (fastopt.step_args).
     ``grads`` may be the params' dtype or fp32 (accumulation buffers). ``state_steps`` hold
-    the step count *after* this step. ``max_exp_avg_sqs`` is empty unless ``amsgrad``. The
-    moments may be stored in another dtype than the params (fp32, bf16); the math is fp32.
+    the step counts *before* this step: each is advanced by 1, unless ``hyper.found_inf`` is
+    non-zero (a skipped step), and the update uses the advanced count. ``max_exp_avg_sqs`` is
+    empty unless ``hyper.amsgrad``. The moments may be stored in another dtype than the params
+    (fp32, bf16); the math is fp32.
 
-    ``masters`` is empty or holds one tensor per param: the int16 remainder of a bf16 param's
-    fp32 master, or the fp32 master of a fp16 param (fastopt.rounding). The update then starts
-    from the master, and the param is stored as the new master rounded to nearest.
-    ``stochastic_rounding``: every other store into bf16 rounds stochastically, with noise
+    ``lean.masters`` is empty or holds one tensor per param: the int16 remainder of a bf16
+    param's fp32 master, or the fp32 master of a fp16 param (fastopt.rounding). The update then
+    starts from the master, and the param is stored as the new master rounded to nearest.
+    ``lean.stochastic_rounding``: every other store into bf16 rounds stochastically, with noise
     keyed by ``seed``, ``positions[i]`` (the param's place in the optimizer) and the step,
     one word per element by its index in the whole param: ``first_indices[i]`` is the index of
     params[i]'s first element there (non-zero for a shard; empty: all 0).
@@ -146,10 +133,17 @@ def adamw_step(
         return
     device = params[0].device
     math_dtype = _math_dtype(params[0].dtype)
-    coef = grad_coefficient(grad_scale, grad_norm, max_grad_norm, grad_factor, device, math_dtype)
-    skip = found_inf is not None and bool(found_inf.item() != 0)
-    if skip:
-        return
+    h = hyper
+    coef = grad_coefficient(h.grad_scale, h.grad_norm, h.max_grad_norm, h.grad_factor, device,
+                            math_dtype)  # fmt: skip
+    if h.found_inf is not None and bool(h.found_inf.item() != 0):
+        return  # skipped: the counts stay as they are
+    lr, beta1, beta2, weight_decay, eps = h.lr, h.beta1, h.beta2, h.weight_decay, h.eps
+    amsgrad, maximize = h.amsgrad, h.maximize
+    masters, stochastic_rounding, seed = lean.masters, lean.stochastic_rounding, lean.seed
+    positions, first_indices, scales = lean.positions, lean.first_indices, lean.scales
+    for count in state_steps:
+        count.add_(1)
     lr = _lr_value(lr)
     for i, param in enumerate(params):
         master = masters[i] if masters else None

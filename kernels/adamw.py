@@ -30,6 +30,7 @@ from torch import Tensor
 # Absolute, not ..rounding: this package is also importable as a top-level "kernels" from a
 # checkout's root (transformers probes for a package of that name).
 from fastopt.rounding import seed_key
+from fastopt.step_args import PLAIN, Hyper, Lean
 
 from ._quant import check_scales, decode_m, decode_v, pow2, store_quantized
 from ._table import (
@@ -292,7 +293,9 @@ def adamw_kernel(
         lr = tl.load(lr_ptr).to(tl.float64)
     else:
         lr = _f64(lr_bits)
-    step32 = tl.load(step_ptr)
+    # The count before this step, plus one (every program of the tensor reads it before the
+    # launch after this one advances it: adamw_step's _count_steps).
+    step32 = tl.load(step_ptr) + 1.0
     step = step32.to(tl.float64)
     # The noise keys (rounding.noise_key) from the seed, the param's position and the step,
     # the high word of the chunk's first index folded in (mix32(0) is 0).
@@ -391,27 +394,17 @@ def adamw_step(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    amsgrad: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    grad_norm: Tensor | None = None,
-    max_grad_norm: float = 0.0,
-    grad_factor: float = 1.0,
-    masters: list[Tensor] = (),
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    positions: list[int] = (),
-    first_indices: list[int] = (),
-    scales: list[Tensor] = (),
+    hyper: Hyper,
+    lean: Lean = PLAIN,
 ) -> None:
     """fastopt.reference.adamw_step's contract, in one kernel launch and without host syncs."""
+    lr, beta1, beta2, weight_decay, eps = (hyper.lr, hyper.beta1, hyper.beta2,
+                                           hyper.weight_decay, hyper.eps)  # fmt: skip
+    amsgrad, maximize, max_grad_norm = hyper.amsgrad, hyper.maximize, hyper.max_grad_norm
+    grad_factor = hyper.grad_factor
+    grad_scale, found_inf, grad_norm = hyper.grad_scale, hyper.found_inf, hyper.grad_norm
+    masters, stochastic_rounding, seed = lean.masters, lean.stochastic_rounding, lean.seed
+    positions, first_indices, scales = lean.positions, lean.first_indices, lean.scales
     if not params:
         return
     device = params[0].device
@@ -465,12 +458,13 @@ def adamw_step(
     # matter, like the step counts'.
     scalar_lists = (state_steps, list(scales)) if quant else (state_steps,)
     table = get_table(list(lists.values()), launch.chunk, device, scalar_lists, numels, values)
-    if table.n_chunks == 0:
-        return  # only empty tensors
+    found_inf = _scalar_on(found_inf, device)
+    if table.n_chunks == 0:  # only empty tensors: counted all the same
+        _count_steps(state_steps, found_inf)
+        return
 
     lr_tensor = _scalar_on(lr, device) if isinstance(lr, Tensor) else None
     grad_scale = _scalar_on(grad_scale, device)
-    found_inf = _scalar_on(found_inf, device)
     clip = grad_norm is not None and max_grad_norm > 0
     grad_norm = _scalar_on(grad_norm, device) if clip else None
     lerp_coef, lerp_from_m = _lerp_coef(beta1)
@@ -492,3 +486,14 @@ def adamw_step(
         BLOCK=launch.block, CHUNK=launch.chunk,
         num_warps=launch.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
+    _count_steps(state_steps, found_inf)
+
+
+def _count_steps(state_steps: list[Tensor], found_inf: Tensor | None) -> None:
+    """Each count one higher, unless found_inf is non-zero: a launch after the update, whose
+    programs all read the count before it (they compute with the count plus one)."""
+    if found_inf is None:
+        torch._foreach_add_(state_steps, 1.0)
+    else:  # the list form: the one-tensor form cannot be captured in a CUDA graph
+        increment = (found_inf == 0).to(torch.float32)
+        torch._foreach_add_(state_steps, [increment] * len(state_steps))

@@ -21,6 +21,8 @@ def test_bench_command_prints_both_tables():
     assert "Mixed-precision step with clipping" in out
     assert f"{torch.get_num_threads()} threads" in out
     assert "min-max" in out  # each row's spread beside its median
+    # No copy to compare with on the CPU: no column of n/a, a line saying why.
+    assert "n/a" not in out and "% copy (GB/s against a copy's) is shown on a GPU only" in out
     assert "Lean precision" in out and "state B/param" in out
     for name, state in (("torch fused, fp32 params", "8.00"), ("bf16 + master + bf16 moments",
                                                                 "6.00")):  # fmt: skip
@@ -29,7 +31,25 @@ def test_bench_command_prints_both_tables():
             for line in out.splitlines()
             if line.startswith(("torch", "fastopt")) and name in line
         ]
-        assert line.split()[-1] == state, line  # the memory column, from the state itself
+        # The memory column, from the state itself (before a loaded machine's flag).
+        assert line.removesuffix("  (wide spread)").split()[-1] == state, line
+
+
+def test_overhead_suite_reports_us_per_tensor_against_torch():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastopt", "bench", "--device", "cpu", "--suite", "overhead",
+         "--tensors", "10,30", "--repeats", "2"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    assert "us/tensor" in out and "vs torch fused" in out
+    rows = [line.removesuffix("  (wide spread)").split() for line in out.splitlines()
+            if line.strip()[:2] in ("10", "30")]  # fmt: skip
+    names = {" ".join(r[1:-4]) for r in rows}
+    assert {"torch fused", "torch foreach", "fastopt cpu", "fastopt cpu, lean"} <= names
+    for r in rows:
+        assert r[0] in ("10", "30") and float(r[-4]) > 0, r  # us per tensor, measured
+    fused = [r for r in rows if " ".join(r[1:-4]) == "torch fused"]
+    assert [r[-2] for r in fused] == ["1.00x", "1.00x"]  # the baseline against itself
 
 
 def test_other_load_sees_a_busy_process():

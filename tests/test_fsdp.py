@@ -329,6 +329,7 @@ def test_int8_states_on_shards_step_each_shard_in_its_own_blocks(sharded):
     shard updates as the reference steps that piece alone, its noise counted from the whole
     param's first element."""
     from fastopt import reference
+    from fastopt.step_args import Hyper, Lean
 
     init, grads = _lean_data()
     rows = [(0, 4), (4, 7)], [(0, 2), (2, 3)]
@@ -343,15 +344,12 @@ def test_int8_states_on_shards_step_each_shard_in_its_own_blocks(sharded):
         scales = [torch.zeros((2, -(-k // 32)), dtype=torch.int8) for k in n]
         steps = [torch.zeros(()) for _ in n]
         firsts = [lo * (t[0].numel() if t.dim() > 1 else 1) for t, (lo, _) in zip(init, spans)]
+        hyper = Hyper(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8)
+        lean = Lean(masters=masters, seed=5, positions=[0, 1], first_indices=firsts,
+                    scales=scales)  # fmt: skip
         for gs in grads:
-            for s in steps:
-                s += 1
             pieces = [g[lo:hi].flatten() for g, (lo, hi) in zip(gs, spans)]
-            reference.adamw_step(
-                params, pieces, m, v, [], steps, lr=1e-2, beta1=0.9, beta2=0.999,
-                weight_decay=1e-2, eps=1e-8, amsgrad=False, maximize=False, masters=masters,
-                seed=5, positions=[0, 1], first_indices=firsts, scales=scales,
-            )  # fmt: skip
+            reference.adamw_step(params, pieces, m, v, [], steps, hyper, lean)
         for i, (lo, hi) in enumerate(spans):
             whole = torch.tensor(report["params"][i], dtype=torch.int16).view(torch.bfloat16)
             width = whole.numel() // init[i].shape[0]

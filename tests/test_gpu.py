@@ -9,6 +9,7 @@ import torch
 import fastopt
 from fastopt import reference
 from fastopt.backends import availability
+from fastopt.step_args import Hyper
 
 pytestmark = [
     pytest.mark.gpu,
@@ -114,9 +115,8 @@ def test_tensor_past_two_to_the_31_elements_updates_everywhere(backend):
     opt.step()
     for w, (p0, g0) in zip(windows, before):
         ref_p, m, v = [p0.clone()], [torch.zeros_like(p0)], [torch.zeros_like(p0)]
-        reference.adamw_step(ref_p, [g0], m, v, [], [torch.tensor(1.0)], lr=1e-2, beta1=0.9,
-                             beta2=0.999, weight_decay=1e-2, eps=1e-8, amsgrad=False,
-                             maximize=False)  # fmt: skip
+        hyper = Hyper(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8)
+        reference.adamw_step(ref_p, [g0], m, v, [], [torch.tensor(0.0)], hyper)
         torch.testing.assert_close(p.detach()[w], ref_p[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt.state[p]["exp_avg"][w], m[0], rtol=1e-5, atol=1e-6)
 

@@ -24,6 +24,7 @@ import torch
 
 from fastopt import kernels as tk
 from fastopt import reference
+from fastopt.step_args import Hyper
 
 _table = tk._table
 adamw_kernel = tk.adamw.adamw_kernel
@@ -71,9 +72,8 @@ def make_state(shapes, gen, *, dtype=torch.float32, amsgrad=False) -> dict:
 
 
 def clone_state(state: dict, dtype=None) -> dict:
-    out = {k: [t.clone() if dtype is None else t.to(dtype) for t in v] for k, v in state.items()}
-    out["state_steps"] = state["state_steps"]  # shared: advanced once per step by the caller
-    return out
+    # Step counts too: each backend advances its own.
+    return {k: [t.clone() if dtype is None else t.to(dtype) for t in v] for k, v in state.items()}
 
 
 def assert_states_close(mine: dict, ref: dict, rtol: float, what: str) -> None:
@@ -90,7 +90,7 @@ def assert_states_close(mine: dict, ref: dict, rtol: float, what: str) -> None:
 def step_once(state, grads, *, impl, **kw):
     impl.adamw_step(
         state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"],
-        state["max_exp_avg_sqs"], state["state_steps"], **kw,
+        state["max_exp_avg_sqs"], state["state_steps"], Hyper(**kw),
     )  # fmt: skip
 
 
@@ -125,8 +125,6 @@ def run_lockstep(state, ref, shapes, gen, steps, cfg, check):
         skip = bool(cfg.get("skip_every")) and k % cfg["skip_every"] == cfg["skip_every"] - 1
         if "skip_every" in cfg:
             kw["found_inf"] = torch.tensor(float(skip), device=DEVICE)
-        for s in state["state_steps"]:
-            s.add_(0.0 if skip else 1.0)  # the caller advances by 1 - found_inf
         before = clone_state(state) if skip else None
         step_once(state, grads, impl=tk, **kw)
         step_once(ref, grads, impl=reference, **kw)
@@ -180,7 +178,7 @@ def adamw_float64(state, grads, *, lr, beta1, beta2, weight_decay, eps, amsgrad,
     for i, p in enumerate(state["params"]):
         g = grads[i].double() * coef
         m, v = state["exp_avgs"][i], state["exp_avg_sqs"][i]
-        step = state["state_steps"][i].item()
+        step = state["state_steps"][i].add_(1).item()  # as the ops count
         p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -210,8 +208,6 @@ def test_adamw_low_precision_error_within_twice_the_reference(dtype, grad_dtype,
     kw["grad_scale"] = torch.tensor(8.0, device=DEVICE)
     for _ in range(STEPS):
         grads = [rand(s, gen, scale=8.0, dtype=grad_dtype) for s in shapes]
-        for s in state["state_steps"]:
-            s.add_(1.0)
         step_once(state, grads, impl=tk, **kw)
         step_once(ref, grads, impl=reference, **kw)
         f64 = {k: kw[k] for k in ("lr", "beta1", "beta2", "weight_decay", "eps", "amsgrad")}
@@ -236,8 +232,6 @@ def test_adamw_matches_the_cpp_kernel_bit_for_bit(gen):
         kw["grad_norm"], kw["max_grad_norm"] = torch.tensor(100.0, device=DEVICE), 1.0
         for _ in range(3):
             grads = [rand(s, gen, dtype=grad_dtype) for s in shapes]
-            for s in state["state_steps"] + cpp["state_steps"]:
-                s.add_(1.0)
             step_once(state, grads, impl=tk, **kw)
             cpu_kw = dict(kw, grad_norm=kw["grad_norm"].cpu())
             step_once(cpp, [g.cpu() for g in grads], impl=_ops, **cpu_kw)
@@ -247,7 +241,7 @@ def test_adamw_matches_the_cpp_kernel_bit_for_bit(gen):
 
 
 def test_adamw_without_tensors_or_with_only_empty_ones_does_nothing(gen):
-    tk.adamw_step([], [], [], [], [], [], **HYPER, amsgrad=False, maximize=False)
+    tk.adamw_step([], [], [], [], [], [], Hyper(**HYPER))
     state = make_state([(0,), (0, 3)], gen)
     step_once(state, [rand(s, gen) for s in [(0,), (0, 3)]], impl=tk, **HYPER,
               amsgrad=False, maximize=False)  # fmt: skip
@@ -282,7 +276,6 @@ def test_a_whole_step_replays_from_a_cuda_graph_bit_for_bit(gen):
 
     def step(state, scale, tracker, grads):
         norm, found_inf = tk.multi_tensor_norm(grads, 2.0)
-        torch._foreach_add_(state["state_steps"], 1.0)
         kw = dict(HYPER, amsgrad=True, maximize=False, grad_scale=scale, found_inf=found_inf)
         step_once(state, grads, impl=tk, grad_norm=norm, max_grad_norm=1.0, **kw)
         tk.update_scale_(scale, tracker, found_inf, 2.0, 0.5, 2)

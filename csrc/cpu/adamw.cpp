@@ -46,6 +46,14 @@ FASTOPT_INLINE void store_param(P* __restrict__ pb, M* __restrict__ mb, int64_t 
 // rows of noise words with 8-bit moments). A multiple of kQuantBlock, as kChunk is, so 8-bit
 // blocks never straddle two.
 constexpr int64_t kBlock = 512;
+
+// Elements per task of the thread pool, at least: a call with fewer runs on the calling thread
+// alone. A split waits at the pool's barrier for a thread that may not be running, a
+// scheduler time slice (milliseconds) when another process is busy on the other core: on the
+// 2-core Xeon of bench/RESULTS.md, with other processes busy, 64 tensors of 64 Ki elements in
+// all took 0.36 ms inline and 10.7 ms split, 128 Ki 0.55 and 2.3 ms; split paid from 512 Ki
+// (2.1 ms inline). 256 Ki elements are about 1 ms of work on one core.
+constexpr int64_t kInlineElements = 1 << 18;
 static_assert(kBlock % kQuantBlock == 0 && kChunk % kBlock == 0);
 
 // 8-bit codes a whole kBlock row at a time (csrc/adamw_math.h has the format). Loops over one
@@ -268,7 +276,14 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   check_rounding(in, master, stochastic_rounding, positions.size(), first_indices.size());
 
   const float* inf = optional_scalar(found_inf, "found_inf");
-  if (inf != nullptr && *inf != 0.f) return;  // a skipped step touches nothing
+  if (inf != nullptr && *inf != 0.f) return;  // a skipped step touches nothing, counts included
+  // Each count advances by one here, and the update uses the advanced one (ops.cpp's schema).
+  std::vector<float> counts(n);
+  for (size_t i = 0; i < n; ++i) {
+    auto* count = static_cast<float*>(state_steps[i].mutable_data_ptr());
+    counts[i] = *count + 1.f;
+    *count = counts[i];
+  }
   // lr_tensor and the step counts are fp32 CPU scalars (fastopt/_ops.py moves lr_tensor so).
   if (const float* lr_ptr = optional_scalar(lr_tensor, "lr_tensor")) lr = *lr_ptr;
   const float coef = grad_coefficient(optional_scalar(grad_scale, "grad_scale"),
@@ -281,11 +296,11 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   std::vector<uint32_t> keys1(n), keys2(n);
   const uint32_t seed32 = seed_key(static_cast<uint64_t>(seed));
   for (size_t i = 0; i < n; ++i) {
-    coeffs[i] = adamw_coeffs(lr, beta1, beta2, weight_decay, eps, static_cast<double>(*in.steps[i]),
+    coeffs[i] = adamw_coeffs(lr, beta1, beta2, weight_decay, eps, static_cast<double>(counts[i]),
                              coef, maximize);
     if (noise) {
       const auto position = static_cast<uint32_t>(positions[i]);
-      const auto step = static_cast<uint32_t>(*in.steps[i]);
+      const auto step = static_cast<uint32_t>(counts[i]);
       keys1[i] = noise_key(seed32, position, step, kStreamParamMoment1);
       keys2[i] = noise_key(seed32, position, step, kStreamMoments2);
     }
@@ -324,7 +339,15 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   };
 
   const std::vector<Chunk> chunks = make_chunks(in.params);
-  parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  // Each task of the thread pool gets at least kInlineElements elements on average, so a call
+  // with fewer runs inline on the calling thread (with another process busy on the other core,
+  // splitting 1,000 tensors of 16 elements took 12.9 us per tensor where 4.5 was the norm).
+  int64_t elements = 0;
+  for (const auto& t : in.params) elements += t.numel;
+  const auto n_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t grain =
+      std::max<int64_t>(1, n_chunks * kInlineElements / std::max<int64_t>(elements, 1));
+  parallel_for(0, n_chunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& ch = chunks[k];
       const auto t = ch.tensor;

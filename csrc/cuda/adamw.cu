@@ -12,6 +12,38 @@
 namespace fastopt::cuda {
 namespace {
 
+// Step counts one launch advances: pointers by value, in the kernel parameter space
+// (multi_tensor.cuh's limit, less the found_inf pointer and the count).
+constexpr int kCountsPerLaunch = (kMaxKernelParamBytes - kReservedParamBytes - 16) / 8;
+struct StepCounts {
+  float* count[kCountsPerLaunch];
+  int n;
+};
+static_assert(sizeof(StepCounts) + sizeof(const float*) <= kMaxKernelParamBytes,
+              "advance_counts' arguments exceed the kernel parameter space");
+
+// Each count one higher, unless found_inf is non-zero. A launch of its own after the update:
+// the update's blocks all read a tensor's count (and compute with it plus one) before any
+// thread here writes it, as launches on one stream run in order.
+__global__ void advance_counts(const StepCounts counts, const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.f) return;
+  for (int i = threadIdx.x; i < counts.n; i += blockDim.x) *counts.count[i] += 1.f;
+}
+
+void launch_advance_counts(const TensorList& state_steps, const float* found_inf,
+                           cudaStream_t stream) {
+  StepCounts counts;
+  for (size_t begin = 0; begin < state_steps.size(); begin += kCountsPerLaunch) {
+    const size_t end = std::min(state_steps.size(), begin + kCountsPerLaunch);
+    counts.n = static_cast<int>(end - begin);
+    for (size_t i = begin; i < end; ++i) {
+      counts.count[i - begin] = static_cast<float*>(state_steps[i].mutable_data_ptr());
+    }
+    advance_counts<<<1, 256, 0, stream>>>(counts, found_inf);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
                 const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs,
                 const TensorList& state_steps, double lr, const OptionalTensor& lr_tensor,
@@ -51,6 +83,7 @@ void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorL
                                                     positions, first_indices, s, stream,
                                                     device.index());
   });
+  launch_advance_counts(state_steps, s.found_inf, stream);
 }
 
 }  // namespace

@@ -468,7 +468,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     const int slot = i & 1;
     if (threadIdx.x == 0) {
       const int t = find_tensor(meta, chunk);
-      const float step = *meta.step[t];
+      // The count before this step plus one: the launch after this kernel advances it
+      // (adamw.cu), so every block of the tensor reads the same count.
+      const float step = *meta.step[t] + 1.f;
       if (t != kept.tensor) {
         kept.coeffs = adamw_coeffs(kept.lr, s.beta1, s.beta2, s.weight_decay, s.eps,
                                    static_cast<double>(step), kept.coef, s.maximize);

@@ -1,0 +1,121 @@
+"""The step's plan (fastopt/_plan.py): reused while it holds, rebuilt when anything it depends
+on changes between steps, so every step matches torch's AdamW whatever the user changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastopt
+from fastopt import _plan
+
+BACKENDS = ["cpu", "reference"]
+
+
+def _models(seed=0):
+    torch.manual_seed(seed)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    b = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _backward(model, k):
+    gen = torch.Generator().manual_seed(100 + k)
+    x, y = torch.randn(6, 4, generator=gen), torch.randn(6, 2, generator=gen)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+
+def _same(a, b, opt_a, opt_b):
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        if q in opt_b.state:
+            assert float(opt_a.state[p]["step"]) == float(opt_b.state[q]["step"])
+
+
+def _change(name, model, opt, k):
+    """A change a user may make between steps k and k + 1, applied to either optimizer."""
+    params = list(model.parameters())
+    if name == "grad-none":  # one param without a gradient this step
+        params[0].grad = None
+    elif name == "new-grads":  # zero_grad(set_to_none) and a fresh backward: new objects
+        opt.zero_grad()
+        _backward(model, 1000 + k)
+    elif name == "non-contiguous-grad":
+        params[2].grad = params[2].grad.t().contiguous().t()
+    elif name == "lr":
+        for group in opt.param_groups:
+            group["lr"] = 0.05 / (k + 1)
+    elif name == "add-param-group" and k == 1:
+        extra = torch.nn.Parameter(torch.ones(3))
+        extra.grad = torch.full((3,), 0.5)
+        model.register_parameter("extra", extra)
+        opt.add_param_group({"params": [extra], "lr": 0.02})
+    elif name == "load-state-dict" and k == 1:
+        opt.load_state_dict(opt.state_dict())
+    elif name == "param-replaced-in-group" and k == 1:
+        group = opt.param_groups[0]
+        group["params"] = group["params"][::-1]
+
+
+CHANGES = ["grad-none", "new-grads", "non-contiguous-grad", "lr", "add-param-group",
+           "load-state-dict", "param-replaced-in-group"]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_change_between_steps_takes_effect_as_in_torch(backend, change):
+    ours, theirs = _models()
+    opt_o = fastopt.AdamW(ours.parameters(), lr=1e-2, backend=backend)
+    opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=False)
+    for k in range(4):
+        for model, opt in ((ours, opt_o), (theirs, opt_t)):
+            if k == 0 or change == "new-grads":
+                opt.zero_grad()
+                _backward(model, k)
+            if k:
+                _change(change, model, opt, k)
+            opt.step()
+        _same(ours, theirs, opt_o, opt_t)
+
+
+def test_a_planned_step_collects_nothing(monkeypatch):
+    """Once planned, steps with the same gradients or new gradient tensors of the same kind
+    reuse the plan: nothing is collected param by param."""
+    model, _ = _models()
+    opt = fastopt.AdamW(model.parameters(), backend="cpu")
+    _backward(model, 0)
+    opt.step()
+    calls = []
+    original = _plan.collect
+    monkeypatch.setattr(_plan, "collect", lambda *a: calls.append(1) or original(*a))
+    opt.step()  # the same gradient tensors
+    opt.zero_grad()
+    _backward(model, 1)
+    opt.step()  # new gradient tensors, same dtypes and layout
+    assert calls == []
+    next(model.parameters()).grad = None
+    opt.step()  # a param without a gradient: planned again
+    assert calls == [1]
+
+
+def test_a_skipped_step_counts_nothing_on_any_backend():
+    """found_inf set: params, moments and step counts unchanged (the ops count the steps)."""
+    for backend in BACKENDS:
+        model, _ = _models()
+        opt = fastopt.AdamW(model.parameters(), backend=backend)
+        _backward(model, 0)
+        opt.step()
+        before = {(i, k): v.clone() for i, p in enumerate(model.parameters())
+                  for k, v in opt.state[p].items()}  # fmt: skip
+        params = [p.detach().clone() for p in model.parameters()]
+        opt.found_inf = torch.tensor(1.0)
+        opt.grad_scale = torch.tensor(1.0)
+        opt.step()
+        del opt.found_inf, opt.grad_scale
+        for p, q in zip(model.parameters(), params):
+            assert torch.equal(p, q)
+        after = {(i, k): v for i, p in enumerate(model.parameters())
+                 for k, v in opt.state[p].items()}  # fmt: skip
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(float(opt.state[p]["step"]) == 1 for p in model.parameters())
