@@ -24,7 +24,7 @@ SOURCES = {"fastopt": ROOT / "fastopt", "fastopt.kernels": ROOT / "kernels"}
 # ``<package>.__init__``; ``kernels.*`` is every module of ``fastopt.kernels``.
 LAYERS: list[tuple[str, list[str]]] = [
     ("leaf modules: import nothing of fastopt",
-     ["_build", "rounding", "quant", "sharded", "_step_args"]),
+     ["_build", "rounding", "quant", "sharded", "step_args"]),
     ("the compiled extension's loader, the reference ops, the Triton kernels",
      ["_ext", "reference", "kernels.*"]),
     ("the op schemas' Python side", ["_ops"]),
