@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "../adamw_dispatch.h"
+#include "../adamw_inputs.h"
 #include "../adamw_math.h"
-#include "../checks.h"
 #include "multi_tensor.cuh"
 
 namespace fastopt::cuda {
