@@ -4,8 +4,8 @@
 #include <torch/csrc/stable/ops.h>
 
 #include "../adamw_dispatch.h"
+#include "../adamw_inputs.h"
 #include "../adamw_math.h"
-#include "../checks.h"
 #include "cpu_common.h"
 
 #include <algorithm>
@@ -275,7 +275,8 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   const Master master = master_kind(in);
   check_rounding(in, master, stochastic_rounding, positions.size(), first_indices.size());
 
-  const float* inf = optional_scalar(found_inf, "found_inf");
+  const Device device = in.params[0].device;
+  const float* inf = optional_scalar(found_inf, device, "adamw_", "found_inf");
   if (inf != nullptr && *inf != 0.f) return;  // a skipped step touches nothing, counts included
   // Each count advances by one here, and the update uses the advanced one (ops.cpp's schema).
   std::vector<float> counts(n);
@@ -285,11 +286,13 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
     *count = counts[i];
   }
   // lr_tensor and the step counts are fp32 CPU scalars (fastopt/_ops.py moves lr_tensor so).
-  if (const float* lr_ptr = optional_scalar(lr_tensor, "lr_tensor")) lr = *lr_ptr;
-  const float coef = grad_coefficient(optional_scalar(grad_scale, "grad_scale"),
-                                      optional_scalar(grad_norm, "grad_norm"),
-                                      static_cast<float>(max_grad_norm),
-                                      static_cast<float>(grad_factor));
+  if (const float* lr_ptr = optional_scalar(lr_tensor, device, "adamw_", "lr_tensor")) {
+    lr = *lr_ptr;
+  }
+  const float coef =
+      grad_coefficient(optional_scalar(grad_scale, device, "adamw_", "grad_scale"),
+                       optional_scalar(grad_norm, device, "adamw_", "grad_norm"),
+                       static_cast<float>(max_grad_norm), static_cast<float>(grad_factor));
   // 8-bit codes always round stochastically (fastopt/quant.py says why).
   const bool noise = stochastic_rounding || in.quantized();
   std::vector<AdamWCoeffs> coeffs(n);

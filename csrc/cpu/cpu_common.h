@@ -3,14 +3,12 @@
 #pragma once
 
 #include <torch/csrc/stable/ops.h>
-#include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
 #include <vector>
 
 #include "../adamw_math.h"
-#include "../checks.h"
+#include "../inputs.h"
 
 // Helpers of the target_clones kernels: GCC inlines a callee into each clone (compiled for that
 // clone's instruction set) only when told to; left to itself it called the 8-bit codes' block
@@ -19,8 +17,6 @@
 
 namespace fastopt::cpu {
 
-using BFloat16 = torch::headeronly::BFloat16;
-using Half = torch::headeronly::Half;
 // at::parallel_for through the stable ABI: f(lo, hi) runs on libtorch's own thread pool.
 using torch::stable::parallel_for;
 
@@ -63,15 +59,5 @@ inline void store(BFloat16* p, int64_t i, float x) {
   p[i].x = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
 }
 inline void store(Half* p, int64_t i, float x) { p[i] = Half(x); }
-
-// Reads an optional fp32 0-dim tensor as a pointer (nullptr when absent).
-inline const float* optional_scalar(const OptionalTensor& t, const char* name) {
-  if (!t.has_value()) return nullptr;
-  const TensorInfo info(*t, Access::kRead);
-  FASTOPT_CHECK(info.numel == 1 && info.dtype == ScalarType::Float, "fastopt: ", name,
-                " must be a one-element float32 tensor, got ", Sizes{*t}, " of ", info.dtype);
-  FASTOPT_CHECK(info.device.is_cpu(), "fastopt: ", name, " must be on the CPU for CPU params");
-  return static_cast<const float*>(info.data);
-}
 
 }  // namespace fastopt::cpu

@@ -9,13 +9,11 @@
 #include <tuple>
 
 #include "../adamw_math.h"
-#include "../checks.h"
+#include "../reduce_inputs.h"
 #include "cpu_common.h"
 
 namespace fastopt::cpu {
 namespace {
-
-enum class NormKind { kL2, kL1, kInf, kP };
 
 struct Partial {
   double value;  // sum of |x|^p (or max |x| for the inf-norm) over the chunk
@@ -116,37 +114,15 @@ Partial norm_chunk(const T* __restrict__ x, int64_t begin, int64_t end, float p)
 
 template <NormKind kKind>
 Partial norm_chunk_any(const TensorInfo& t, const Chunk& ch, float p) {
-  switch (t.dtype) {
-    case ScalarType::Float:
-      return norm_chunk<kKind>(static_cast<const float*>(t.data), ch.begin, ch.end, p);
-    case ScalarType::BFloat16:
-      return norm_chunk<kKind>(static_cast<const BFloat16*>(t.data), ch.begin, ch.end, p);
-    default: return norm_chunk<kKind>(static_cast<const Half*>(t.data), ch.begin, ch.end, p);
-  }
-}
-
-// Reads `list` (read-only) and checks it holds contiguous floating CPU tensors.
-std::vector<TensorInfo> check_floating(const TensorList& list, const char* op, const char* name) {
-  std::vector<TensorInfo> out = infos(list, Access::kRead);
-  for (size_t i = 0; i < out.size(); ++i) {
-    const auto& t = out[i];
-    FASTOPT_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
-                  "] must be float32, bfloat16 or float16, got ", t.dtype);
-    FASTOPT_CHECK(t.device.is_cpu(), "fastopt.", op, ": ", name, "[", i, "] is on ",
-                  DeviceName{t.device}, ", expected cpu");
-    FASTOPT_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
-  }
-  return out;
+  return dispatch_float(t.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return norm_chunk<kKind>(static_cast<const T*>(t.data), ch.begin, ch.end, p);
+  });
 }
 
 std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double norm_type) {
-  const std::vector<TensorInfo> tensors = check_floating(list, "multi_tensor_norm", "tensors");
-  FASTOPT_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
-                norm_type);
-  NormKind kind = NormKind::kP;
-  if (std::isinf(norm_type)) kind = NormKind::kInf;
-  else if (norm_type == 2.0) kind = NormKind::kL2;
-  else if (norm_type == 1.0) kind = NormKind::kL1;
+  const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
+  const NormKind kind = check_norm_inputs(tensors, Device(DeviceType::CPU), norm_type);
   const float p = static_cast<float>(norm_type);
 
   const std::vector<Chunk> chunks = make_chunks(tensors);
@@ -198,17 +174,9 @@ void accumulate_chunk(float* __restrict__ acc, const G* __restrict__ grad, int64
 
 void accumulate_cpu(const TensorList& acc_list, const TensorList& grad_list, double alpha,
                     bool overwrite) {
-  FASTOPT_CHECK(acc_list.size() == grad_list.size(), "fastopt.accumulate_: accs has ",
-                acc_list.size(), " tensors and grads ", grad_list.size());
-  const std::vector<TensorInfo> grads = check_floating(grad_list, "accumulate_", "grads");
-  const std::vector<TensorInfo> accs = infos(acc_list, Access::kWrite);
-  for (size_t i = 0; i < accs.size(); ++i) {
-    FASTOPT_CHECK(
-        accs[i].dtype == ScalarType::Float && accs[i].device.is_cpu() && accs[i].contiguous,
-        "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 CPU tensor");
-    FASTOPT_CHECK(accs[i].numel == grads[i].numel, "fastopt.accumulate_: accs[", i, "] has ",
-                  accs[i].numel, " elements and grads[", i, "] ", grads[i].numel);
-  }
+  const AccumulateInputs in = check_accumulate_inputs(acc_list, grad_list, DeviceType::CPU);
+  const std::vector<TensorInfo>& accs = in.accs;
+  const std::vector<TensorInfo>& grads = in.grads;
   const std::vector<Chunk> chunks = make_chunks(accs);
   const float a = static_cast<float>(alpha);
   parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
@@ -216,17 +184,10 @@ void accumulate_cpu(const TensorList& acc_list, const TensorList& grad_list, dou
       const Chunk& ch = chunks[k];
       float* acc = static_cast<float*>(accs[ch.tensor].data);
       const auto& g = grads[ch.tensor];
-      switch (g.dtype) {
-        case ScalarType::Float:
-          accumulate_chunk(acc, static_cast<const float*>(g.data), ch.begin, ch.end, a, overwrite);
-          break;
-        case ScalarType::BFloat16:
-          accumulate_chunk(acc, static_cast<const BFloat16*>(g.data), ch.begin, ch.end, a,
-                           overwrite);
-          break;
-        default:
-          accumulate_chunk(acc, static_cast<const Half*>(g.data), ch.begin, ch.end, a, overwrite);
-      }
+      dispatch_float(g.dtype, [&](auto tag) {
+        using G = typename decltype(tag)::type;
+        accumulate_chunk(acc, static_cast<const G*>(g.data), ch.begin, ch.end, a, overwrite);
+      });
     }
   });
 }

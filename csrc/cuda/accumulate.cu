@@ -3,6 +3,7 @@
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 
+#include "../reduce_inputs.h"
 #include "multi_tensor.cuh"
 
 namespace fastopt::cuda {
@@ -83,37 +84,19 @@ void launch_accumulate(InfoList accs, InfoList grads, const std::vector<int64_t>
 
 void accumulate_cuda(const TensorList& acc_list, const TensorList& grad_list, double alpha,
                      bool overwrite) {
-  FASTOPT_CHECK(acc_list.size() == grad_list.size(), "fastopt.accumulate_: accs has ",
-                acc_list.size(), " tensors and grads ", grad_list.size());
-  if (acc_list.empty()) return;
-  const std::vector<TensorInfo> accs = infos(acc_list, Access::kWrite);
-  const std::vector<TensorInfo> grads = infos(grad_list, Access::kRead);
+  const AccumulateInputs in = check_accumulate_inputs(acc_list, grad_list, DeviceType::CUDA);
+  if (in.accs.empty()) return;
+  const std::vector<TensorInfo>& accs = in.accs;
+  const std::vector<TensorInfo>& grads = in.grads;
   const Device device = accs[0].device;
-  FASTOPT_CHECK(device.is_cuda(), "fastopt.accumulate_: accs[0] is on ", DeviceName{device},
-                ", expected a CUDA device");
-  for (size_t i = 0; i < accs.size(); ++i) {
-    const auto& acc = accs[i];
-    const auto& grad = grads[i];
-    FASTOPT_CHECK(acc.dtype == ScalarType::Float && acc.device == device && acc.contiguous,
-                  "fastopt.accumulate_: accs[", i, "] must be a contiguous float32 tensor on ",
-                  DeviceName{device}, ", got ", acc.dtype, " on ", DeviceName{acc.device},
-                  acc.contiguous ? "" : " (not contiguous)");
-    FASTOPT_CHECK(is_floating(grad.dtype), "fastopt.accumulate_: grads[", i,
-                  "] must be float32, bfloat16 or float16, got ", grad.dtype);
-    FASTOPT_CHECK(grad.device == device, "fastopt.accumulate_: grads[", i, "] is on ",
-                  DeviceName{grad.device}, ", expected ", DeviceName{device});
-    FASTOPT_CHECK(grad.contiguous, "fastopt.accumulate_: grads[", i, "] must be contiguous");
-    FASTOPT_CHECK(acc.numel == grad.numel, "fastopt.accumulate_: accs[", i, "] has ", acc.numel,
-                  " elements and grads[", i, "] ", grad.numel);
-  }
 
   const torch::stable::accelerator::DeviceGuard guard(device.index());
   const cudaStream_t stream = current_stream(device.index());
   const float a = static_cast<float>(alpha);
   for (const auto& indices : group_by_dtype(grads)) {
     if (indices.empty()) continue;
-    dispatch_float_type(grads[indices[0]].dtype, [&](auto tag) {
-      using G = decltype(tag);
+    dispatch_float(grads[indices[0]].dtype, [&](auto tag) {
+      using G = typename decltype(tag)::type;
       if (overwrite) {
         launch_accumulate<G, true>(accs, grads, indices, a, stream, device.index());
       } else {

@@ -19,8 +19,6 @@
 #include <cuda_runtime.h>
 #include <torch/csrc/stable/c/shim.h>
 #include <torch/csrc/stable/macros.h>
-#include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <array>
@@ -30,13 +28,10 @@
 #include <span>
 #include <vector>
 
-#include "../checks.h"
+#include "../inputs.h"
 #include "../launch_config.h"
 
 namespace fastopt::cuda {
-
-using BFloat16 = torch::headeronly::BFloat16;
-using Half = torch::headeronly::Half;
 
 // Threads per block for every multi-tensor kernel. 256 lets two or more blocks share an SM,
 // so one block's chunk set-up (tensor search, bias corrections, the barrier) overlaps another
@@ -145,7 +140,7 @@ inline cudaStream_t current_stream(int device) {
   return static_cast<cudaStream_t>(stream);
 }
 
-// The properties of a list of tensors, read once (checks.h).
+// The properties of a list of tensors, read once (inputs.h).
 using InfoList = std::span<const TensorInfo>;
 
 // Calls launch(meta, first_chunk) once per TensorListMeta::kCapacity non-empty tensors among
@@ -201,29 +196,6 @@ inline std::array<std::vector<int64_t>, 3> group_by_dtype(InfoList list) {
     groups[dt == ScalarType::Float ? 0 : dt == ScalarType::BFloat16 ? 1 : 2].push_back(i);
   }
   return groups;
-}
-
-// Calls f(T{}) with the storage type of dtype (float, bfloat16 or half; checked beforehand).
-template <typename F>
-void dispatch_float_type(ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case ScalarType::Float: return f(float{});
-    case ScalarType::BFloat16: return f(BFloat16{});
-    default: return f(Half{});
-  }
-}
-
-// Reads an optional one-element float32 tensor on `device` as a device pointer (nullptr when
-// absent).
-inline const float* optional_scalar(const OptionalTensor& t, const Device& device, const char* op,
-                                    const char* name) {
-  if (!t.has_value()) return nullptr;
-  const TensorInfo info(*t, Access::kRead);
-  FASTOPT_CHECK(info.numel == 1 && info.dtype == ScalarType::Float, "fastopt.", op, ": ", name,
-                " must be a one-element float32 tensor, got ", Sizes{*t}, " of ", info.dtype);
-  FASTOPT_CHECK(info.device == device, "fastopt.", op, ": ", name, " is on ",
-                DeviceName{info.device}, ", expected ", DeviceName{device});
-  return static_cast<const float*>(info.data);
 }
 
 // ---------------------------------------------------------------------------------------------

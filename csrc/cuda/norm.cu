@@ -13,13 +13,11 @@
 #include <tuple>
 
 #include "../adamw_math.h"
-#include "../checks.h"
+#include "../reduce_inputs.h"
 #include "multi_tensor.cuh"
 
 namespace fastopt::cuda {
 namespace {
-
-enum class NormKind : int { kL2, kL1, kInf, kP };
 
 using NormMeta = TensorListMeta<1, /*kWithStep=*/false>;
 static_assert(sizeof(NormMeta) + 3 * sizeof(int64_t) <= kMaxKernelParamBytes);
@@ -198,17 +196,6 @@ void launch_norm_chunks(InfoList tensors, const std::vector<int64_t>& indices, f
       });
 }
 
-void check_tensors(InfoList list, const Device& device, const char* op, const char* name) {
-  for (size_t i = 0; i < list.size(); ++i) {
-    const auto& t = list[i];
-    FASTOPT_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
-                  "] must be float32, bfloat16 or float16, got ", t.dtype);
-    FASTOPT_CHECK(t.device == device, "fastopt.", op, ": ", name, "[", i, "] is on ",
-                  DeviceName{t.device}, ", expected ", DeviceName{device});
-    FASTOPT_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
-  }
-}
-
 std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& list, double norm_type) {
   if (list.empty()) {  // as the reference: (0, 0) on the CPU
     Tensor zero = torch::stable::empty({}, ScalarType::Float);
@@ -216,21 +203,9 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& list, double
     return {zero, torch::stable::clone(zero)};
   }
   const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
+  check_device_type("multi_tensor_norm", "tensors[0]", tensors[0], DeviceType::CUDA);
   const Device device = tensors[0].device;
-  FASTOPT_CHECK(device.is_cuda(), "fastopt.multi_tensor_norm: tensors[0] is on ",
-                DeviceName{device}, ", expected a CUDA device");
-  check_tensors(tensors, device, "multi_tensor_norm", "tensors");
-  // Other orders (0, -inf, negative p) are computed by the Python side with torch's norm.
-  FASTOPT_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
-                norm_type);
-  NormKind kind = NormKind::kP;
-  if (std::isinf(norm_type)) {
-    kind = NormKind::kInf;
-  } else if (norm_type == 2.0) {
-    kind = NormKind::kL2;
-  } else if (norm_type == 1.0) {
-    kind = NormKind::kL1;
-  }
+  const NormKind kind = check_norm_inputs(tensors, device, norm_type);
   const float p = static_cast<float>(norm_type);
 
   const torch::stable::accelerator::DeviceGuard guard(device.index());
@@ -247,8 +222,8 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& list, double
   int64_t group_first_chunk = 0;
   for (const auto& indices : groups) {
     if (indices.empty()) continue;
-    dispatch_float_type(tensors[indices[0]].dtype, [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_float(tensors[indices[0]].dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
       switch (kind) {
         case NormKind::kL2:
           launch_norm_chunks<T, NormKind::kL2>(tensors, indices, out, total_chunks,

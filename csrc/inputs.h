@@ -1,0 +1,159 @@
+// Reading and checking the ops' tensor arguments: the pieces every op's checks are made of, so
+// each check reads and fails the same way on every device, its message naming the op (by its
+// schema name, "adamw_") and the offending argument. The rules of one op's arguments sit beside
+// it, built from these (adamw_inputs.h, reduce_inputs.h).
+//
+// Written against PyTorch's stable ABI (torch::stable::Tensor), so one binary loads into every
+// torch from TORCH_TARGET_VERSION on; failures throw through FASTOPT_CHECK (error.h), whose
+// messages carry no build paths. Every accessor of a stable tensor is a call into libtorch
+// (scalar_type() and device() several), so each tensor's properties are read once, into a
+// TensorInfo, which the kernels then take their pointers and sizes from.
+#pragma once
+
+#include <torch/csrc/stable/tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <vector>
+
+#include "dtypes.h"
+#include "error.h"
+
+namespace fastopt {
+
+using torch::stable::Device;
+using torch::stable::DeviceType;
+using torch::stable::Tensor;
+// Tensor[] arguments arrive as a vector of owning handles; Tensor? as an optional.
+using TensorList = std::vector<Tensor>;
+using OptionalTensor = std::optional<Tensor>;
+
+// torch's name of a device type, for the types a tensor reaching these kernels can have.
+inline const char* device_type_name(DeviceType type) {
+  switch (type) {
+    case DeviceType::CPU:
+      return "cpu";
+    case DeviceType::CUDA:
+      return "cuda";
+    case DeviceType::Meta:
+      return "meta";
+    case DeviceType::XPU:
+      return "xpu";
+    case DeviceType::MPS:
+      return "mps";
+    case DeviceType::PrivateUse1:
+      return "privateuseone";
+    default:
+      return "unknown";
+  }
+}
+
+// For messages: "cpu", "cuda:1", as torch prints a device (the stable Device has no <<).
+struct DeviceName {
+  Device device;
+};
+inline std::ostream& operator<<(std::ostream& out, const DeviceName& d) {
+  out << device_type_name(d.device.type());
+  if (d.device.has_index() && !d.device.is_cpu()) out << ":" << int(d.device.index());
+  return out;
+}
+
+// Whether a kernel writes a tensor (its pointer comes from mutable_data_ptr, which unshares a
+// copy-on-write tensor first) or only reads it (const_data_ptr, which leaves it shared).
+enum class Access { kRead, kWrite };
+
+// One tensor's properties, read once.
+struct TensorInfo {
+  void* data;  // const unless read with Access::kWrite
+  int64_t numel;
+  ScalarType dtype;
+  Device device;
+  bool contiguous;
+
+  TensorInfo(const Tensor& t, Access access)
+      : data(access == Access::kWrite ? t.mutable_data_ptr()
+                                      : const_cast<void*>(t.const_data_ptr())),
+        numel(t.numel()),
+        dtype(t.scalar_type()),
+        device(t.device()),
+        contiguous(t.is_contiguous()) {}
+};
+
+inline std::vector<TensorInfo> infos(const TensorList& list, Access access) {
+  std::vector<TensorInfo> out;
+  out.reserve(list.size());
+  for (const auto& t : list) out.emplace_back(t, access);
+  return out;
+}
+
+// For messages: a tensor's shape as torch prints it, "[2, 3]".
+struct Sizes {
+  const Tensor& t;
+};
+inline std::ostream& operator<<(std::ostream& out, const Sizes& s) {
+  out << "[";
+  const auto sizes = s.t.sizes();
+  for (size_t d = 0; d < sizes.size(); ++d) out << (d ? ", " : "") << sizes[d];
+  return out << "]";
+}
+
+// Whether a tensor on `actual` is on `expected`: the same device, or for the CPU any CPU
+// device (there is one, whatever index a tensor reports).
+inline bool on_device(const Device& actual, const Device& expected) {
+  return expected.is_cpu() ? actual.is_cpu() : actual == expected;
+}
+
+// `name` (a list's first tensor, "params[0]") is on a device of type `type`.
+inline void check_device_type(const char* op, const char* name, const TensorInfo& t,
+                              DeviceType type) {
+  FASTOPT_CHECK(t.device.type() == type, "fastopt.", op, ": ", name, " is on ",
+                DeviceName{t.device}, ", expected a ", device_type_name(type), " device");
+}
+
+// The list `name` has n tensors.
+inline void check_count(const char* op, const char* name, size_t size, size_t n) {
+  FASTOPT_CHECK(size == n, "fastopt.", op, ": ", name, " has ", size, " tensors, expected ", n);
+}
+
+// `list` holds n contiguous tensors of `dtype` on `device`, the device of `owner` ("params[0]").
+inline void check_list(const char* op, const char* name, const std::vector<TensorInfo>& list,
+                       size_t n, ScalarType dtype, const Device& device, const char* owner) {
+  check_count(op, name, list.size(), n);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& t = list[i];
+    FASTOPT_CHECK(on_device(t.device, device), "fastopt.", op, ": ", name, "[", i, "] is on ",
+                  DeviceName{t.device}, ", ", owner, " on ", DeviceName{device});
+    FASTOPT_CHECK(t.dtype == dtype, "fastopt.", op, ": ", name, "[", i, "] is ", t.dtype,
+                  ", expected ", dtype);
+    FASTOPT_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
+  }
+}
+
+// `list` holds contiguous float32, bfloat16 or float16 tensors, in any mix, on `device`.
+inline void check_floating_list(const char* op, const char* name,
+                                const std::vector<TensorInfo>& list, const Device& device) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const auto& t = list[i];
+    FASTOPT_CHECK(is_floating(t.dtype), "fastopt.", op, ": ", name, "[", i,
+                  "] must be float32, bfloat16 or float16, got ", t.dtype);
+    FASTOPT_CHECK(on_device(t.device, device), "fastopt.", op, ": ", name, "[", i, "] is on ",
+                  DeviceName{t.device}, ", expected ", DeviceName{device});
+    FASTOPT_CHECK(t.contiguous, "fastopt.", op, ": ", name, "[", i, "] must be contiguous");
+  }
+}
+
+// Reads an optional one-element float32 tensor on `device` as a pointer to its value (nullptr
+// when absent), a device pointer for a CUDA op.
+inline const float* optional_scalar(const OptionalTensor& t, const Device& device, const char* op,
+                                    const char* name) {
+  if (!t.has_value()) return nullptr;
+  const TensorInfo info(*t, Access::kRead);
+  FASTOPT_CHECK(info.numel == 1 && info.dtype == ScalarType::Float, "fastopt.", op, ": ", name,
+                " must be a one-element float32 tensor, got ", Sizes{*t}, " of ", info.dtype);
+  FASTOPT_CHECK(on_device(info.device, device), "fastopt.", op, ": ", name, " is on ",
+                DeviceName{info.device}, ", expected ", DeviceName{device});
+  return static_cast<const float*>(info.data);
+}
+
+}  // namespace fastopt
