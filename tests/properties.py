@@ -286,7 +286,7 @@ def weighted(weights, micro, i, absolute=False) -> torch.Tensor:
 # -- the checks --------------------------------------------------------------------------------
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The same values, NaN where NaN (torch.equal calls NaN unequal to itself): gradients and
-    norms of the two implementations. States are compared by lockstep.assert_same_bits."""
+    norms of the two implementations. States are compared by lockstep.assert_same_state."""
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
