@@ -34,6 +34,16 @@ def backend_params(pairs=_PAIRS) -> list:
 
 BACKENDS = backend_params()
 FAST_BACKENDS = backend_params([p for p in _PAIRS if p != ("reference", "cpu")])
+# Where the Triton kernels run: compiled on a CUDA GPU where there is one, else interpreted.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def backend_cases(backend: str, device: str, cases: dict) -> list:
+    """pytest params (backend, device, case) for each named case, marked as backend_params
+    marks the pair; ids "backend-device-name"."""
+    marks = backend_params([(backend, device)])[0].marks
+    return [pytest.param(backend, device, case, id=f"{backend}-{device}-{name}", marks=marks)
+            for name, case in cases.items()]  # fmt: skip
 
 
 def randn(shape, *, dtype=torch.float32, device="cpu", gen: torch.Generator) -> torch.Tensor:

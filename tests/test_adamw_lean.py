@@ -1,5 +1,7 @@
-"""Memory-lean precision: exact fp32 masters of bf16/fp16 params, moments in another dtype, and
-stochastic rounding, against torch.optim.AdamW on fp32 copies and against the reference.
+"""fastopt.AdamW's memory-lean precision: exact fp32 masters of bf16/fp16 params, moments in
+another dtype, and stochastic rounding, against torch.optim.AdamW on fp32 copies; the same bits
+on every backend and after a resume; state sizes, state dicts and argument checks. The kernels'
+lockstep with the reference is in tests/test_lockstep_*.py.
 
 The tolerances: a master tracks torch's fp32 param as fastopt's fp32 step always has (the
 kernels' arithmetic differs from torch's by an ulp here and there: a reciprocal multiply where
@@ -17,8 +19,7 @@ import math
 import pytest
 import torch
 from helpers import BACKENDS, HAS_CUDA
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
+from lockstep import assert_same_state, bits_differ, optimizer_snapshot
 
 import fastopt
 from fastopt.rounding import join_master
@@ -218,14 +219,7 @@ def _train(backend, seed, steps, state=None, model_seed=0, device="cpu"):
 
 
 def _bits_of(ps, opt):
-    out = [_bits16(p).cpu() for p in ps]
-    for p in ps:
-        out += [t.detach().cpu().clone() for k, t in sorted(opt.state[p].items())]
-    return out
-
-
-def _same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    return [(name, t.detach().cpu().clone()) for name, t in optimizer_snapshot(opt, ps)]
 
 
 def test_stochastic_rounding_is_the_same_on_every_backend_and_after_a_resume():
@@ -235,8 +229,8 @@ def test_stochastic_rounding_is_the_same_on_every_backend_and_after_a_resume():
     runs = {pair: _bits_of(*_train(pair[0], seed=11, steps=6, device=pair[1])) for pair in pairs}
     first = runs[pairs[0]]
     for name, bits in runs.items():
-        assert _same(bits, first), name
-    assert not _same(_bits_of(*_train("reference", seed=12, steps=6)), first)  # seed matters
+        assert_same_state(bits, first, str(name))
+    assert bits_differ(_bits_of(*_train("reference", seed=12, steps=6)), first)  # seed matters
     # Three steps, a checkpoint through bytes, three more in a new process's objects.
     ps, opt = _train(*pairs[-1][:1], seed=11, steps=3, device=pairs[-1][1])
     buf = io.BytesIO()
@@ -246,7 +240,7 @@ def test_stochastic_rounding_is_the_same_on_every_backend_and_after_a_resume():
     resumed = _train(pairs[-1][0], seed=999, steps=3, state=state, model_seed=5,
                      device=pairs[-1][1])  # fmt: skip
     assert resumed[1].param_groups[0]["seed"] == 11  # the saved seed, not the constructor's
-    assert _same(_bits_of(*resumed), first)
+    assert_same_state(_bits_of(*resumed), first, "resumed")
 
 
 def test_state_nbytes_and_checkpoint_size():
@@ -354,7 +348,7 @@ def test_a_skipped_step_changes_no_param_master_or_moment():
         p.grad = g.to(torch.bfloat16)
     opt.step()
     assert float(opt.last_found_inf) != 0
-    assert _same(_bits_of(ps, opt), before)
+    assert_same_state(_bits_of(ps, opt), before, "skipped step")
 
 
 @pytest.mark.parametrize(
@@ -406,145 +400,3 @@ def test_remainder_holds_the_exact_master_across_ties():
     assert torch.equal(_bits16(param), _bits16(ties.to(torch.bfloat16)))
     back = join_master(param, remainder)
     assert ((back.view(torch.int32).long() - ties.view(torch.int32).long()).abs() == 1).all()
-
-
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-_CONFIGS = dict(
-    p_dtype=st.sampled_from(_DTYPES),
-    state_dtype=st.sampled_from([None, torch.float32, torch.bfloat16]),
-    master=st.booleans(),
-    sr=st.booleans(),
-    amsgrad=st.booleans(),
-    maximize=st.booleans(),
-    fp32_grads=st.booleans(),
-    lr=st.floats(1e-5, 1e-1),
-    beta1=st.floats(0.0, 0.99),
-    beta2=st.floats(0.5, 0.9999),
-    weight_decay=st.floats(0.0, 0.2),
-    sizes=st.lists(st.integers(0, 1100), min_size=1, max_size=3),
-    steps=st.integers(1, 3),
-    seed=st.integers(0, 2**63 - 1),
-)
-
-
-@given(**_CONFIGS)
-def test_cpu_kernel_matches_the_reference_bit_for_bit(**config):
-    """Every lean configuration on the C++ kernel against the reference: the same bits in the
-    params, moments and masters (the reference's fp32 arithmetic is the kernels', operation
-    for operation), so the stochastic rounding decides alike too. Sizes cross the kernel's
-    512-element blocks and include empty tensors."""
-    _lockstep("cpu", **config)
-
-
-@settings(max_examples=40)  # the interpreter takes about a second per example here
-@given(**{**_CONFIGS, "sizes": st.lists(st.integers(0, 17000), min_size=1, max_size=2)})
-def test_triton_kernel_matches_the_reference_bit_for_bit(**config):
-    """The same on the Triton kernel (under TRITON_INTERPRET=1 without a GPU): sizes cross its
-    16 Ki-element chunks, whose noise counters start at the chunk's first index."""
-    _lockstep("triton", **config)
-
-
-def _lockstep(backend_under_test, p_dtype, state_dtype, master, sr, amsgrad, maximize,
-              fp32_grads, lr, beta1, beta2, weight_decay, sizes, steps, seed,
-              device="cpu"):  # fmt: skip
-    # Stochastic rounding into fp16 is refused (test_lean_settings_refuse_params_they_...).
-    assume(not (sr and (state_dtype or p_dtype) == torch.float16))
-    assume(not (sr and p_dtype == torch.float16 and not master))
-    runs = []
-    for backend, where in (("reference", "cpu"), (backend_under_test, device)):
-        gen = torch.Generator().manual_seed(len(sizes))
-        ps = [
-            torch.nn.Parameter(torch.randn(n, generator=gen).to(device=where, dtype=p_dtype))
-            for n in sizes
-        ]
-        opt = fastopt.AdamW(ps, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
-                            amsgrad=amsgrad, maximize=maximize, backend=backend,
-                            master_weights=master, state_dtype=state_dtype,
-                            stochastic_rounding=sr, seed=seed)  # fmt: skip
-        acc = fastopt.GradAccumulator(opt, backend=backend) if fp32_grads else None
-        for _ in range(steps):
-            for p in ps:
-                p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(device=where, dtype=p_dtype)
-            if acc is not None:
-                acc.accumulate()
-            opt.step()
-        runs.append(_bits_of(ps, opt))
-    assert _same(*runs)
-
-
-_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-@pytest.mark.gpu
-@_GPU
-@settings(max_examples=200, deadline=None)
-@given(**{**_CONFIGS, "sizes": st.lists(st.integers(0, 140_000), min_size=1, max_size=3)})
-def test_cuda_kernel_matches_the_reference_bit_for_bit(**config):
-    """The CUDA kernel on the GPU against the reference on the CPU: the same bits. Sizes cross
-    its 64 Ki-element chunks and its 16-byte vectors' tails."""
-    _lockstep("cuda", **config, device="cuda")
-
-
-@pytest.mark.gpu
-@_GPU
-@settings(max_examples=30, deadline=None)  # a Triton compile per new variant
-@given(**{**_CONFIGS, "sizes": st.lists(st.integers(0, 40_000), min_size=1, max_size=2)})
-def test_triton_kernel_on_the_gpu_matches_the_reference_bit_for_bit(**config):
-    _lockstep("triton", **config, device="cuda")
-
-
-def _sr_data(sizes, steps=2):
-    """bf16 params of ``sizes`` and their gradients at each of ``steps`` steps (CPU)."""
-    gen = torch.Generator().manual_seed(sum(sizes))
-    params = [torch.randn(n, generator=gen).bfloat16() for n in sizes]
-    grads = [[torch.randn(n, generator=gen).bfloat16() for n in sizes] for _ in range(steps)]
-    return params, grads
-
-
-def _sr_op_step(backend, device, params, grads, firsts, seed=21):
-    """Stochastically rounded steps of bf16 params with bf16 moments straight through a
-    backend's op, the tensors' elements counted from ``firsts``: the bits of every tensor."""
-    ps = [p.to(device, copy=True) for p in params]
-    ms = [torch.zeros_like(p) for p in ps]
-    vs = [torch.zeros_like(p) for p in ps]
-    counts = [torch.zeros((), device=device) for _ in ps]
-    ops = fastopt.backends.backend_ops(backend)
-    for step_grads in grads:
-        for c in counts:
-            c.add_(1)
-        ops.adamw_step(ps, [g.to(device) for g in step_grads], ms, vs, [], counts, lr=1e-2,
-                       beta1=0.9, beta2=0.99, weight_decay=0.01, eps=1e-8, amsgrad=False,
-                       maximize=False, stochastic_rounding=True, seed=seed,
-                       positions=[7] * len(ps), first_indices=list(firsts))  # fmt: skip
-    return [_bits16(t).cpu() for t in ps + ms + vs]
-
-
-def test_a_shard_rounds_as_the_whole_tensor_does_there():
-    """The noise counts elements from the whole param's first: a tensor stepped as two pieces
-    (the same position), the second told where it starts, gets the whole tensor's bits."""
-    (whole_p,), grads = _sr_data([70_000])
-    cut = 30_001
-    whole = _sr_op_step("reference", "cpu", [whole_p], [[g] for (g,) in grads], [0])
-    pieces = _sr_op_step("reference", "cpu", [whole_p[:cut], whole_p[cut:]],
-                         [[g[:cut], g[cut:]] for (g,) in grads], [0, cut])  # fmt: skip
-    for k in range(3):  # param, exp_avg, exp_avg_sq
-        assert torch.equal(torch.cat(pieces[2 * k : 2 * k + 2]), whole[k])
-    counted_from_zero = _sr_op_step("reference", "cpu", [whole_p[cut:]],
-                                    [[g[cut:]] for (g,) in grads], [0])  # fmt: skip
-    assert not torch.equal(counted_from_zero[0], whole[0][cut:])
-
-
-# Shards that start just below a multiple of 2**32 elements (the noise's high index word
-# changes inside a chunk and inside a vector) and one that starts above it.
-_FIRSTS = [2**32 - 5, 2**32 - 70_000, 3 * 2**32 + 7, 2**32 - 1]
-_SIZES = [1_000, 140_001, 33, 2]
-
-
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
-def test_first_indices_across_two_to_the_32_match_the_reference(backend, device):
-    params, grads = _sr_data(_SIZES)
-    got = _sr_op_step(backend, device, params, grads, _FIRSTS)
-    assert _same(got, _sr_op_step("reference", "cpu", params, grads, _FIRSTS))
-    assert not _same(got, _sr_op_step(backend, device, params, grads, [0] * len(_SIZES)))

@@ -1,11 +1,10 @@
-"""8-bit moments (``state_dtype="int8"``): the C++ CPU kernel bit for bit against the reference,
-and fastopt.AdamW's state, state dicts both ways, resume, skips, accumulation and loss scaling.
+"""fastopt.AdamW with 8-bit moments (``state_dtype="int8"``): the state's layout and size,
+argument checks, state dicts both ways with torch, bit-exact resume, skips, accumulation and
+loss scaling, and QuantizedMoment.
 
-The kernel follows csrc/adamw_math.h, the reference follows it operation for operation, and
-the codes round stochastically from the same counter-based noise, so every byte (params,
-masters, codes, scales) must agree: no tolerance. tests/test_int8_triton.py and
-tests/test_int8_cuda.py hold the same lockstep for the Triton and CUDA kernels; test_quant.py
-the format's own error bounds; test_lean_accuracy.py the training accuracy.
+The kernels' lockstep with the reference over every variant is in tests/test_lockstep_*.py;
+test_quant.py holds the format's own error bounds; test_lean_accuracy.py the training
+accuracy.
 """
 
 from __future__ import annotations
@@ -17,144 +16,11 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from lockstep import assert_same_state, optimizer_snapshot
 
 import fastopt
-from fastopt import _ops, quant, reference
+from fastopt import quant
 from fastopt.quant import BLOCK, QuantizedMoment
-
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8)
-# A block's awkward sizes, the small-tensor threshold's neighbours, a chunk boundary (64 Ki).
-HOSTILE = [1, 31, 32, 33, 97, 4095, 4096, 4097, 65_536 + 33]
-STORE = {torch.float32: None, torch.bfloat16: torch.int16, torch.float16: torch.float32}
-
-
-def _state(sizes, gen, p_dtype, master, amsgrad):
-    """Mid-training state: params, quantized random moments (heavy-tailed, some zeros), masters
-    and a different step count per tensor."""
-    rows = 3 if amsgrad else 2
-    s = dict(params=[], masters=[], m=[], v=[], vmax=[], scales=[], steps=[])
-    for i, n in enumerate(sizes):
-        p = torch.randn(n, generator=gen)
-        s["params"].append(p.to(p_dtype))
-        if master and p_dtype == torch.bfloat16:
-            s["masters"].append(torch.randint(-(2**15), 2**15, (n,), generator=gen).short())
-        elif master:
-            s["masters"].append(p.clone())
-        m = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, 1, (n,), generator=gen)
-        m[torch.rand(n, generator=gen) < 0.1] = 0.0
-        v = m.square() * 3 + 1e-12
-        codes, scales = [], torch.empty((rows, -(-n // BLOCK)), dtype=torch.int8)
-        moments = [(m, quant.quantize_m), (v.sqrt(), quant.quantize_v),
-                   (v.sqrt() * 1.5, quant.quantize_v)]  # fmt: skip
-        for row, (x, quantize) in enumerate(moments[:rows]):
-            c, sc = quantize(x)
-            codes.append(c)
-            scales[row] = sc
-        s["m"].append(codes[0])
-        s["v"].append(codes[1])
-        if amsgrad:
-            s["vmax"].append(codes[2])
-        s["scales"].append(scales)
-        s["steps"].append(torch.tensor(float(3 + i % 5)))
-    return s
-
-
-def _step(backend, s, gen_grads, **kw):
-    """One step of `backend` on `s` (in place) with the given gradients."""
-    backend.adamw_step(
-        s["params"], gen_grads, s["m"], s["v"], s["vmax"], s["steps"], masters=s["masters"],
-        scales=s["scales"], positions=list(range(len(s["params"]))), **kw,
-    )  # fmt: skip
-
-
-def _lockstep(sizes, *, p_dtype=torch.float32, fp32_grads=False, master=False, sr=False,
-              amsgrad=False, maximize=False, clip=False, scaled=False, steps=3, seed=0,
-              first_indices=None):  # fmt: skip
-    gen = torch.Generator().manual_seed(seed)
-    ours = _state(sizes, gen, p_dtype, master, amsgrad)
-    ref = copy.deepcopy(ours)
-    g_dtype = torch.float32 if fp32_grads else p_dtype
-    for k in range(steps):
-        grads = [(torch.randn(n, generator=gen) * 10.0 ** (k % 3 - 1)).to(g_dtype) for n in sizes]
-        extra = {}
-        if scaled:
-            extra["grad_scale"] = torch.tensor(1024.0)
-            extra["found_inf"] = torch.tensor(0.0)
-        if clip:
-            extra["grad_norm"] = torch.tensor(5.0)
-            extra["max_grad_norm"] = 1.0
-        for s in (ours, ref):
-            for t in s["steps"]:
-                t += 1
-        kw = dict(HYPER, amsgrad=amsgrad, maximize=maximize, stochastic_rounding=sr,
-                  seed=987654321 + seed, first_indices=first_indices or [], **extra)  # fmt: skip
-        _step(_ops, ours, grads, **kw)
-        _step(reference, ref, grads, **kw)
-        for key in ("params", "masters", "m", "v", "vmax", "scales"):
-            for i, (a, b) in enumerate(zip(ours[key], ref[key])):
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (key, i, k, sizes)
-
-
-CONFIGS = [
-    dict(p_dtype=p, fp32_grads=g, master=mw, sr=sr, amsgrad=ams)
-    for p in (torch.float32, torch.bfloat16, torch.float16)
-    for g in (False, True)
-    for mw in ((False,) if p == torch.float32 else (False, True))
-    for sr in ((False, True) if p == torch.bfloat16 and not mw else (False,))
-    for ams in (False, True)
-]
-
-
-def _cfg_id(c):
-    dtype = str(c["p_dtype"]).removeprefix("torch.")
-    flags = [k for k in ("fp32_grads", "master", "sr", "amsgrad") if c[k]]
-    return "-".join([dtype, *flags])
-
-
-@pytest.mark.parametrize("cfg", CONFIGS, ids=[_cfg_id(c) for c in CONFIGS])
-def test_cpu_kernel_matches_the_reference_bit_for_bit(cfg):
-    """Every variant the dispatch builds for 8-bit moments, over the hostile sizes, many
-    tensors in one call."""
-    _lockstep(HOSTILE + [5] * 40, **cfg)
-
-
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_maximize_clipping_and_loss_scale_match_the_reference(amsgrad):
-    _lockstep([33, 4097], maximize=True, clip=True, scaled=True, amsgrad=amsgrad)
-
-
-def test_first_indices_across_two_to_the_32_match_the_reference():
-    """A shard whose elements straddle index 2**32 of its whole param: the CPU kernel splits the
-    chunk there; the noise, and so the codes, follow the element's index in the whole param."""
-    first = 2**32 - 50
-    _lockstep([200, 64], sr=True, p_dtype=torch.bfloat16, first_indices=[first, 2**33 + 7])
-
-
-# About 40 examples of at most ~10k elements: 15-25 s on 2 cores.
-@settings(max_examples=40, deadline=None)
-@given(
-    sizes=st.lists(st.integers(1, 9000), min_size=1, max_size=6),
-    cfg=st.sampled_from(CONFIGS),
-    maximize=st.booleans(),
-    clip=st.booleans(),
-    scaled=st.booleans(),
-    beta1=st.sampled_from([0.0, 0.3, 0.5, 0.9]),
-    seed=st.integers(0, 2**16),
-)
-def test_random_configurations_match_the_reference(sizes, cfg, maximize, clip, scaled, beta1,
-                                                   seed):  # fmt: skip
-    global HYPER
-    saved = HYPER
-    HYPER = dict(saved, beta1=beta1)
-    try:
-        _lockstep(sizes, maximize=maximize, clip=clip, scaled=scaled, seed=seed, steps=2, **cfg)
-    finally:
-        HYPER = saved
-
-
-# ---- fastopt.AdamW with state_dtype="int8" ----------------------------------------------
 
 
 def _model(seed=0, dtype=torch.float32):
@@ -224,12 +90,13 @@ def test_complex_params_are_refused_in_one_line():
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_training_reduces_the_loss_and_backends_agree(backend):
     models = {b: _model() for b in ("reference", backend)}
+    snapshots = []
     for b, model in models.items():
         opt = fastopt.AdamW(model.parameters(), lr=1e-2, state_dtype="int8", backend=b,
                             min_8bit_size=0, seed=3)  # fmt: skip
         _train(model, opt, 8)
-    for a, b in zip(models["reference"].parameters(), models[backend].parameters()):
-        assert torch.equal(a, b)
+        snapshots.append(optimizer_snapshot(opt, list(model.parameters())))
+    assert_same_state(snapshots[-1], snapshots[0], backend)
 
 
 def _saved(opt) -> dict:
@@ -277,11 +144,8 @@ def test_resume_from_a_saved_state_dict_is_bit_exact(dtype, master):
     opt2 = fastopt.AdamW(resumed.parameters(), **kw)
     opt2.load_state_dict(saved)
     _train(resumed, opt2, 3, seed=2)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    for p, q in zip(model.parameters(), resumed.parameters()):
-        for key, value in opt.state[p].items():
-            assert torch.equal(value, opt2.state[q][key]), key
+    assert_same_state(optimizer_snapshot(opt2, list(resumed.parameters())),
+                     optimizer_snapshot(opt, list(model.parameters())), "resumed")  # fmt: skip
 
 
 def test_torch_state_dict_loads_into_int8_quantized_on_load():
@@ -322,18 +186,14 @@ def test_a_skipped_step_leaves_codes_and_scales_unchanged():
     opt = fastopt.AdamW(model.parameters(), state_dtype="int8", min_8bit_size=0,
                         max_grad_norm=1.0)  # fmt: skip
     _train(model, opt, 2)
-    before = {p: {k: v.clone() for k, v in entry.items()} for p, entry in opt.state.items()}
-    weights = copy.deepcopy(model.state_dict())
-    for p in model.parameters():
+    params = list(model.parameters())
+    before = [(name, t.clone()) for name, t in optimizer_snapshot(opt, params)]
+    for p in params:
         p.grad = torch.ones_like(p)
-    next(model.parameters()).grad.view(-1)[-1] = math.inf
+    params[0].grad.view(-1)[-1] = math.inf
     opt.step()
     assert opt.last_found_inf.item() != 0
-    for p, entry in opt.state.items():
-        for key, value in entry.items():
-            assert torch.equal(value, before[p][key]), key
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, weights[key])
+    assert_same_state(optimizer_snapshot(opt, params), before, "skipped step")
 
 
 def test_accumulation_and_loss_scaling_match_the_reference_backend():
@@ -348,10 +208,8 @@ def test_accumulation_and_loss_scaling_match_the_reference_backend():
         acc = fastopt.GradAccumulator(opt, backend=backend)
         scaler = fastopt.LossScaler(init_scale=2.0**20, growth_interval=2, backend=backend)
         _train(model, opt, 5, scaler=scaler, acc=acc)
-        finals.append([p.detach().clone() for p in model.parameters()])
-        finals.append([t.clone() for s in opt.state.values() for t in s.values()])
-    assert all(torch.equal(a, b) for a, b in zip(finals[0], finals[2]))
-    assert all(torch.equal(a, b) for a, b in zip(finals[1], finals[3]))
+        finals.append(optimizer_snapshot(opt, list(model.parameters())))
+    assert_same_state(finals[1], finals[0], "cpu")
 
 
 def test_quantized_moment_behaves_as_its_fp32_values():
