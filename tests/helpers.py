@@ -49,20 +49,3 @@ def backend_cases(backend: str, device: str, cases: dict) -> list:
 def randn(shape, *, dtype=torch.float32, device="cpu", gen: torch.Generator) -> torch.Tensor:
     """Random normal data (never zeros: zeros hide unwritten outputs)."""
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-
-
-# The metrics.jsonl keys that are measured, not computed: they differ from run to run.
-TIMING_KEYS = (
-    "samples_per_sec",
-    "step_time",
-    "tokens_per_sec",
-    "optimizer_time_fraction",
-    "peak_memory_mb",
-)
-
-
-def metric_rows(out) -> list[dict]:
-    """A run folder's metrics.jsonl rows without the timing keys, to compare two runs."""
-    from fastopt.train import read_metrics
-
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(out)]

@@ -19,12 +19,15 @@ where a test compares against torch.optim.AdamW instead live beside that test
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import fastopt
 from fastopt import quant, reference
 from fastopt.backends import backend_ops
 from fastopt.rounding import split_master
+from fastopt.step_args import Hyper, Lean
 
 __all__ = [
     "CUDA_SIZES",
@@ -43,10 +46,13 @@ __all__ = [
     "to_device",
 ]
 
-# The tensors a step writes, in the ops' argument names; state_steps the caller advances.
-STATE_KEYS = ("params", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "scales")
-# adamw_step's memory-lean keywords; masters and scales default to the state's own lists.
-_LEAN = ("masters", "stochastic_rounding", "seed", "positions", "first_indices", "scales")
+# The tensors a step writes, in the ops' argument names (the op advances the step counts).
+STATE_KEYS = (
+    "params", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "scales", "state_steps"
+)  # fmt: skip
+# adamw_step's memory-lean settings (fastopt.step_args.Lean's fields); masters and scales
+# default to the state's own lists.
+_LEAN = tuple(field.name for field in dataclasses.fields(Lean))
 
 
 def adamw_step(backend: str, state: dict, grads: list, **settings) -> None:
@@ -56,7 +62,7 @@ def adamw_step(backend: str, state: dict, grads: list, **settings) -> None:
     lean.update({k: settings.pop(k) for k in _LEAN if k in settings})
     backend_ops(backend).adamw_step(
         state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"],
-        state["max_exp_avg_sqs"], state["state_steps"], **settings, **lean,
+        state["max_exp_avg_sqs"], state["state_steps"], Hyper(**settings), Lean(**lean),
     )  # fmt: skip
 
 
@@ -84,7 +90,7 @@ INT8_VARIANTS = _int8_variants()
 
 
 def _empty_state() -> dict:
-    return {k: [] for k in (*STATE_KEYS, "state_steps")}
+    return {k: [] for k in STATE_KEYS}
 
 
 def make_state(shapes, gen, *, p_dtype=torch.float32, master=False, amsgrad=False) -> dict:
@@ -232,8 +238,6 @@ def op_lockstep(backend, device, shapes, gen, *, steps=3, p_dtype=torch.float32,
         skip = skip_every is not None and k % skip_every == skip_every - 1
         if skip_every is not None or found_inf:
             kw["found_inf"] = torch.tensor(float(skip))
-        for s in ref["state_steps"] + mine["state_steps"]:
-            s.add_(0.0 if skip else 1.0)  # the caller advances by 1 - found_inf
         before = op_snapshot(to_device(mine, "cpu")) if skip else None
         on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         adamw_step(backend, mine, [g.to(device) for g in grads], **on_device)

@@ -173,8 +173,6 @@ def _sr_op_step(backend, device, params, grads, firsts, seed=21):
     backend's op, the tensors' elements counted from ``firsts``: a snapshot of every tensor."""
     state = fresh_state([p.to(device, copy=True) for p in params], torch.bfloat16)
     for step_grads in grads:
-        for c in state["state_steps"]:
-            c.add_(1)
         adamw_step(backend, state, [g.to(device) for g in step_grads], lr=1e-2, beta1=0.9,
                    beta2=0.99, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False,
                    stochastic_rounding=True, seed=seed, positions=[7] * len(params),
