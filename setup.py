@@ -4,7 +4,8 @@ and fastopt._C_cuda (the CUDA kernels).
 fastopt._C is always built. fastopt._C_cuda is built where its kernels can run: torch is a
 CUDA build, a CUDA toolkit is found and a GPU is visible, for the visible GPUs' architectures.
 FASTOPT_CUDA=1 builds it without a GPU too (CI and releases), for DEFAULT_CUDA_ARCHS;
-FASTOPT_CUDA=0 never builds it. torch's own TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured. Build against the torch already installed:
+FASTOPT_CUDA=0 never builds it. torch's own TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured.
+Build against the torch already installed:
     pip install --no-build-isolation -e .
 
 Both libraries use only PyTorch's stable ABI (targeting torch 2.10) and Python's limited API
@@ -30,10 +31,10 @@ TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
 TORCH_TARGET = f"{int(TORCH_TARGET_VERSION[2:4], 16)}.{int(TORCH_TARGET_VERSION[4:6], 16)}"
 
 # Architectures built with FASTOPT_CUDA=1 when TORCH_CUDA_ARCH_LIST is unset: machine code for
-# the data-centre and workstation GPUs of each generation (A100, H100, B200, RTX 50xx / RTX PRO), and PTX of the
-# newest (compute_120) for GPUs after it, compiled by the driver at load time. sm_86/89 run the
-# sm_80 code; sm_103 the sm_100 code; sm_121 the sm_120 code. nvcc 13 knows nothing older
-# than sm_75, and nothing older than sm_80 runs torch's CUDA 13 wheels.
+# the data-centre and workstation GPUs of each generation (A100, H100, B200, RTX 50xx / RTX
+# PRO), and PTX of the newest (compute_120) for GPUs after it, compiled by the driver at load
+# time. sm_86/89 run the sm_80 code; sm_103 the sm_100 code; sm_121 the sm_120 code. nvcc 13
+# knows nothing older than sm_75, and nothing older than sm_80 runs torch's CUDA 13 wheels.
 DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

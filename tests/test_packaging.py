@@ -81,9 +81,9 @@ def test_checkout_kernels_folder_is_no_top_level_package():
     # -S: no site-packages, so no other `kernels` exists; the folder must not stand in for one.
     probe = _import_from_root("import kernels", "-S")
     assert probe.returncode == 1
-    assert probe.stderr.strip().splitlines()[-1].startswith(
-        "ModuleNotFoundError: No module named 'kernels' (the kernels/ folder of a fastopt checkout"
-    ), probe.stderr
+    last = probe.stderr.strip().splitlines()[-1]
+    expected = "ModuleNotFoundError: No module named 'kernels' (the kernels/ folder of a fastopt"
+    assert last.startswith(expected), probe.stderr
 
 
 def test_hugging_face_kernels_imports_from_checkout_root():
@@ -92,9 +92,7 @@ def test_hugging_face_kernels_imports_from_checkout_root():
         dist = importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("Hugging Face's kernels is not installed (transformers < 5 does not need it)")
-    probe = _import_from_root(
-        "import kernels, transformers.trainer; print(kernels.__file__)"
-    )
+    probe = _import_from_root("import kernels, transformers.trainer; print(kernels.__file__)")
     assert probe.returncode == 0, probe.stderr
     origin = Path(probe.stdout.splitlines()[-1]).resolve()
     assert origin != ROOT / "kernels" / "__init__.py", origin  # (a venv may be inside ROOT)
