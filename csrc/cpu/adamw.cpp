@@ -47,13 +47,6 @@ FASTOPT_INLINE void store_param(P* __restrict__ pb, M* __restrict__ mb, int64_t 
 // blocks never straddle two.
 constexpr int64_t kBlock = 512;
 
-// Elements per task of the thread pool, at least: a call with fewer runs on the calling thread
-// alone. A split waits at the pool's barrier for a thread that may not be running, a
-// scheduler time slice (milliseconds) when another process is busy on the other core: on the
-// 2-core Xeon of bench/RESULTS.md, with other processes busy, 64 tensors of 64 Ki elements in
-// all took 0.36 ms inline and 10.7 ms split, 128 Ki 0.55 and 2.3 ms; split paid from 512 Ki
-// (2.1 ms inline). 256 Ki elements are about 1 ms of work on one core.
-constexpr int64_t kInlineElements = 1 << 18;
 static_assert(kBlock % kQuantBlock == 0 && kChunk % kBlock == 0);
 
 // 8-bit codes a whole kBlock row at a time (csrc/adamw_math.h has the format). Loops over one
@@ -342,14 +335,10 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   };
 
   const std::vector<Chunk> chunks = make_chunks(in.params);
-  // Each task of the thread pool gets at least kInlineElements elements on average, so a call
-  // with fewer runs inline on the calling thread (with another process busy on the other core,
-  // splitting 1,000 tensors of 16 elements took 12.9 us per tensor where 4.5 was the norm).
-  int64_t elements = 0;
-  for (const auto& t : in.params) elements += t.numel;
+  // With another process busy on the other core, splitting 1,000 tensors of 16 elements took
+  // 12.9 us per tensor where 4.5 was the norm: small calls run inline (grain_for).
   const auto n_chunks = static_cast<int64_t>(chunks.size());
-  const int64_t grain =
-      std::max<int64_t>(1, n_chunks * kInlineElements / std::max<int64_t>(elements, 1));
+  const int64_t grain = grain_for(n_chunks, total_elements(in.params));
   parallel_for(0, n_chunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& ch = chunks[k];

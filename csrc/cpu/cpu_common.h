@@ -4,6 +4,7 @@
 
 #include <torch/csrc/stable/ops.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -26,11 +27,33 @@ using torch::stable::parallel_for;
 // small tensors beside a large one across cores.
 constexpr int64_t kChunk = 1 << 16;
 
+// Elements per task of the thread pool, at least, in every op (AdamW, the norm, accumulation):
+// a call with fewer runs on the calling thread alone. A split waits at the pool's barrier for a
+// thread that may not be running, a scheduler time slice (milliseconds) when another process
+// is busy on the other core: on the 2-core Xeon of bench/RESULTS.md, with other processes
+// busy, 64 tensors of 64 Ki elements in all took 0.36 ms inline and 10.7 ms split, 128 Ki 0.55
+// and 2.3 ms; split paid from 512 Ki (2.1 ms inline). 256 Ki elements are about 1 ms of work on
+// one core.
+constexpr int64_t kInlineElements = 1 << 18;
+
 struct Chunk {
   int64_t tensor;  // index into the tensor lists
   int64_t begin;   // element range [begin, end) within that tensor
   int64_t end;
 };
+
+inline int64_t total_elements(const std::vector<TensorInfo>& list) {
+  int64_t n = 0;
+  for (const auto& t : list) n += t.numel;
+  return n;
+}
+
+// The parallel_for grain of `n_chunks` chunks holding `elements` elements in all: each task
+// gets at least kInlineElements on average, so a call with fewer runs inline. The chunks, and
+// so a reduction's partial sums and their order, do not depend on the grain.
+inline int64_t grain_for(int64_t n_chunks, int64_t elements) {
+  return std::max<int64_t>(1, n_chunks * kInlineElements / std::max<int64_t>(elements, 1));
+}
 
 // Splits every non-empty tensor of `list` into kChunk-sized pieces, in list order.
 inline std::vector<Chunk> make_chunks(const std::vector<TensorInfo>& list) {

@@ -127,7 +127,9 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double 
 
   const std::vector<Chunk> chunks = make_chunks(tensors);
   std::vector<Partial> partials(chunks.size());
-  parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  const auto n_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t grain = grain_for(n_chunks, total_elements(tensors));
+  parallel_for(0, n_chunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const auto& t = tensors[chunks[k].tensor];
       switch (kind) {
@@ -179,7 +181,9 @@ void accumulate_cpu(const TensorList& acc_list, const TensorList& grad_list, dou
   const std::vector<TensorInfo>& grads = in.grads;
   const std::vector<Chunk> chunks = make_chunks(accs);
   const float a = static_cast<float>(alpha);
-  parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  const auto n_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t grain = grain_for(n_chunks, total_elements(accs));
+  parallel_for(0, n_chunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& ch = chunks[k];
       float* acc = static_cast<float*>(accs[ch.tensor].data);
