@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Absolute, as in adamw.py: this package may be imported as a top-level "kernels".
 from fastopt.quant import SCALE_MAX, SCALE_MIN
 
 from ._table import QUANT_BLOCK, on_device

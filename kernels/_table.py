@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Absolute, as in adamw.py: this package may be imported as a top-level "kernels".
 from fastopt.quant import BLOCK as _QUANT_BLOCK
 
 __all__ = [

@@ -27,8 +27,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Absolute, not ..rounding: this package is also importable as a top-level "kernels" from a
-# checkout's root (transformers probes for a package of that name).
 from fastopt.rounding import seed_key
 from fastopt.step_args import PLAIN, Hyper, Lean
 
