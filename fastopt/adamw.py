@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from . import state as formats
 from ._plan import Planner
+from ._torch_args import check_torch_args
 from .backends import BACKENDS
 from .norm import global_norm
 from .step_args import Hyper
@@ -89,21 +90,9 @@ class AdamW(Optimizer):
         seed: int | None = None,
         min_8bit_size: int = 4096,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_torch_args(lr, betas, eps, weight_decay, foreach, capturable, fused,
+                         differentiable)  # fmt: skip
         betas = tuple(float(b) if isinstance(b, Tensor) else b for b in betas)
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if differentiable:
             raise ValueError(
                 "fastopt.AdamW does not support differentiable=True; use torch.optim.AdamW"

@@ -111,10 +111,8 @@ class LossScaler:
             raise RuntimeError("unscale_() is being called after step().")
         inv_scale = scale.double().reciprocal().float()
         found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
-        acc = getattr(optimizer, "_accumulator", None)
-        grads = list(acc.gradients().values()) if acc is not None and acc.pending else [
-            p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None
-        ]  # fmt: skip
+        grads = _gradients(optimizer)
+        state["checked"] = bool(grads)
         by_key: dict[tuple, list[Tensor]] = {}
         specs = {}  # the shardings of DTensor gradients, whose ranks must agree on the flag
         for grad in grads:
@@ -146,6 +144,11 @@ class LossScaler:
         state = self._state(optimizer)
         if state["stage"] is _Stage.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
+        # As torch's GradScaler: a step with no gradient to check is an error, not a no-op
+        # that would count as a clean step towards growing the scale.
+        checked = state["checked"] if state["stage"] is _Stage.UNSCALED else _gradients(optimizer)
+        if not checked:
+            raise AssertionError("No inf checks were recorded for this optimizer.")
 
         if getattr(optimizer, "_step_supports_amp_scaling", False) and hasattr(
             optimizer, "last_found_inf"
@@ -257,3 +260,12 @@ class LossScaler:
             self._scale.fill_(self._init_scale)
         if self._growth_tracker is not None:
             self._growth_tracker.fill_(self._init_growth_tracker)
+
+
+def _gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The gradients the optimizer's next step reads: a pending GradAccumulator's, else the
+    params' ``.grad``."""
+    acc = getattr(optimizer, "_accumulator", None)
+    if acc is not None and acc.pending:
+        return list(acc.gradients().values())
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -220,3 +220,26 @@ def test_last_grad_norm_belongs_to_the_last_step():
     p.grad = None
     opt.step()  # no gradients: nothing was measured
     assert opt.last_grad_norm is None and opt.last_found_inf is None
+
+
+def test_torch_adamw_error_inputs_raise_torch_errors_before_params_are_read():
+    """torch's own error cases for AdamW (its optimizer test battery's test_errors): the same
+    exception type and message, or warning, from fastopt.AdamW. Several pass params=None, so
+    the arguments must be checked before the params are iterated, as torch does."""
+    common = pytest.importorskip("torch.testing._internal.common_optimizers")
+    info = next(o for o in common.optim_db if o.optim_cls is torch.optim.AdamW)
+    cases = info.optim_error_inputs_func(device="cpu", dtype=torch.float32)
+    assert len(cases) >= 10
+    for case in cases:
+        given = case.optimizer_error_input
+        step = case.error_on == common.OptimizerErrorEnum.STEP_ERROR
+        if issubclass(case.error_type, Warning):
+            with pytest.warns(case.error_type, match=case.error_regex):
+                opt = fastopt.AdamW(given.params, **given.kwargs)
+                if step:
+                    opt.step()
+            continue
+        with pytest.raises(case.error_type, match=case.error_regex):
+            opt = fastopt.AdamW(given.params, **given.kwargs)
+            if step:
+                opt.step()

@@ -170,3 +170,21 @@ def test_clip_grad_norm_p_norm_of_one_element_is_exact_like_torchs(norm_type, va
     ours.grad, theirs.grad = torch.tensor(value), torch.tensor(value)
     norm = fastopt.clip_grad_norm_([ours], 1e9, norm_type)
     assert norm.item() == torch.nn.utils.clip_grad_norm_([theirs], 1e9, norm_type).item()
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+@pytest.mark.parametrize("make", [fastopt.AdamW, torch.optim.AdamW], ids=["fastopt", "torch"])
+def test_loss_scaler_step_without_gradients_raises_like_grad_scaler(make, unscale_first):
+    """torch's GradScaler refuses a step with nothing to check (an AssertionError naming it);
+    so does LossScaler, for fastopt's optimizer and any other, unscaled first or not."""
+    param = torch.nn.Parameter(torch.ones(3))
+    for scaler in (torch.amp.GradScaler("cpu", init_scale=4.0),
+                   fastopt.LossScaler(init_scale=4.0)):  # fmt: skip
+        opt = make([param], lr=0.1)
+        scaler.scale(param.sum())  # initialises the scale; no backward, so no gradient
+        if unscale_first:
+            scaler.unscale_(opt)
+        with pytest.raises(AssertionError, match="No inf checks were recorded"):
+            scaler.step(opt)
+            scaler.update()  # torch's GradScaler raises here for optimizers that unscale
+        assert torch.equal(param.detach(), torch.ones(3))

@@ -133,7 +133,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
         return fastopt.AdamW(
             params,
             lr=cfg.lr,
-            betas=cfg.betas,
+            betas=tuple(float(b) for b in cfg.betas),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
