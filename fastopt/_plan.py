@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from .backends import backend_ops, select_backend
+from .blocks import CutBlocks, shard_blocks
 from .sharded import dtensor_type, first_index, is_dtensor, is_fsdp1_flat, like_param, local
 from .state import init_state, is_lean, lean, master_key, state_keys, state_tensors
-from .step_args import PLAIN, Lean
+from .step_args import PLAIN, Hyper, Lean
 
 __all__ = ["Bucket", "GroupStep", "Planner"]
 
@@ -78,6 +79,26 @@ class Bucket:
         self.ops: ModuleType = backend_ops(select_backend(backend, first.device, first.dtype))
         # Built once where the kernels take the state tensors themselves.
         self.lean = self._lean_of(self._tensors[4], self._tensors[5]) if self.fast else None
+        # 8-bit shards whose ends cut blocks of the whole param (fastopt.blocks).
+        self.cuts = None
+        if self._sharded and self._tensors[5]:
+            layouts = [shard_blocks(params[i]) for i in indices]
+            if any(layouts):
+                self.cuts = CutBlocks(layouts)
+                self._cut_scales = [s.get("cut_scales") for s in states]
+
+    def update(self, grads: list[Tensor], hyper: Hyper) -> None:
+        """The step of this bucket's params, whose ``grads`` readable_grads gave."""
+        params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lean, copies = self.views()
+        steps = self.steps
+        if self.cuts is not None:
+            lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lean.masters]
+            (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), steps, lean = (
+                self.cuts.split(lists, steps, self._cut_scales, hyper, lean))  # fmt: skip
+        self.ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper,
+                            lean)  # fmt: skip
+        for original, copy in copies:
+            original.copy_(copy)
 
     @property
     def fast(self) -> bool:

@@ -148,7 +148,9 @@ class AdamW(Optimizer):
         ``scales`` entry folded into them): each loads into torch.optim.AdamW as the fp32
         moment of the param's shape it stands for, back into fastopt exactly (codes and
         scales, so a resume is bit-exact), and saves at about one byte per element."""
-        return formats.pack_state_dict(super().state_dict())
+        # The packed ids, as torch numbers them: params in group order, each once.
+        params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
+        return formats.pack_state_dict(super().state_dict(), params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Resets the gradients, as torch's, and discards any a GradAccumulator holds."""
@@ -274,11 +276,7 @@ class AdamW(Optimizer):
                 max_grad_norm=self.max_grad_norm or 0.0, grad_factor=grad_factor,
             )  # fmt: skip
             for bucket, grads in step.passes:
-                params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lean, copies = bucket.views()
-                bucket.ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                      bucket.steps, hyper, lean)  # fmt: skip
-                for original, copy in copies:
-                    original.copy_(copy)
+                bucket.update(grads, hyper)
         if acc_grads is not None:
             acc.reset()
         return loss

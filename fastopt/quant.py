@@ -124,13 +124,15 @@ def _noise_rows(noise16: Tensor | None, block: int) -> Tensor | None:
 
 
 def quantize_m(
-    x: Tensor, block: int = BLOCK, noise16: Tensor | None = None
+    x: Tensor, block: int = BLOCK, noise16: Tensor | None = None, scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """fp32 ``x`` (any shape) to (uint8 codes of x's shape, int8 scale per block), rounded to
-    nearest even, or stochastically with ``noise16`` (x's shape, integers in [0, 2**16))."""
+    nearest even, or stochastically with ``noise16`` (x's shape, integers in [0, 2**16)).
+    ``scale``: the blocks' scales, given (a block cut by a shard boundary takes the whole
+    block's), instead of x's own."""
     flat = x.reshape(-1).to(torch.float32)
     rows = _pad(flat, block)
-    scale = block_scales(rows.abs())
+    scale = block_scales(rows.abs()) if scale is None else scale.to(torch.int8)
     y = rows * _pow2(-scale.long()).unsqueeze(1)  # exact: a power of two, no subnormal
     magnitude = _encode(y.abs(), 3, _noise_rows(noise16, block))
     sign = (_bits(y) >> 31) << 7
@@ -150,13 +152,13 @@ def dequantize_m(code: Tensor, scale: Tensor, block: int = BLOCK) -> Tensor:
 
 
 def quantize_v(
-    root: Tensor, block: int = BLOCK, noise16: Tensor | None = None
+    root: Tensor, block: int = BLOCK, noise16: Tensor | None = None, scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``root`` = sqrt(exp_avg_sq), non-negative fp32 (any shape), to (uint8 codes, int8 scale
-    per block), rounded as quantize_m rounds."""
+    per block), rounded and scaled as quantize_m's."""
     flat = root.reshape(-1).to(torch.float32)
     rows = _pad(flat, block)
-    scale = block_scales(rows)
+    scale = block_scales(rows) if scale is None else scale.to(torch.int8)
     y = rows * _pow2(-scale.long()).unsqueeze(1)
     code = torch.where(torch.isfinite(y), _encode(y, 4, _noise_rows(noise16, block)), _V_NAN)
     return code.reshape(-1)[: flat.numel()].to(torch.uint8).view(root.shape), scale

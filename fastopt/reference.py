@@ -43,6 +43,7 @@ __all__ = [
     "CLIP_EPS",
     "accumulate_",
     "adamw_step",
+    "adamw_step_exchanging",
     "grad_coefficient",
     "multi_tensor_norm",
     "update_scale_",
@@ -129,8 +130,15 @@ def adamw_step(
     first element. The codes always round stochastically, with the noise of the 16-bit
     stores they replace (so ``seed``, ``positions`` and ``first_indices`` are needed).
     """
+    _adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, lean,
+                None)  # fmt: skip
+
+
+def _adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, lean,
+                exchange) -> None:  # fmt: skip
     if not params:
         return
+    pending: list = []  # with exchange: the 8-bit stores, made once the scales are exchanged
     device = params[0].device
     math_dtype = _math_dtype(params[0].dtype)
     h = hyper
@@ -205,16 +213,53 @@ def adamw_step(
             master.copy_(p)
             param.copy_(p)
         if quantized:
-            _store_codes(exp_avgs[i], scales[i][0], *quantize_m(m, noise16=n_m))
             v_root = _sqrt(v) if amsgrad else root
-            _store_codes(exp_avg_sqs[i], scales[i][1], *quantize_v(v_root, noise16=n_v))
+            moments = [(exp_avgs[i], m, n_m, quantize_m), (exp_avg_sqs[i], v_root, n_v, quantize_v)]
             if amsgrad:
-                _store_codes(max_exp_avg_sqs[i], scales[i][2], *quantize_v(root, noise16=n_vmax))
+                moments.append((max_exp_avg_sqs[i], root, n_vmax, quantize_v))
+            if exchange is None:
+                for row, (codes, value, noise16, quantize) in enumerate(moments):
+                    _store_codes(codes, scales[i][row], *quantize(value, noise16=noise16))
+            else:
+                pending.append((scales[i], moments))
             continue
         _store(exp_avgs[i], m, n_m)
         _store(exp_avg_sqs[i], v, n_v)
         if amsgrad:
             _store(max_exp_avg_sqs[i], second, n_vmax)
+    if exchange is not None:
+        _store_exchanged(pending, exchange)
+
+
+@torch.no_grad()
+def adamw_step_exchanging(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    hyper: Hyper,
+    lean: Lean,
+    exchange,
+) -> None:
+    """adamw_step for 8-bit tensors that each lie within one block of a larger whole (the
+    pieces of a shard that a shard boundary cuts from the rest of their block): each moment's
+    codes are stored with the scales ``exchange`` returns, given this step's own scales as a
+    list (per tensor) of lists (per moment) of one-element int8 tensors; fastopt.blocks
+    exchanges them for the whole blocks'."""
+    _adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, lean,
+                exchange)  # fmt: skip
+
+
+def _store_exchanged(pending: list, exchange) -> None:
+    own = [[quantize(value, noise16=noise16)[1] for _, value, noise16, quantize in moments]
+           for _, moments in pending]  # fmt: skip
+    given = exchange(own)
+    for (scale_rows, moments), scales in zip(pending, given):
+        for row, (codes, value, noise16, quantize) in enumerate(moments):
+            stored = quantize(value, noise16=noise16, scale=scales[row])
+            _store_codes(codes, scale_rows[row], *stored)
 
 
 def _noise(on: bool, seed: int, position: int, first: int, step: Tensor, like: Tensor):

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .quant import BLOCK, QuantizedMoment, quantize_m, quantize_v
+from .blocks import dequantize_shard, quantize_shard, shard_blocks
+from .quant import BLOCK, QuantizedMoment
 from .rounding import join_master
-from .sharded import local
+from .sharded import first_index, is_dtensor, local
 
 __all__ = [
     "LEAN_DEFAULTS",
@@ -142,9 +143,20 @@ def _init_master(state: dict[str, Any], p: Tensor) -> None:
 
 
 def _new_scales(p: Tensor, rows: int) -> Tensor:
-    """Zero block scales of p's moments: (rows, blocks of p's local tensor), int8."""
+    """Zero block scales of p's moments: (rows, blocks of p's local tensor), int8; of a shard
+    whose ends cut blocks of the whole param, its body's blocks (fastopt.blocks)."""
     t = local(p)
-    return torch.zeros((rows, -(-t.numel() // BLOCK)), dtype=torch.int8, device=t.device)
+    layout = shard_blocks(p)
+    blocks = layout.body_blocks if layout else -(-t.numel() // BLOCK)
+    return torch.zeros((rows, blocks), dtype=torch.int8, device=t.device)
+
+
+def _new_cut_scales(p: Tensor, rows: int) -> Tensor | None:
+    """Zero scales of the cut blocks a shard of p ends in (rows, 1 or 2), or None."""
+    layout = shard_blocks(p)
+    if layout is None or not layout.pieces:
+        return None
+    return torch.zeros((rows, len(layout.pieces)), dtype=torch.int8, device=local(p).device)
 
 
 def _check_lean_param(p: Tensor, group: dict[str, Any]) -> None:
@@ -182,6 +194,9 @@ def init_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
             state["max_exp_avg_sq"] = torch.zeros_like(p, **zeros)
         if quantizes(group, p):  # all-zero codes are 0 whatever the scales
             state["scales"] = _new_scales(p, 3 if amsgrad else 2)
+            cut = _new_cut_scales(p, 3 if amsgrad else 2)
+            if cut is not None:
+                state["cut_scales"] = cut
         if lean(group, "master_weights"):
             _init_master(state, p)
     elif amsgrad and "max_exp_avg_sq" not in state:
@@ -227,18 +242,37 @@ def state_nbytes(entries) -> int:
 
 
 # ------------------------------------------------------------------------------ state_dict
-def pack_state_dict(packed: dict[str, Any]) -> dict[str, Any]:
+def pack_state_dict(packed: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
     """torch's packed state_dict with each 8-bit entry's ``scales`` folded into its moments as
     :class:`QuantizedMoment` tensors (in place; entries are copied, as torch's share
-    them with the optimizer's state)."""
+    them with the optimizer's state). ``params``: the optimizer's, in the packed ids' order.
+
+    A sharded (DTensor) param's 8-bit moments become fp32 DTensors sharded as the param: the
+    portable form, which torch's distributed checkpoint saves and torch.optim.AdamW loads;
+    loading it back quantizes to nearest."""
     for key, entry in packed["state"].items():
         if isinstance(entry, dict) and isinstance(entry.get("scales"), Tensor):
             entry = dict(entry)
             scales = entry.pop("scales")
+            cut_scales = entry.pop("cut_scales", None)
+            param = params[key] if isinstance(key, int) and key < len(params) else None
             for row, name in enumerate(MOMENTS[: scales.shape[0]]):
-                entry[name] = QuantizedMoment(entry[name], scales[row], "v" if row else "m")
+                if is_dtensor(entry[name]):
+                    entry[name] = _portable_shard(entry[name], scales, cut_scales, param, row)
+                else:
+                    entry[name] = QuantizedMoment(entry[name], scales[row], "v" if row else "m")
             packed["state"][key] = entry
     return packed
+
+
+def _portable_shard(codes: Tensor, scales: Tensor, cut_scales, param, row: int) -> Tensor:
+    """A sharded 8-bit moment as the fp32 DTensor of its values, sharded as its codes."""
+    from torch.distributed.tensor import DTensor
+
+    layout = shard_blocks(param if param is not None else codes)
+    values = dequantize_shard(codes.to_local(), scales, cut_scales, layout, row)
+    return DTensor.from_local(values, codes.device_mesh, codes.placements, shape=codes.shape,
+                              stride=codes.stride())  # fmt: skip
 
 
 class _Saved:
@@ -321,21 +355,56 @@ def _restore_dtypes(entry: dict, saved: dict, param: Tensor, group: dict) -> Non
 
 def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor) -> None:
     """An 8-bit state entry from a saved one: codes and scales exactly from fastopt's state
-    dict, or float moments (torch's, a non-8-bit fastopt's) quantized to nearest."""
+    dict, or float moments (torch's, a non-8-bit fastopt's, a sharded param's portable form)
+    quantized to nearest, a sharded param's in the whole param's blocks (collective)."""
     names = [name for name in MOMENTS if name in entry]
+    shard = local(p)
+    layout = shard_blocks(p)
     scales = _new_scales(p, len(names))
+    cut_scales = _new_cut_scales(p, len(names))
     for row, name in enumerate(names):
         value = saved.get(name)
-        if isinstance(value, QuantizedMoment) and value.codes.numel() == p.numel():
-            codes, scale = value.codes, value.scales
+        if (isinstance(value, QuantizedMoment) and value.codes.numel() == p.numel()
+                and not is_dtensor(p)):  # fmt: skip
+            codes, scale, cut = value.codes, value.scales, None
         elif isinstance(value, Tensor) and value.is_floating_point() and value.numel() == p.numel():
-            x = value.detach().to(device=local(p).device, dtype=torch.float32)
-            codes, scale = quantize_m(x) if row == 0 else quantize_v(x.clamp_min(0).sqrt())
+            x = _local_values(value, p)
+            codes, scale, cut = quantize_shard(x if row == 0 else x.clamp_min(0).sqrt(), layout,
+                                               row)  # fmt: skip
         else:
             raise ValueError(
                 f"fastopt.AdamW: cannot load {name} of a param of {p.numel()} elements from "
                 f"{type(value).__name__} {getattr(value, 'shape', '')}"
             )
-        entry[name] = codes.to(device=local(p).device).reshape(local(p).shape).clone()
+        codes = codes.to(device=shard.device).reshape(shard.shape).clone()
+        entry[name] = _like(p, codes)
         scales[row].copy_(scale)
+        if cut is not None:
+            cut_scales[row].copy_(cut[0])
     entry["scales"] = scales
+    if cut_scales is not None:
+        entry["cut_scales"] = cut_scales
+
+
+def _local_values(value: Tensor, p: Tensor) -> Tensor:
+    """This rank's part of a saved moment, fp32 and flat: a DTensor's local shard, or the
+    part of a whole tensor that a sharded param's shard holds."""
+    if isinstance(value, QuantizedMoment):
+        value = value.dequantize()
+    if is_dtensor(value):
+        x = value.to_local()
+    else:
+        x = value.reshape(-1)
+        if is_dtensor(p):
+            first = first_index(p)
+            x = x[first : first + local(p).numel()]
+    return x.detach().to(device=local(p).device, dtype=torch.float32).reshape(-1)
+
+
+def _like(p: Tensor, shard: Tensor) -> Tensor:
+    """``shard`` as the DTensor it is of a sharded param (the local tensor of a plain one)."""
+    if not is_dtensor(p):
+        return shard
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())

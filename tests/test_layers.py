@@ -24,11 +24,12 @@ SOURCES = {"fastopt": ROOT / "fastopt", "fastopt.kernels": ROOT / "kernels"}
 # ``<package>.__init__``; ``kernels.*`` is every module of ``fastopt.kernels``.
 LAYERS: list[tuple[str, list[str]]] = [
     ("leaf modules: import nothing of fastopt",
-     ["_build", "rounding", "quant", "sharded", "step_args"]),
+     ["_build", "_torch_args", "rounding", "quant", "sharded", "step_args"]),
     ("the compiled extension's loader, the reference ops, the Triton kernels",
      ["_ext", "reference", "kernels.*"]),
     ("the op schemas' Python side", ["_ops"]),
     ("backend choice", ["backends"]),
+    ("8-bit blocks of sharded params", ["blocks"]),
     ("state formats and step plans", ["state", "_plan"]),
     ("the other fused ops' front ends", ["norm", "accumulate", "scaler"]),
     ("the optimizer", ["adamw"]),

@@ -1,0 +1,222 @@
+"""8-bit moments of sharded params, in the whole param's blocks: the same codes and scales on
+any number of ranks.
+
+Block k of a param's 8-bit moments covers elements 32k to 32k + 31 of the whole (flattened)
+param, whatever its sharding. A rank's shard of a param sharded along dim 0 (FSDP2) is one
+contiguous range of the whole; where a shard boundary falls inside a block, that block is
+*cut*: its elements live on two or more ranks, and its scale (from its largest magnitude) must
+still be the whole block's. Each rank's shard is therefore updated in up to three parts:
+
+* the **body**, the whole blocks inside the shard (the param's last, short block included),
+  by the backend's kernel, with blocks counted from the body's first element, which is a
+  block's first: exactly the unsharded kernel's work there;
+* a **head** and a **tail** piece, the shard's part of the cut blocks at its two ends (at most
+  31 elements each), by the reference update (bit for bit the kernels' arithmetic), which
+  stores their codes only once the pieces' own scales have been combined, by a maximum over
+  the ranks (one all-reduce of a few values per cut block per step, on the device), into the
+  whole blocks' scales. A scale is floor(log2(block max)) - 7, clamped, so the maximum of the
+  parts' scales is the whole block's.
+
+The body's scales are the state's ``scales`` (rows of the body's blocks, as the kernels take
+them) and the pieces' the state's ``cut_scales`` (one column per piece, head first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .quant import BLOCK, SCALE_MIN, dequantize_m, dequantize_v, quantize_m, quantize_v
+from .reference import adamw_step_exchanging
+from .sharded import first_index, is_dtensor, local
+from .step_args import Hyper, Lean
+
+__all__ = ["CutBlocks", "ShardBlocks", "dequantize_shard", "quantize_shard", "shard_blocks"]
+
+
+class ShardBlocks:
+    """Where the whole param's blocks fall in this rank's shard of one param: ``body`` (local
+    start, end), ``pieces`` [(local start, end, slot)], ``slots`` the number of cut blocks of
+    the whole param (the same on every rank: each rank's part of a cut block is combined in
+    its slot), ``group`` the process group of the ranks that share its blocks."""
+
+    __slots__ = ("body", "first", "group", "pieces", "slots")
+
+    def __init__(self, first: int, n: int, numel: int, boundaries: list[int], group) -> None:
+        cut = sorted({b // BLOCK for b in boundaries if 0 < b < numel and b % BLOCK})
+        self.first, self.group, self.slots = first, group, len(cut)
+        end = first + n
+        start, stop, self.pieces = 0, n, []
+        if n and first % BLOCK:  # the shard starts inside a block
+            start = min(n, BLOCK - first % BLOCK)
+            self.pieces.append((0, start, cut.index(first // BLOCK)))
+        if n and end % BLOCK and end < numel and not (self.pieces and start == n):
+            stop = max(start, n - end % BLOCK)  # the shard ends inside a block
+            self.pieces.append((stop, n, cut.index(end // BLOCK)))
+        self.body = (start, stop)
+
+    @property
+    def body_blocks(self) -> int:
+        return -(-(self.body[1] - self.body[0]) // BLOCK)
+
+
+def _shard_dim(p: Tensor) -> int | None:
+    """The mesh dimension a DTensor is sharded over along its dim 0, or None when it is
+    replicated; a ValueError when it is sharded otherwise (its shards are not ranges of the
+    whole, so they cannot keep the whole param's blocks)."""
+    dims = [d for d, placement in enumerate(p.placements) if not placement.is_replicate()]
+    if not dims:
+        return None
+    placement = p.placements[dims[0]]
+    if len(dims) > 1 or not (placement.is_shard() and placement.dim == 0) or p.dim() == 0:
+        raise ValueError(
+            f"fastopt.AdamW: state_dtype='int8' keeps the whole param's blocks for params "
+            f"sharded along dim 0 only (FSDP2's fully_shard); a param of shape {tuple(p.shape)} "
+            f"is placed {tuple(p.placements)}: put it in a group with state_dtype="
+            "torch.bfloat16, or raise min_8bit_size above its size"
+        )
+    return dims[0]
+
+
+def shard_blocks(p: Tensor) -> ShardBlocks | None:
+    """The block layout of this rank's shard of an 8-bit param, or None when nothing is cut
+    (a plain tensor, a replicated DTensor, or shard boundaries on whole blocks)."""
+    if not is_dtensor(p):
+        return None
+    mesh_dim = _shard_dim(p)
+    if mesh_dim is None:
+        return None
+    from torch.distributed.tensor import Shard
+
+    ranks = p.device_mesh.size(mesh_dim)
+    row = p.numel() // p.shape[0] if p.shape[0] else 0
+    offsets = [Shard.local_shard_size_and_offset(p.shape[0], ranks, r)[1] for r in range(ranks)]
+    layout = ShardBlocks(first_index(p), local(p).numel(), p.numel(),
+                         [o * row for o in offsets], p.device_mesh.get_group(mesh_dim))  # fmt: skip
+    return layout if layout.slots else None
+
+
+def _flat(t: Tensor, start: int, end: int) -> Tensor:
+    return t.view(-1)[start:end]
+
+
+class CutBlocks:
+    """A bucket's 8-bit sharded params with cut blocks: ``split`` updates their pieces and
+    returns the lists the kernel then takes for the bodies."""
+
+    def __init__(self, layouts: list[ShardBlocks | None]) -> None:
+        self.layouts = layouts
+        self._slot0 = []  # each layout's first slot in the exchanged buffer
+        total = 0
+        for layout in layouts:
+            self._slot0.append(total)
+            total += layout.slots if layout else 0
+        self._total = total
+        groups = {id(layout.group): layout.group for layout in layouts if layout}
+        if len(groups) > 1:
+            raise ValueError(
+                "fastopt.AdamW: the 8-bit params of one param group are sharded over different "
+                "process groups; put them in separate param groups"
+            )
+        self._group = next(iter(groups.values()))
+
+    def split(self, lists: list[list[Tensor]], steps: list[Tensor], cut_scales: list[Tensor],
+              hyper: Hyper, lean: Lean):  # fmt: skip
+        """``lists``: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters (local,
+        contiguous) of the bucket. Updates the pieces, then returns (those lists, steps,
+        lean) for the kernel: bodies only."""
+        pieces: list[list[Any]] = [[] for _ in range(6)]
+        piece_steps, piece_firsts, piece_positions, piece_scales, slots = [], [], [], [], []
+        body: list[list[Any]] = [[] for _ in range(6)]
+        body_steps, body_firsts, body_positions, body_scales = [], [], [], []
+        firsts = lean.first_indices or [0] * len(steps)
+        for i, layout in enumerate(self.layouts):
+            if layout is None:
+                start, stop, own = 0, None, ()
+            else:
+                (start, stop), own = layout.body, layout.pieces
+            for column, (a, b, slot) in enumerate(own):
+                for out, ts in zip(pieces, lists):
+                    if ts:
+                        out.append(_flat(ts[i], a, b))
+                piece_steps.append(steps[i].clone())  # the kernel advances the real count
+                piece_firsts.append(firsts[i] + a)
+                piece_positions.append(lean.positions[i])
+                piece_scales.append(cut_scales[i][:, column : column + 1])
+                slots.append(self._slot0[i] + slot)
+            if stop is not None and stop == start:  # no body: the count advances here
+                skipped = hyper.found_inf if hyper.found_inf is not None else 0.0
+                steps[i].add_(torch.where(torch.as_tensor(skipped) != 0, 0.0, 1.0))
+                continue
+            for out, ts in zip(body, lists):
+                if ts:
+                    out.append(ts[i] if stop is None else _flat(ts[i], start, stop))
+            body_steps.append(steps[i])
+            body_firsts.append(firsts[i] + start)
+            body_positions.append(lean.positions[i])
+            body_scales.append(lean.scales[i])
+
+        def exchange(own: list[list[Tensor]]) -> list[list[Tensor]]:
+            rows = 3 if hyper.amsgrad else 2  # the same on every rank, pieces or none
+            device = lists[0][0].device
+            buffer = torch.full((self._total, rows), float(SCALE_MIN - 1), device=device)
+            if own:
+                values = torch.stack([torch.cat(s).float() for s in own])
+                buffer[torch.tensor(slots, device=device)] = values
+            dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group)
+            return [list(buffer[slot].to(torch.int8).split(1)) for slot in slots]
+
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters = pieces
+        piece_lean = Lean(masters=masters, stochastic_rounding=lean.stochastic_rounding,
+                          seed=lean.seed, positions=piece_positions, first_indices=piece_firsts,
+                          scales=piece_scales)  # fmt: skip
+        # Every rank takes part in the exchange, with or without pieces of its own.
+        adamw_step_exchanging(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, piece_steps,
+                              hyper, piece_lean, exchange)  # fmt: skip
+        if not params and (hyper.found_inf is None or not bool(hyper.found_inf.item())):
+            exchange([])
+        body_lean = Lean(masters=body[5], stochastic_rounding=lean.stochastic_rounding,
+                         seed=lean.seed, positions=body_positions, first_indices=body_firsts,
+                         scales=body_scales)  # fmt: skip
+        return body[:5], body_steps, body_lean
+
+
+def dequantize_shard(codes: Tensor, scales: Tensor, cut_scales: Tensor | None,
+                     layout: ShardBlocks | None, row: int) -> Tensor:  # fmt: skip
+    """The fp32 values of row ``row``'s moment (0: exp_avg; else a square-root moment) of a
+    rank's shard, from its local codes, body scales and cut blocks' scales."""
+    decode = dequantize_m if row == 0 else dequantize_v
+    if layout is None:
+        return decode(codes, scales[row])
+    flat = codes.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    start, stop = layout.body
+    out[start:stop] = decode(flat[start:stop], scales[row])
+    for column, (a, b, _) in enumerate(layout.pieces):
+        out[a:b] = decode(flat[a:b], cut_scales[row, column : column + 1])
+    return out.view(codes.shape)
+
+
+def quantize_shard(x: Tensor, layout: ShardBlocks | None, row: int):
+    """A rank's shard of one moment (fp32 values, flattened; for rows other than 0 the square
+    roots), rounded to nearest in the whole param's blocks: (codes, body scales, cut blocks'
+    scales or None). Collective where blocks are cut: every rank of the group calls it."""
+    encode = quantize_m if row == 0 else quantize_v
+    if layout is None:
+        codes, scales = encode(x)
+        return codes, scales, None
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    start, stop = layout.body
+    codes[start:stop], body = encode(x[start:stop])
+    buffer = torch.full((layout.slots,), float(SCALE_MIN - 1), device=x.device)
+    for a, b, slot in layout.pieces:
+        buffer[slot] = encode(x[a:b])[1][0].float()
+    dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=layout.group)
+    cut = []
+    for a, b, slot in layout.pieces:
+        codes[a:b], scale = encode(x[a:b], scale=buffer[slot : slot + 1])
+        cut.append(scale)
+    return codes, body, torch.stack(cut, dim=1) if cut else None
