@@ -148,9 +148,18 @@ class AdamW(Optimizer):
         ``scales`` entry folded into them): each loads into torch.optim.AdamW as the fp32
         moment of the param's shape it stands for, back into fastopt exactly (codes and
         scales, so a resume is bit-exact), and saves at about one byte per element."""
+        return self._packed(portable=False)
+
+    def portable_state_dict(self) -> dict[str, Any]:
+        """The state dict every torch.optim.AdamW loads, on any number of ranks: state_dict()
+        without the ``scales`` entries, and a sharded param's 8-bit moments as fp32 DTensors
+        (fastopt loads them back quantized to nearest, not bit-exact)."""
+        return self._packed(portable=True)
+
+    def _packed(self, portable: bool) -> dict[str, Any]:
         # The packed ids, as torch numbers them: params in group order, each once.
         params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
-        return formats.pack_state_dict(super().state_dict(), params)
+        return formats.pack_state_dict(super().state_dict(), params, portable)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Resets the gradients, as torch's, and discards any a GradAccumulator holds."""

@@ -29,12 +29,31 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .quant import BLOCK, SCALE_MIN, dequantize_m, dequantize_v, quantize_m, quantize_v
+from .quant import (
+    BLOCK,
+    SCALE_MIN,
+    dcp_chunks,
+    dcp_write_items,
+    dequantize_m,
+    dequantize_v,
+    quantize_m,
+    quantize_v,
+)
 from .reference import adamw_step_exchanging
 from .sharded import first_index, is_dtensor, local
 from .step_args import Hyper, Lean
 
-__all__ = ["CutBlocks", "ShardBlocks", "dequantize_shard", "quantize_shard", "shard_blocks"]
+__all__ = [
+    "BlockScales",
+    "CutBlocks",
+    "ShardBlocks",
+    "dequantize_shard",
+    "join_scales",
+    "quantize_shard",
+    "shard_blocks",
+    "split_scales",
+    "touched_blocks",
+]
 
 
 class ShardBlocks:
@@ -220,3 +239,100 @@ def quantize_shard(x: Tensor, layout: ShardBlocks | None, row: int):
         codes[a:b], scale = encode(x[a:b], scale=buffer[slot : slot + 1])
         cut.append(scale)
     return codes, body, torch.stack(cut, dim=1) if cut else None
+
+
+# -------------------------------------------------------------- the scales in checkpoints
+def touched_blocks(p: Tensor) -> tuple[int, int, int]:
+    """(first, end, owned first) block numbers of the whole param for this rank's part of p:
+    blocks [first, end) hold its elements, and [owned first, end) start in it (each block is
+    saved by the rank holding its first element)."""
+    start = first_index(p)
+    stop = start + local(p).numel()
+    if stop == start:
+        return 0, 0, 0
+    return start // BLOCK, -(-stop // BLOCK), -(-start // BLOCK)
+
+
+def join_scales(scales: Tensor, cut_scales: Tensor | None, layout: ShardBlocks | None) -> Tensor:
+    """The scales of the blocks a shard touches, block-major (blocks, moments): its head's cut
+    block, its body's, its tail's cut block."""
+    if layout is None or cut_scales is None:
+        return scales.t()
+    columns = [scales]
+    pieces = layout.pieces
+    if pieces and pieces[0][0] == 0 and layout.first % BLOCK:
+        columns.insert(0, cut_scales[:, :1])
+    if pieces and not (pieces[-1][0] == 0 and layout.first % BLOCK):
+        columns.append(cut_scales[:, -1:])
+    return torch.cat(columns, dim=1).t()
+
+
+def split_scales(touched: Tensor, layout: ShardBlocks | None) -> tuple[Tensor, Tensor | None]:
+    """join_scales' inverse: (body scales (moments, blocks), cut blocks' scales or None)."""
+    rows = touched.t()
+    if layout is None or not layout.pieces:
+        return rows.contiguous(), None
+    head = layout.pieces[0][0] == 0 and layout.first % BLOCK
+    tail = not (layout.pieces[-1][0] == 0 and layout.first % BLOCK)
+    cut = [rows[:, :1]] if head else []
+    if tail:
+        cut.append(rows[:, -1:])
+    body = rows[:, 1 if head else 0 : rows.shape[1] - (1 if tail else 0)]
+    return body.contiguous(), torch.cat(cut, dim=1)
+
+
+class BlockScales(Tensor):
+    """A sharded 8-bit param's block scales in a state dict: to torch.distributed.checkpoint
+    an int8 tensor of (blocks of the whole param, moments), block-major; here ``touched``
+    holds the rows of the blocks this rank's shard touches (from ``first``). Each rank saves
+    the rows of the blocks that start in its shard (from ``owned``), so every block is
+    written once, and loads every row it touches, on any number of ranks. No torch operation
+    applies to it (portable_state_dict() gives tensors torch.optim.AdamW loads)."""
+
+    touched: Tensor
+    first: int
+    owned: int
+
+    @staticmethod
+    def __new__(cls, touched: Tensor, first: int, owned: int, blocks: int):
+        self = Tensor._make_wrapper_subclass(cls, (blocks, touched.shape[1]), dtype=torch.int8,
+                                             device=touched.device)  # fmt: skip
+        self.touched, self.first, self.owned = touched, first, owned
+        return self
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise TypeError(
+            f"fastopt BlockScales (a sharded param's 8-bit block scales in a state dict, for "
+            f"torch.distributed.checkpoint and fastopt.AdamW.load_state_dict): {func} does not "
+            "apply; use AdamW.portable_state_dict() for plain tensors"
+        )
+
+    def __create_write_items__(self, fqn: str, obj) -> list:
+        return dcp_write_items(fqn, self._owned(), (self.owned, 0), self.shape)
+
+    def __create_chunk_list__(self) -> list:
+        return dcp_chunks(self.touched, (self.first, 0))
+
+    def __get_tensor_shard__(self, index) -> Tensor:
+        # Saving asks for the owned rows, loading for the touched ones; they differ in the
+        # head's cut block alone, owned by the rank before.
+        return self._owned() if index.offset[0] == self.owned else self.touched
+
+    def _owned(self) -> Tensor:
+        return self.touched[self.owned - self.first :]
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_block_scales, (self.touched, self.first, self.owned, self.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"BlockScales(blocks {self.first}..{self.first + self.touched.shape[0]} of "
+                f"{self.shape[0]}, {self.shape[1]} moments)")  # fmt: skip
+
+
+def _rebuild_block_scales(touched: Tensor, first: int, owned: int, blocks: int) -> BlockScales:
+    return BlockScales(touched, first, owned, blocks)
+
+
+# State dicts of sharded 8-bit states load with torch.load(weights_only=True).
+torch.serialization.add_safe_globals([_rebuild_block_scales])

@@ -38,6 +38,8 @@ __all__ = [
     "SCALE_MAX",
     "SCALE_MIN",
     "block_scales",
+    "dcp_chunks",
+    "dcp_write_items",
     "dequantize_m",
     "dequantize_v",
     "quantize_m",
@@ -229,6 +231,18 @@ class QuantizedMoment(Tensor):
     def __reduce_ex__(self, protocol):
         return _rebuild_quantized_moment, (self.codes, self.scales, self.kind)
 
+    # torch.distributed.checkpoint saves and loads the codes, not the fp32 values (which would
+    # be 4x the bytes, and re-quantized on load): the state dict's ``scales`` entry carries
+    # the scales beside them.
+    def __create_write_items__(self, fqn: str, obj) -> list:
+        return dcp_write_items(fqn, self.codes, (0,) * self.codes.dim(), self.codes.shape)
+
+    def __create_chunk_list__(self) -> list:
+        return dcp_chunks(self.codes, (0,) * self.codes.dim())
+
+    def __get_tensor_shard__(self, index) -> Tensor:
+        return self.codes
+
     def __deepcopy__(self, memo):
         return QuantizedMoment(self.codes.clone(), self.scales.clone(), self.kind)
 
@@ -254,3 +268,33 @@ def _rebuild_quantized_moment(codes: Tensor, scales: Tensor, kind: str) -> Quant
 
 # Checkpoints holding 8-bit moments load with torch.load(weights_only=True).
 torch.serialization.add_safe_globals([_rebuild_quantized_moment])
+
+
+def dcp_chunks(local: Tensor, offsets: tuple[int, ...]) -> list:
+    """torch.distributed.checkpoint's description of ``local`` as the chunk of a larger
+    tensor at ``offsets`` (none for an empty one)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    if local.numel() == 0:
+        return []
+    return [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=local.shape)]
+
+
+def dcp_write_items(fqn: str, local: Tensor, offsets: tuple[int, ...], size) -> list:
+    """torch.distributed.checkpoint's write request for ``local``, the chunk at ``offsets`` of
+    a tensor of ``size`` saved under ``fqn``."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+    return [
+        WriteItem(
+            index=MetadataIndex(fqn, chunk.offsets),
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=chunk,
+                properties=TensorProperties.create_from_tensor(local),
+                size=torch.Size(size),
+            ),
+        )  # fmt: skip
+        for chunk in dcp_chunks(local, offsets)
+    ]

@@ -24,7 +24,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .blocks import dequantize_shard, quantize_shard, shard_blocks
+from .blocks import (
+    BlockScales,
+    dequantize_shard,
+    join_scales,
+    quantize_shard,
+    shard_blocks,
+    split_scales,
+    touched_blocks,
+)
 from .quant import BLOCK, QuantizedMoment
 from .rounding import join_master
 from .sharded import first_index, is_dtensor, local
@@ -242,34 +250,49 @@ def state_nbytes(entries) -> int:
 
 
 # ------------------------------------------------------------------------------ state_dict
-def pack_state_dict(packed: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
-    """torch's packed state_dict with each 8-bit entry's ``scales`` folded into its moments as
-    :class:`QuantizedMoment` tensors (in place; entries are copied, as torch's share
-    them with the optimizer's state). ``params``: the optimizer's, in the packed ids' order.
+def pack_state_dict(packed: dict[str, Any], params: list[Tensor],
+                    portable: bool = False) -> dict[str, Any]:  # fmt: skip
+    """torch's packed state_dict with each 8-bit entry's moments in a form that saves at
+    about a byte per element and loads back exactly (in place; entries are copied, as
+    torch's share them with the optimizer's state). ``params``: the optimizer's, in the packed
+    ids' order.
 
-    A sharded (DTensor) param's 8-bit moments become fp32 DTensors sharded as the param: the
-    portable form, which torch's distributed checkpoint saves and torch.optim.AdamW loads;
-    loading it back quantizes to nearest."""
+    A param's moments become :class:`QuantizedMoment` tensors (torch.optim.AdamW loads them
+    as the fp32 moments they stand for) and ``scales`` its block scales block-major, (blocks,
+    moments), which torch.distributed.checkpoint saves beside the codes. A sharded (DTensor)
+    param's moments stay uint8 code DTensors and its ``scales`` a :class:`BlockScales`
+    (fastopt.blocks), so that a checkpoint reshards to any number of ranks. ``portable``:
+    the form torch.optim.AdamW loads everywhere instead: no ``scales`` entry, and a sharded
+    param's moments as fp32 DTensors (loaded back quantized to nearest)."""
     for key, entry in packed["state"].items():
         if isinstance(entry, dict) and isinstance(entry.get("scales"), Tensor):
             entry = dict(entry)
             scales = entry.pop("scales")
             cut_scales = entry.pop("cut_scales", None)
             param = params[key] if isinstance(key, int) and key < len(params) else None
-            for row, name in enumerate(MOMENTS[: scales.shape[0]]):
-                if is_dtensor(entry[name]):
-                    entry[name] = _portable_shard(entry[name], scales, cut_scales, param, row)
-                else:
+            names = MOMENTS[: scales.shape[0]]
+            sharded = any(is_dtensor(entry[name]) for name in names)
+            layout = shard_blocks(param if param is not None else entry[names[0]])
+            for row, name in enumerate(names):
+                if sharded and portable:
+                    entry[name] = _portable_shard(entry[name], scales, cut_scales, layout, row)
+                elif not sharded:
                     entry[name] = QuantizedMoment(entry[name], scales[row], "v" if row else "m")
+            if not portable:
+                touched = join_scales(scales, cut_scales, layout)  # unsharded: a view
+                if sharded:
+                    first, _, owned = touched_blocks(entry[names[0]])
+                    blocks = -(-entry[names[0]].numel() // BLOCK)
+                    touched = BlockScales(touched.contiguous(), first, owned, blocks)
+                entry["scales"] = touched
             packed["state"][key] = entry
     return packed
 
 
-def _portable_shard(codes: Tensor, scales: Tensor, cut_scales, param, row: int) -> Tensor:
+def _portable_shard(codes: Tensor, scales: Tensor, cut_scales, layout, row: int) -> Tensor:
     """A sharded 8-bit moment as the fp32 DTensor of its values, sharded as its codes."""
     from torch.distributed.tensor import DTensor
 
-    layout = shard_blocks(param if param is not None else codes)
     values = dequantize_shard(codes.to_local(), scales, cut_scales, layout, row)
     return DTensor.from_local(values, codes.device_mesh, codes.placements, shape=codes.shape,
                               stride=codes.stride())  # fmt: skip
@@ -296,6 +319,8 @@ def wrap_saved_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[s
 
 def _torch_cast(param: Tensor, value, param_id, groups: list[dict], key=None):
     """What torch's load_state_dict does to a saved value (its nested _cast)."""
+    if isinstance(value, BlockScales):
+        return value  # for fastopt alone (its int8 rows are not a moment to cast)
     if isinstance(value, Tensor):
         policy = Optimizer._process_value_according_to_param_policy
         return policy(param, value, param_id, groups, key)
@@ -335,6 +360,12 @@ def _restore_dtypes(entry: dict, saved: dict, param: Tensor, group: dict) -> Non
             value = saved.get(key)
             if isinstance(value, QuantizedMoment):
                 value = value.dequantize()
+            if isinstance(value, Tensor) and value.dtype == torch.uint8 and key in entry:
+                raise ValueError(
+                    f"fastopt.AdamW: the saved {key} holds 8-bit codes of a sharded param, and "
+                    "this param's group is not state_dtype='int8'; save with "
+                    "portable_state_dict() to change the state's format"
+                )
             if isinstance(value, Tensor) and value.is_floating_point() and key in entry:
                 entry[key] = value.to(dtype=_moment_dtype(group, param), device=param.device)
     # A master saved by fastopt comes back exact. One that went through torch's
@@ -362,11 +393,16 @@ def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor) -> 
     layout = shard_blocks(p)
     scales = _new_scales(p, len(names))
     cut_scales = _new_cut_scales(p, len(names))
+    exact = _saved_scales(saved, p, layout, len(names))
     for row, name in enumerate(names):
         value = saved.get(name)
-        if (isinstance(value, QuantizedMoment) and value.codes.numel() == p.numel()
-                and not is_dtensor(p)):  # fmt: skip
-            codes, scale, cut = value.codes, value.scales, None
+        codes = _saved_codes(value, p)
+        whole = isinstance(value, QuantizedMoment) and not is_dtensor(p)
+        if codes is not None and (exact is not None or whole):
+            if exact is not None:
+                scale, cut = exact[0][row], None if exact[1] is None else exact[1][row : row + 1]
+            else:  # a state dict without the scales entry: the moment's own (a whole param's)
+                scale, cut = value.scales, None
         elif isinstance(value, Tensor) and value.is_floating_point() and value.numel() == p.numel():
             x = _local_values(value, p)
             codes, scale, cut = quantize_shard(x if row == 0 else x.clamp_min(0).sqrt(), layout,
@@ -380,10 +416,45 @@ def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor) -> 
         entry[name] = _like(p, codes)
         scales[row].copy_(scale)
         if cut is not None:
-            cut_scales[row].copy_(cut[0])
+            cut_scales[row].copy_(cut.reshape(-1))
     entry["scales"] = scales
     if cut_scales is not None:
         entry["cut_scales"] = cut_scales
+
+
+def _saved_codes(value, p: Tensor) -> Tensor | None:
+    """This rank's part of saved 8-bit codes (a QuantizedMoment's, a uint8 tensor or DTensor),
+    flat; None for anything else."""
+    if isinstance(value, QuantizedMoment):
+        value = value.codes
+    if not isinstance(value, Tensor) or value.dtype != torch.uint8 or value.numel() != p.numel():
+        return None
+    if is_dtensor(value):
+        return value.to_local().reshape(-1)
+    flat = value.reshape(-1)
+    first = first_index(p)
+    return flat[first : first + local(p).numel()]
+
+
+def _saved_scales(saved: dict, p: Tensor, layout, rows: int):
+    """(body scales, cut blocks' scales or None) of this rank's part of p from a saved entry's
+    ``scales`` (block-major: a whole param's tensor, or a BlockScales of the same layout), or
+    None where the entry has none."""
+    value = saved.get("scales")
+    first, end, _ = touched_blocks(p)
+    if isinstance(value, BlockScales):
+        if value.first != first or value.touched.shape[0] != end - first:
+            raise ValueError(
+                f"fastopt.AdamW: saved block scales cover blocks {value!r}, this rank's part of "
+                f"the param blocks {first}..{end}; load sharded checkpoints through "
+                "torch.distributed.checkpoint, which reads each rank's blocks"
+            )
+        touched = value.touched
+    elif isinstance(value, Tensor) and value.dim() == 2 and value.shape[1] == rows:
+        touched = value[first:end]
+    else:
+        return None
+    return split_scales(touched.to(device=local(p).device, dtype=torch.int8), layout)
 
 
 def _local_values(value: Tensor, p: Tensor) -> Tensor:
