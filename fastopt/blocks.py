@@ -302,6 +302,11 @@ class BlockScales(Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Copies (a checkpoint loader clones its template) stay scales of the same blocks.
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.detach.default):
+            source = args[0]
+            touched = source.touched.clone() if "clone" in str(func) else source.touched
+            return BlockScales(touched, source.first, source.owned, source.shape[0])
         raise TypeError(
             f"fastopt BlockScales (a sharded param's 8-bit block scales in a state dict, for "
             f"torch.distributed.checkpoint and fastopt.AdamW.load_state_dict): {func} does not "

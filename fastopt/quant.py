@@ -222,6 +222,9 @@ class QuantizedMoment(Tensor):
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        if func is Tensor.clone and not kwargs:  # a copy of the same moment, still 8-bit
+            source = args[0]
+            return QuantizedMoment(source.codes.clone(), source.scales.clone(), source.kind)
         return func(*tree_map(_plain, args), **tree_map(_plain, kwargs))
 
     @classmethod

@@ -125,11 +125,16 @@ def param_groups(model: nn.Module, weight_decay: float, matrices_only: bool) -> 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, model: nn.Module, seed: int = 0) -> torch.optim.Optimizer:
+    """The configured optimizer on ``model``'s params. ``seed`` keys fastopt's rounding noise
+    (the run's seed: the same on every rank, so a sharded run rounds as one process does)."""
     params = param_groups(model, cfg.weight_decay, cfg.decay_matrices_only)
     if cfg.name == "fastopt.AdamW":
         import fastopt
 
+        state_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+            cfg.state_dtype, cfg.state_dtype
+        )
         return fastopt.AdamW(
             params,
             lr=cfg.lr,
@@ -137,6 +142,11 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
+            master_weights=cfg.master_weights,
+            state_dtype=state_dtype,
+            min_8bit_size=cfg.min_8bit_size,
+            stochastic_rounding=cfg.stochastic_rounding,
+            seed=seed if cfg.stochastic_rounding or cfg.state_dtype == "int8" else None,
         )
     if cfg.name == "torch.optim.AdamW":
         return torch.optim.AdamW(

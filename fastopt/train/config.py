@@ -61,6 +61,14 @@ class OptimizerConfig:
     # The common recipe (nanoGPT, minGPT): decay the weight matrices only, none on biases,
     # norms and embeddings. false: every param in one group with weight_decay.
     decay_matrices_only: bool = True
+    # fastopt.AdamW's memory-lean settings: an exact fp32 master of bf16/fp16 params (fp32
+    # params, the trainer's, need none), the moments' storage (null: the params' dtype), the
+    # size under which "int8" keeps fp32 moments, and stochastic rounding of bf16 stores. Under
+    # fsdp2 every one updates and resumes as in one process (README, "8-bit moments").
+    master_weights: bool = False
+    state_dtype: Literal["float32", "bfloat16", "int8"] | None = None
+    min_8bit_size: int = 4096
+    stochastic_rounding: bool = False
 
 
 @dataclass
@@ -166,6 +174,16 @@ class TrainConfig:
                 )
         if opt.max_grad_norm is not None and not opt.max_grad_norm > 0:
             raise ConfigError("config key 'optimizer.max_grad_norm' must be > 0 or null")
+        if opt.min_8bit_size < 0:
+            raise ConfigError(
+                f"config key 'optimizer.min_8bit_size' must be >= 0, got {opt.min_8bit_size}"
+            )
+        lean = [key for key in ("master_weights", "state_dtype", "stochastic_rounding")
+                if getattr(opt, key) not in (False, None)]  # fmt: skip
+        if lean and opt.name != "fastopt.AdamW":
+            raise ConfigError(
+                f"config key 'optimizer.{lean[0]}' is a setting of fastopt.AdamW, not of {opt.name}"
+            )
         if self.schedule is None:
             warmup = min(DEFAULT_WARMUP_STEPS, self.max_steps // 10)
             self.schedule = {"name": "warmup_cosine", "warmup_steps": warmup, "min_ratio": 0.05}

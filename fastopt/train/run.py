@@ -155,7 +155,7 @@ class Run:
 
         cfg = self.cfg
         if optimizer is None:
-            optimizer = build_optimizer(cfg.optimizer, self.raw_model)
+            optimizer = build_optimizer(cfg.optimizer, self.raw_model, cfg.seed)
         elif self.strategy.reshardable:
             mine = {id(p) for p in self.raw_model.parameters()}
             if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):

@@ -35,3 +35,34 @@ def test_the_schema_alone_leaves_the_sections_to_the_jobs():
     filled = config_from_dict({"job": "mlp", "data": {"n_train": 3}})
     assert filled.data["n_train"] == 3 and filled.data["batch_size"] == 128
     assert checked(filled) == filled  # checking twice changes nothing
+
+
+@pytest.mark.parametrize(
+    "optimizer,message",
+    [
+        ({"state_dtype": "int4"}, "optimizer.state_dtype"),
+        ({"min_8bit_size": -1}, "'optimizer.min_8bit_size' must be >= 0"),
+        ({"name": "torch.optim.AdamW", "state_dtype": "int8"},
+         "'optimizer.state_dtype' is a setting of fastopt.AdamW, not of torch.optim.AdamW"),
+        ({"name": "torch.optim.SGD", "stochastic_rounding": True},
+         "'optimizer.stochastic_rounding' is a setting of fastopt.AdamW"),
+    ],
+)  # fmt: skip
+def test_lean_optimizer_keys_are_checked_in_one_line(optimizer, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"job": "mlp", "optimizer": optimizer})
+
+
+def test_lean_optimizer_keys_reach_fastopt_adamw():
+    import torch
+
+    from fastopt.train.components import build_optimizer
+
+    cfg = config_from_dict({"job": "mlp", "seed": 7, "optimizer": {
+        "state_dtype": "int8", "min_8bit_size": 0, "stochastic_rounding": True}})  # fmt: skip
+    opt = build_optimizer(cfg.optimizer, torch.nn.Linear(4, 3), cfg.seed)
+    group = opt.param_groups[0]
+    assert (group["state_dtype"], group["min_8bit_size"]) == ("int8", 0)
+    assert (group["stochastic_rounding"], group["seed"]) == (True, 7)
+    plain = build_optimizer(config_from_dict({"job": "mlp"}).optimizer, torch.nn.Linear(4, 3))
+    assert "seed" not in plain.param_groups[0]  # torch's groups exactly, without a setting
