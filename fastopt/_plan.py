@@ -169,8 +169,8 @@ class _Plan:
     """A group's buckets and what a step compares to know that they still hold."""
 
     __slots__ = ("group", "listed", "settings", "key", "getters",
-                 "tensors", "buckets", "grads", "present", "grad_dtypes", "step",
-                 "fast")  # fmt: skip
+                 "tensors", "buckets", "grads", "present", "grad_dtypes", "param_dtypes",
+                 "step", "fast")  # fmt: skip
 
 
 class Planner:
@@ -213,6 +213,12 @@ class Planner:
             or (group["amsgrad"], lean(group, "stochastic_rounding"), lean(group, "seed"),
                 backend) != plan.settings
         ):  # fmt: skip
+            return None
+        # A param's .data may have been replaced since (same Parameter, another tensor): the
+        # kernels take it as it now is if it keeps its dtype and stays contiguous.
+        if list(map(_DTYPE, listed)) != plan.param_dtypes or not all(
+            map(Tensor.is_contiguous, listed)
+        ):
             return None
         try:
             tensors = chain.from_iterable(
@@ -260,17 +266,24 @@ class Planner:
             plan.grads = list(map(_GRAD, listed))
             plan.present = list(map(is_not, plan.grads, repeat(None)))
             plan.grad_dtypes = list(map(_DTYPE, grads))
+            plan.param_dtypes = list(map(_DTYPE, listed))
         plan.step = GroupStep(grads, passes)
         return plan.step
 
     def _plan(self, optimizer, index, group: dict[str, Any], params: list[Tensor],
               grads: list[Tensor], backend: str) -> _Plan:  # fmt: skip
         """The buckets of these params, rebuilt only when the set of params with gradients,
-        the gradient dtypes, the settings or the state tensors changed."""
+        their dtypes or contiguity, the gradient dtypes, the settings or the state tensors
+        changed."""
         state = optimizer.state
         settings = (group["amsgrad"], lean(group, "stochastic_rounding"), lean(group, "seed"),
                     backend)  # fmt: skip
-        key = (tuple(map(id, params)), tuple(map(_DTYPE, params)), tuple(map(_DTYPE, grads)))
+        key = (
+            tuple(map(id, params)),
+            tuple(map(_DTYPE, params)),
+            tuple(map(_DTYPE, grads)),
+            all(map(Tensor.is_contiguous, params)),
+        )  # a .data replaced: Bucket.direct
         cached = self._plans.get(index)
         if cached is not None and cached.key == key and cached.settings == settings:
             try:

@@ -56,10 +56,13 @@ def _change(name, model, opt, k):
     elif name == "param-replaced-in-group" and k == 1:
         group = opt.param_groups[0]
         group["params"] = group["params"][::-1]
+    elif name == "non-contiguous-param-data" and k == 1:  # the same Parameter, other memory
+        with torch.no_grad():
+            params[2].data = params[2].data.t().contiguous().t()
 
 
 CHANGES = ["grad-none", "new-grads", "non-contiguous-grad", "lr", "add-param-group",
-           "load-state-dict", "param-replaced-in-group"]  # fmt: skip
+           "load-state-dict", "param-replaced-in-group", "non-contiguous-param-data"]  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
