@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .backends import backend_ops, select_backend
 from .blocks import CutBlocks, shard_blocks
+from .offload import HostCopies
 from .sharded import dtensor_type, first_index, is_dtensor, is_fsdp1_flat, like_param, local
 from .state import init_state, is_lean, lean, master_key, state_keys, state_tensors
 from .step_args import PLAIN, Hyper, Lean
@@ -76,7 +77,10 @@ class Bucket:
         self._lean = is_lean(group)
         self._rounding = (lean(group, "stochastic_rounding"), lean(group, "seed") or 0)
         first = _real(local(self._tensors[0][0]))  # as the kernels see it (complex: real pairs)
-        self.ops: ModuleType = backend_ops(select_backend(backend, first.device, first.dtype))
+        # Offloaded params on another device update through host copies (fastopt.offload).
+        self.host = HostCopies() if states[0]["step"].device != first.device else None
+        device = first.device if self.host is None else torch.device("cpu")
+        self.ops: ModuleType = backend_ops(select_backend(backend, device, first.dtype))
         # Built once where the kernels take the state tensors themselves.
         self.lean = self._lean_of(self._tensors[4], self._tensors[5]) if self.fast else None
         # 8-bit shards whose ends cut blocks of the whole param (fastopt.blocks).
@@ -91,12 +95,16 @@ class Bucket:
         """The step of this bucket's params, whose ``grads`` readable_grads gave."""
         params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lean, copies = self.views()
         steps = self.steps
+        if self.host is not None:
+            params, grads, hyper = self.host.down(params, grads, hyper)
         if self.cuts is not None:
             lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lean.masters]
             (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), steps, lean = (
                 self.cuts.split(lists, steps, self._cut_scales, hyper, lean))  # fmt: skip
         self.ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper,
                             lean)  # fmt: skip
+        if self.host is not None:
+            self.host.up()
         for original, copy in copies:
             original.copy_(copy)
 

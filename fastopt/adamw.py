@@ -59,6 +59,14 @@ class AdamW(Optimizer):
             None draws one from torch's default generator, only when stochastic_rounding is on.
     :meth:`state_nbytes` gives the bytes the state holds.
 
+    Offload (keyword-only, per param group): ``offload=True`` keeps every state tensor of
+    params on a GPU in pinned host memory and runs their update on the host's CPU kernel: each
+    step copies the gradients and params to the host, updates there and copies the params
+    back, with the global norm and skip flag computed on the device first. The result is the
+    non-offloaded step's, bit for bit (the CPU and device kernels agree). Params on the CPU
+    are unaffected. The step is synchronous: it returns with the update done
+    (:meth:`synchronize` is then immediate).
+
     ``foreach`` and ``fused`` are accepted for compatibility and change nothing: every
     backend fuses. ``capturable`` is accepted: on CUDA the step is always capturable (step
     counts live on the device). ``differentiable=True`` is not supported.
@@ -89,6 +97,7 @@ class AdamW(Optimizer):
         stochastic_rounding: bool = False,
         seed: int | None = None,
         min_8bit_size: int = 4096,
+        offload: bool = False,
     ) -> None:
         check_torch_args(lr, betas, eps, weight_decay, foreach, capturable, fused,
                          differentiable)  # fmt: skip
@@ -102,6 +111,13 @@ class AdamW(Optimizer):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be positive or None)")
         formats.check_lean(master_weights, state_dtype, stochastic_rounding, min_8bit_size)
+        if not isinstance(offload, bool):
+            raise ValueError(f"Invalid offload: {offload!r} (True or False)")
+        if offload and backend not in ("auto", "cpu"):
+            raise ValueError(
+                f"fastopt.AdamW: offload=True runs the update on the host's CPU kernel, which "
+                f"backend={backend!r} is not; use backend='auto' or 'cpu'"
+            )
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
             raise ValueError(f"Invalid seed: {seed!r} (an int from 0 to 2**63 - 1, or None)")
         defaults = dict(
@@ -113,7 +129,7 @@ class AdamW(Optimizer):
         # when set: with none, defaults and state_dict are torch.optim.AdamW's exactly.
         lean = dict(master_weights=master_weights, state_dtype=state_dtype,
                     stochastic_rounding=stochastic_rounding, seed=seed,
-                    min_8bit_size=min_8bit_size)  # fmt: skip
+                    min_8bit_size=min_8bit_size, offload=offload)  # fmt: skip
         defaults.update((k, v) for k, v in lean.items() if v != formats.LEAN_DEFAULTS[k])
         super().__init__(params, defaults)
         formats.check_lean_groups(self.param_groups)
@@ -160,6 +176,10 @@ class AdamW(Optimizer):
         # The packed ids, as torch numbers them: params in group order, each once.
         params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
         return formats.pack_state_dict(super().state_dict(), params, portable)
+
+    def synchronize(self) -> None:
+        """Waits until the last step's update has reached the params. Every step is
+        synchronous today (offloaded ones included), so this returns at once."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Resets the gradients, as torch's, and discards any a GradAccumulator holds."""

@@ -75,7 +75,7 @@ STATE_KEYS = {
 # The lean settings a group may carry (absent: these defaults), and those check_lean takes,
 # in its order.
 LEAN_DEFAULTS = dict(master_weights=False, state_dtype=None, stochastic_rounding=False, seed=None,
-                     min_8bit_size=4096)  # fmt: skip
+                     min_8bit_size=4096, offload=False)  # fmt: skip
 _LEAN_CHECKED = ("master_weights", "state_dtype", "stochastic_rounding", "min_8bit_size")
 
 
@@ -140,31 +140,55 @@ def master_key(state: dict[str, Any]) -> str | None:
     return "master" if "master" in state else None
 
 
-def _init_master(state: dict[str, Any], p: Tensor) -> None:
+def state_device(group: dict[str, Any], p: Tensor) -> torch.device:
+    """Where p's state lives: with p (its local shard), or in host memory for a group that
+    offloads a param on another device."""
+    device = local(p).device
+    if not lean(group, "offload") or device.type == "cpu":
+        return device
+    if is_dtensor(p):
+        raise ValueError(
+            f"fastopt.AdamW: offload=True does not take sharded (DTensor) params on {device} "
+            "yet; offload plain params, or shard without offload"
+        )
+    return torch.device("cpu")
+
+
+def _offloaded(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether p's state is in host memory while p is not (then it is pinned, for copies)."""
+    return state_device(group, p) != local(p).device
+
+
+def _zeros(p: Tensor, dtype: torch.dtype, host: bool) -> Tensor:
+    """Zeros of p's shape: laid out as p, or in pinned host memory (``host``)."""
+    if host:
+        return torch.zeros(p.shape, dtype=dtype, pin_memory=True)
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _init_master(state: dict[str, Any], p: Tensor, host: bool = False) -> None:
     """The master of a param that has none yet: the param itself, exactly."""
     if p.dtype == torch.bfloat16:
-        state["master_remainder"] = torch.zeros_like(
-            p, dtype=torch.int16, memory_format=torch.preserve_format
-        )
+        state["master_remainder"] = _zeros(p, torch.int16, host)
     elif p.dtype == torch.float16:
-        state["master"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+        master = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+        state["master"] = master.cpu().pin_memory() if host else master
 
 
-def _new_scales(p: Tensor, rows: int) -> Tensor:
+def _new_scales(p: Tensor, rows: int, device: torch.device) -> Tensor:
     """Zero block scales of p's moments: (rows, blocks of p's local tensor), int8; of a shard
     whose ends cut blocks of the whole param, its body's blocks (fastopt.blocks)."""
-    t = local(p)
     layout = shard_blocks(p)
-    blocks = layout.body_blocks if layout else -(-t.numel() // BLOCK)
-    return torch.zeros((rows, blocks), dtype=torch.int8, device=t.device)
+    blocks = layout.body_blocks if layout else -(-local(p).numel() // BLOCK)
+    return torch.zeros((rows, blocks), dtype=torch.int8, device=device)
 
 
-def _new_cut_scales(p: Tensor, rows: int) -> Tensor | None:
+def _new_cut_scales(p: Tensor, rows: int, device: torch.device) -> Tensor | None:
     """Zero scales of the cut blocks a shard of p ends in (rows, 1 or 2), or None."""
     layout = shard_blocks(p)
     if layout is None or not layout.pieces:
         return None
-    return torch.zeros((rows, len(layout.pieces)), dtype=torch.int8, device=local(p).device)
+    return torch.zeros((rows, len(layout.pieces)), dtype=torch.int8, device=device)
 
 
 def _check_lean_param(p: Tensor, group: dict[str, Any]) -> None:
@@ -194,19 +218,19 @@ def init_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
         if is_lean(group):
             _check_lean_param(p, group)
         dtype = _moment_dtype(group, p)
-        zeros = dict(dtype=dtype, memory_format=torch.preserve_format)
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, **zeros)
-        state["exp_avg_sq"] = torch.zeros_like(p, **zeros)
+        device, host = state_device(group, p), _offloaded(group, p)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+        state["exp_avg"] = _zeros(p, dtype, host)
+        state["exp_avg_sq"] = _zeros(p, dtype, host)
         if amsgrad:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, **zeros)
+            state["max_exp_avg_sq"] = _zeros(p, dtype, host)
         if quantizes(group, p):  # all-zero codes are 0 whatever the scales
-            state["scales"] = _new_scales(p, 3 if amsgrad else 2)
-            cut = _new_cut_scales(p, 3 if amsgrad else 2)
+            state["scales"] = _new_scales(p, 3 if amsgrad else 2, device)
+            cut = _new_cut_scales(p, 3 if amsgrad else 2, device)
             if cut is not None:
                 state["cut_scales"] = cut
         if lean(group, "master_weights"):
-            _init_master(state, p)
+            _init_master(state, p, host)
     elif amsgrad and "max_exp_avg_sq" not in state:
         raise RuntimeError(
             "fastopt.AdamW: amsgrad was turned on after the first step; the state has "
@@ -214,7 +238,8 @@ def init_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
         )
     elif lean(group, "master_weights") and master_key(state) is None:
         _check_lean_param(p, group)
-        _init_master(state, p)  # loaded from a checkpoint without masters: from the param
+        # loaded from a checkpoint without masters: from the param
+        _init_master(state, p, _offloaded(group, p))
 
 
 def state_keys(state: dict[str, Any]) -> operator.itemgetter:
@@ -343,17 +368,24 @@ def unwrap_loaded_state(state: dict, param_groups: list[dict], defaults: dict) -
             state[key] = entry.entry
             continue
         saved = entry.entry
+        group = group_of.get(id(key), defaults)
         loaded = _torch_cast(key, saved, entry.param_id, entry.saved_groups)
+        device = state_device(group, key)
         if "step" in loaded:
-            loaded["step"] = torch.as_tensor(loaded["step"], dtype=torch.float32).to(key.device)
-        _restore_dtypes(loaded, saved, key, group_of.get(id(key), defaults))
+            loaded["step"] = torch.as_tensor(loaded["step"], dtype=torch.float32).to(device)
+        _restore_dtypes(loaded, saved, key, group, device)
+        if _offloaded(group, key):  # in host memory, pinned for the copies to and from key
+            loaded = {k: v.to(device).pin_memory() if isinstance(v, Tensor) and v.dim() else v
+                      for k, v in loaded.items()}  # fmt: skip
         state[key] = loaded
 
 
-def _restore_dtypes(entry: dict, saved: dict, param: Tensor, group: dict) -> None:
-    """After torch's cast: the group's state dtype for the moments, fp32 for masters."""
+def _restore_dtypes(entry: dict, saved: dict, param: Tensor, group: dict,
+                    device: torch.device) -> None:  # fmt: skip
+    """After torch's cast: the group's state dtype for the moments, fp32 for masters, all on
+    ``device`` (the state's)."""
     if quantizes(group, param):
-        _load_quantized(entry, saved, param)
+        _load_quantized(entry, saved, param, device)
     else:
         entry.pop("scales", None)
         for key in MOMENTS:
@@ -367,7 +399,7 @@ def _restore_dtypes(entry: dict, saved: dict, param: Tensor, group: dict) -> Non
                     "portable_state_dict() to change the state's format"
                 )
             if isinstance(value, Tensor) and value.is_floating_point() and key in entry:
-                entry[key] = value.to(dtype=_moment_dtype(group, param), device=param.device)
+                entry[key] = value.to(dtype=_moment_dtype(group, param), device=device)
     # A master saved by fastopt comes back exact. One that went through torch's
     # load_state_dict was cast to the param's dtype (the int16 remainder converted as a number)
     # and is stale besides, since torch then stepped the param without it: the param is the
@@ -377,22 +409,23 @@ def _restore_dtypes(entry: dict, saved: dict, param: Tensor, group: dict) -> Non
         if key not in entry:
             continue
         if isinstance(value, Tensor) and value.dtype == dtype:
-            entry[key] = value.to(device=param.device)
+            entry[key] = value.to(device=device)
         else:
             del entry[key]
             if lean(group, "master_weights"):
-                _init_master(entry, param)
+                _init_master(entry, param.to(device) if param.device != device else param)
 
 
-def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor) -> None:
+def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor,
+                    device: torch.device) -> None:  # fmt: skip
     """An 8-bit state entry from a saved one: codes and scales exactly from fastopt's state
     dict, or float moments (torch's, a non-8-bit fastopt's, a sharded param's portable form)
     quantized to nearest, a sharded param's in the whole param's blocks (collective)."""
     names = [name for name in MOMENTS if name in entry]
     shard = local(p)
     layout = shard_blocks(p)
-    scales = _new_scales(p, len(names))
-    cut_scales = _new_cut_scales(p, len(names))
+    scales = _new_scales(p, len(names), device)
+    cut_scales = _new_cut_scales(p, len(names), device)
     exact = _saved_scales(saved, p, layout, len(names))
     for row, name in enumerate(names):
         value = saved.get(name)
@@ -412,7 +445,7 @@ def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor) -> 
                 f"fastopt.AdamW: cannot load {name} of a param of {p.numel()} elements from "
                 f"{type(value).__name__} {getattr(value, 'shape', '')}"
             )
-        codes = codes.to(device=shard.device).reshape(shard.shape).clone()
+        codes = codes.to(device=device).reshape(shard.shape).clone()
         entry[name] = _like(p, codes)
         scales[row].copy_(scale)
         if cut is not None:

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
      ["_ext", "reference", "kernels.*"]),
     ("the op schemas' Python side", ["_ops"]),
     ("backend choice", ["backends"]),
-    ("8-bit blocks of sharded params", ["blocks"]),
+    ("8-bit blocks of sharded params; offload's host copies", ["blocks", "offload"]),
     ("state formats and step plans", ["state", "_plan"]),
     ("the other fused ops' front ends", ["norm", "accumulate", "scaler"]),
     ("the optimizer", ["adamw"]),

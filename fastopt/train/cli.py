@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     train.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep fastopt.AdamW's state in host memory and update on the CPU "
+        "(optimizer.offload: true); the result is the same",
+    )
+    train.add_argument(
         "--micro-batch-size",
         type=_micro_batch_size,
         metavar="N|auto",
@@ -134,6 +140,11 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=False if args.no_progress else None,
     )
+    if args.offload:
+        import dataclasses
+
+        optimizer = dataclasses.replace(config.optimizer, offload=True)
+        config = dataclasses.replace(config, optimizer=optimizer)
     if args.print_config:
         import yaml
 

@@ -147,6 +147,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, seed: int = 0) -> to
             min_8bit_size=cfg.min_8bit_size,
             stochastic_rounding=cfg.stochastic_rounding,
             seed=seed if cfg.stochastic_rounding or cfg.state_dtype == "int8" else None,
+            offload=cfg.offload,
         )
     if cfg.name == "torch.optim.AdamW":
         return torch.optim.AdamW(
@@ -320,7 +321,9 @@ def claim_run_dir(
             diff = [
                 f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
                 for k in sorted(set(old) | set(new))
-                if k not in NOT_FINGERPRINTED and old.get(k) != new.get(k)
+                if k not in NOT_FINGERPRINTED
+                and k != "optimizer.offload"
+                and old.get(k) != new.get(k)
             ]
             listed = "; ".join(diff) or "none in the config (another fastopt version?)"
             raise ConfigError(

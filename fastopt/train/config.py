@@ -69,6 +69,9 @@ class OptimizerConfig:
     state_dtype: Literal["float32", "bfloat16", "int8"] | None = None
     min_8bit_size: int = 4096
     stochastic_rounding: bool = False
+    # The state in host memory and the update on the CPU kernel, for params on a GPU (the
+    # result is the same; README "Fitting a bigger model").
+    offload: bool = False
 
 
 @dataclass
@@ -178,7 +181,7 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'optimizer.min_8bit_size' must be >= 0, got {opt.min_8bit_size}"
             )
-        lean = [key for key in ("master_weights", "state_dtype", "stochastic_rounding")
+        lean = [key for key in ("master_weights", "state_dtype", "stochastic_rounding", "offload")
                 if getattr(opt, key) not in (False, None)]  # fmt: skip
         if lean and opt.name != "fastopt.AdamW":
             raise ConfigError(
@@ -455,11 +458,22 @@ def pinned_config(config: TrainConfig) -> dict[str, Any]:
     return data
 
 
+# Optimizer keys added after runs were first recorded, left out of the fingerprint at their
+# defaults so that those runs resume; offload never changes the result, so it is left out.
+_LATER_OPTIMIZER_DEFAULTS = dict(master_weights=False, state_dtype=None, min_8bit_size=4096,
+                                 stochastic_rounding=False)  # fmt: skip
+
+
 def fingerprint(config: TrainConfig, extra: dict[str, Any] | None = None) -> str:
     """A hash of everything that determines the run's result (config, model and optimizer
     signatures in ``extra``), to refuse resuming a different run."""
     data = {k: v for k, v in pinned_config(config).items() if k not in NOT_FINGERPRINTED}
     if data.get("parallel") == "auto":  # the default, so that runs from before the key resume
         del data["parallel"]
+    optimizer = {k: v for k, v in data.get("optimizer", {}).items()
+                 if k != "offload" and not (k in _LATER_OPTIMIZER_DEFAULTS
+                                            and v == _LATER_OPTIMIZER_DEFAULTS[k])}  # fmt: skip
+    if "optimizer" in data:
+        data["optimizer"] = optimizer
     blob = json.dumps({"config": data, "extra": extra or {}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -66,3 +66,30 @@ def test_lean_optimizer_keys_reach_fastopt_adamw():
     assert (group["stochastic_rounding"], group["seed"]) == (True, 7)
     plain = build_optimizer(config_from_dict({"job": "mlp"}).optimizer, torch.nn.Linear(4, 3))
     assert "seed" not in plain.param_groups[0]  # torch's groups exactly, without a setting
+
+
+def test_runs_recorded_before_the_lean_keys_keep_their_fingerprint():
+    """A run folder written before optimizer.master_weights, state_dtype, min_8bit_size,
+    stochastic_rounding and offload existed resumes: at their defaults they are not hashed,
+    and offload (which changes no result) never is. The hashes are those 14376b9 computed,
+    before the keys (a change to the jobs' presets changes them too)."""
+    from fastopt.train.config import fingerprint
+
+    assert fingerprint(config_from_dict({"job": "mlp"})) == "7d873c9f9c991dd6"
+    assert fingerprint(config_from_dict({"job": "gpt"})) == "0abe8f812a85d72b"
+    offloaded = config_from_dict({"job": "mlp", "optimizer": {"offload": True}})
+    assert fingerprint(offloaded) == "7d873c9f9c991dd6"
+    int8 = config_from_dict({"job": "mlp", "optimizer": {"state_dtype": "int8"}})
+    assert fingerprint(int8) != "7d873c9f9c991dd6"
+
+
+def test_offload_key_and_flag_reach_fastopt_adamw(tmp_path):
+    import torch
+
+    from fastopt.train.cli import _parser
+    from fastopt.train.components import build_optimizer
+
+    cfg = config_from_dict({"job": "mlp", "optimizer": {"offload": True}})
+    assert build_optimizer(cfg.optimizer, torch.nn.Linear(4, 3)).param_groups[0]["offload"]
+    args = _parser().parse_args(["train", "--offload", "--out", str(tmp_path / "run")])
+    assert args.offload
