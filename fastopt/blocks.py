@@ -62,18 +62,22 @@ class ShardBlocks:
     the whole param (the same on every rank: each rank's part of a cut block is combined in
     its slot), ``group`` the process group of the ranks that share its blocks."""
 
-    __slots__ = ("body", "first", "group", "pieces", "slots")
+    __slots__ = ("body", "first", "group", "head", "pieces", "slots", "tail")
 
     def __init__(self, first: int, n: int, numel: int, boundaries: list[int], group) -> None:
         cut = sorted({b // BLOCK for b in boundaries if 0 < b < numel and b % BLOCK})
         self.first, self.group, self.slots = first, group, len(cut)
         end = first + n
         start, stop, self.pieces = 0, n, []
-        if n and first % BLOCK:  # the shard starts inside a block
+        # head: the shard starts inside a block; tail: it ends inside another one (a shard
+        # inside one block is its head alone)
+        self.head = bool(n and first % BLOCK)
+        if self.head:
             start = min(n, BLOCK - first % BLOCK)
             self.pieces.append((0, start, cut.index(first // BLOCK)))
-        if n and end % BLOCK and end < numel and not (self.pieces and start == n):
-            stop = max(start, n - end % BLOCK)  # the shard ends inside a block
+        self.tail = bool(n and end % BLOCK and end < numel and not (self.head and start == n))
+        if self.tail:
+            stop = max(start, n - end % BLOCK)
             self.pieces.append((stop, n, cut.index(end // BLOCK)))
         self.body = (start, stop)
 
@@ -258,11 +262,9 @@ def join_scales(scales: Tensor, cut_scales: Tensor | None, layout: ShardBlocks |
     block, its body's, its tail's cut block."""
     if layout is None or cut_scales is None:
         return scales.t()
-    columns = [scales]
-    pieces = layout.pieces
-    if pieces and pieces[0][0] == 0 and layout.first % BLOCK:
-        columns.insert(0, cut_scales[:, :1])
-    if pieces and not (pieces[-1][0] == 0 and layout.first % BLOCK):
+    columns = [cut_scales[:, :1]] if layout.head else []
+    columns.append(scales)
+    if layout.tail:
         columns.append(cut_scales[:, -1:])
     return torch.cat(columns, dim=1).t()
 
@@ -272,12 +274,10 @@ def split_scales(touched: Tensor, layout: ShardBlocks | None) -> tuple[Tensor, T
     rows = touched.t()
     if layout is None or not layout.pieces:
         return rows.contiguous(), None
-    head = layout.pieces[0][0] == 0 and layout.first % BLOCK
-    tail = not (layout.pieces[-1][0] == 0 and layout.first % BLOCK)
-    cut = [rows[:, :1]] if head else []
-    if tail:
+    cut = [rows[:, :1]] if layout.head else []
+    if layout.tail:
         cut.append(rows[:, -1:])
-    body = rows[:, 1 if head else 0 : rows.shape[1] - (1 if tail else 0)]
+    body = rows[:, int(layout.head) : rows.shape[1] - int(layout.tail)]
     return body.contiguous(), torch.cat(cut, dim=1)
 
 

@@ -28,6 +28,17 @@ def _pinned_like(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
 
 
+def _copied_down(buffers: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` copied (queued) into host ``buffers``, made anew where they do not fit."""
+    if len(buffers) != len(tensors) or any(
+        b.shape != t.shape or b.dtype != t.dtype for b, t in zip(buffers, tensors)
+    ):
+        buffers = [_pinned_like(t) for t in tensors]
+    for host, device in zip(buffers, tensors):
+        host.copy_(device, non_blocking=True)
+    return buffers
+
+
 def _host_scalar(value):
     return value.to("cpu", non_blocking=True) if isinstance(value, Tensor) else value
 
@@ -42,18 +53,8 @@ class HostCopies:
 
     def down(self, params: list[Tensor], grads: list[Tensor], hyper: Hyper):
         """(host params, host grads, hyper with host scalars) for this step's update."""
-        if len(self.params) != len(params) or any(
-            h.shape != p.shape or h.dtype != p.dtype for h, p in zip(self.params, params)
-        ):
-            self.params = [_pinned_like(p) for p in params]
-        if len(self.grads) != len(grads) or any(
-            h.shape != g.shape or h.dtype != g.dtype for h, g in zip(self.grads, grads)
-        ):
-            self.grads = [_pinned_like(g) for g in grads]
-        for host, device in zip(self.params, params):
-            host.copy_(device, non_blocking=True)
-        for host, device in zip(self.grads, grads):
-            host.copy_(device, non_blocking=True)
+        self.params = _copied_down(self.params, params)
+        self.grads = _copied_down(self.grads, grads)
         scalars = {name: _host_scalar(getattr(hyper, name))
                    for name in ("lr", "grad_scale", "found_inf", "grad_norm")}  # fmt: skip
         if params and params[0].is_cuda:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -130,12 +131,27 @@ def adamw_step(
     first element. The codes always round stochastically, with the noise of the 16-bit
     stores they replace (so ``seed``, ``positions`` and ``first_indices`` are needed).
     """
-    _adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, lean,
-                None)  # fmt: skip
+    adamw_step_exchanging(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          hyper, lean, None)  # fmt: skip
 
 
-def _adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, lean,
-                exchange) -> None:  # fmt: skip
+@torch.no_grad()
+def adamw_step_exchanging(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    hyper: Hyper,
+    lean: Lean,
+    exchange: Callable[[list[list[Tensor]]], list[list[Tensor]]] | None,
+) -> None:
+    """adamw_step, whose 8-bit codes are stored with the scales ``exchange`` returns when it is
+    given: for tensors that each lie within one block of a larger whole (the pieces of a shard
+    that a shard boundary cuts from the rest of their block), it receives this step's own
+    scales as a list (per tensor) of lists (per moment) of one-element int8 tensors, and
+    fastopt.blocks exchanges them for the whole blocks'."""
     if not params:
         return
     pending: list = []  # with exchange: the 8-bit stores, made once the scales are exchanged
@@ -229,27 +245,6 @@ def _adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
             _store(max_exp_avg_sqs[i], second, n_vmax)
     if exchange is not None:
         _store_exchanged(pending, exchange)
-
-
-@torch.no_grad()
-def adamw_step_exchanging(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hyper: Hyper,
-    lean: Lean,
-    exchange,
-) -> None:
-    """adamw_step for 8-bit tensors that each lie within one block of a larger whole (the
-    pieces of a shard that a shard boundary cuts from the rest of their block): each moment's
-    codes are stored with the scales ``exchange`` returns, given this step's own scales as a
-    list (per tensor) of lists (per moment) of one-element int8 tensors; fastopt.blocks
-    exchanges them for the whole blocks'."""
-    _adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, lean,
-                exchange)  # fmt: skip
 
 
 def _store_exchanged(pending: list, exchange) -> None:
