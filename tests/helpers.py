@@ -49,3 +49,25 @@ def backend_cases(backend: str, device: str, cases: dict) -> list:
 def randn(shape, *, dtype=torch.float32, device="cpu", gen: torch.Generator) -> torch.Tensor:
     """Random normal data (never zeros: zeros hide unwritten outputs)."""
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def replay_in_cuda_graph(scaler, opt, load, steps: int = 8, warmup: int = 2) -> None:
+    """``scaler.step(opt); scaler.update()`` run eagerly on a side stream for ``warmup`` steps
+    (state, kernel compilation, tables), then captured in a CUDA graph and replayed for the
+    rest of ``steps``; ``load(step)`` fills the static gradients before each."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(warmup):
+            load(step)
+            scaler.step(opt)
+            scaler.update()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scaler.step(opt)
+        scaler.update()
+    for step in range(warmup, steps):
+        load(step)
+        graph.replay()
+    torch.cuda.synchronize()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import replay_in_cuda_graph
 
 import fastopt
 from fastopt import reference
@@ -72,22 +73,7 @@ def test_cuda_graph_captures_a_whole_step(backend, dtype, lean):
         for buf, g in zip(static, _grads(step, shapes)):
             buf.copy_(g * scaler_g._scale)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # eager warm-up: state, kernel compilation, tables
-        for step in range(2):
-            load(step)
-            scaler_g.step(opt_g)
-            scaler_g.update()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        scaler_g.step(opt_g)
-        scaler_g.update()
-    for step in range(2, 8):
-        load(step)
-        graph.replay()
-    torch.cuda.synchronize()
+    replay_in_cuda_graph(scaler_g, opt_g, load)
     for a, b in zip(ps_g, ps_e):
         if lean:
             assert torch.equal(a.view(torch.int16), b.view(torch.int16))

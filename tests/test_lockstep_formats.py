@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, backend_cases, backend_params
+from helpers import TRITON_DEVICE, backend_cases, backend_params, replay_in_cuda_graph
 from lockstep import (
     CUDA_SIZES,
     INT8_VARIANTS,
@@ -202,22 +202,7 @@ def test_cuda_graph_captures_an_int8_step():
         for buf, g in zip(static, grads(step)):
             buf.copy_(g * scaler_g._scale)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # eager warm-up: state, tables
-        for step in range(2):
-            load(step)
-            scaler_g.step(opt_g)
-            scaler_g.update()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        scaler_g.step(opt_g)
-        scaler_g.update()
-    for step in range(2, 8):
-        load(step)
-        graph.replay()
-    torch.cuda.synchronize()
+    replay_in_cuda_graph(scaler_g, opt_g, load)
     assert_same_state(optimizer_snapshot(opt_g, ps_g), optimizer_snapshot(opt_e, ps_e),
                      "graph vs eager")  # fmt: skip
     assert opt_g.state[ps_g[0]]["exp_avg"].dtype == torch.uint8
