@@ -13,6 +13,7 @@ step and rebuilds the plan when the set of params with gradients or their state 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
@@ -107,6 +108,31 @@ class Bucket:
             self.host.up()
         for original, copy in copies:
             original.copy_(copy)
+
+    def update_part(self, part: list[int], params: list[Tensor], grads: list[Tensor],
+                    hyper: Hyper) -> None:  # fmt: skip
+        """The step of the bucket's params at ``part`` (indices into the bucket), given those
+        params and gradients as the kernels take them (host copies of offloaded ones): the
+        same bits as in a call over the whole bucket, as every kernel updates each tensor on
+        its own. For a bucket that is :attr:`fast`."""
+
+        def pick(items):
+            return [items[k] for k in part] if items else items
+
+        lean = self.lean
+        if lean is not PLAIN:
+            lean = dataclasses.replace(
+                lean, masters=pick(lean.masters), positions=pick(lean.positions),
+                first_indices=pick(lean.first_indices), scales=pick(lean.scales),
+            )  # fmt: skip
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs = map(pick, self._tensors[1:4])
+        self.ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                            pick(self.steps), hyper, lean)  # fmt: skip
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The bucket's params, in its order."""
+        return self._tensors[0]
 
     @property
     def fast(self) -> bool:

@@ -80,6 +80,8 @@ class GradAccumulator:
     def accumulate(self, weight: float = 1.0) -> None:
         """Adds ``weight * p.grad`` of every param with a gradient into its fp32 buffer."""
         weight = float(weight)
+        # The buffers are overwritten below: an overlapped update may still be reading them.
+        self.optimizer.synchronize()
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
         first, rest = defaultdict(lambda: ([], [])), defaultdict(lambda: ([], []))

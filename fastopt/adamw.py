@@ -21,6 +21,7 @@ from ._plan import Planner
 from ._torch_args import check_torch_args
 from .backends import BACKENDS
 from .norm import global_norm
+from .overlap import Overlap
 from .step_args import Hyper
 
 __all__ = ["AdamW"]
@@ -64,8 +65,8 @@ class AdamW(Optimizer):
     step copies the gradients and params to the host, updates there and copies the params
     back, with the global norm and skip flag computed on the device first. The result is the
     non-offloaded step's, bit for bit (the CPU and device kernels agree). Params on the CPU
-    are unaffected. The step is synchronous: it returns with the update done
-    (:meth:`synchronize` is then immediate).
+    are unaffected. The step is synchronous (it returns with the update done) unless
+    :meth:`overlap` hooks a model, so that the update runs while the next forward starts.
 
     ``foreach`` and ``fused`` are accepted for compatibility and change nothing: every
     backend fuses. ``capturable`` is accepted: on CUDA the step is always capturable (step
@@ -147,6 +148,7 @@ class AdamW(Optimizer):
         self.last_found_inf: Tensor | None = None
         self._accumulator = None  # set by fastopt.GradAccumulator
         self._planner = Planner()  # the buckets of each group, from step to step
+        self._overlap: Overlap | None = None  # set by overlap()
 
     def master_param(self, p: Tensor) -> Tensor:
         """``p``'s fp32 master as a new tensor: the exact value its updates start from (a bf16
@@ -164,12 +166,14 @@ class AdamW(Optimizer):
         ``scales`` entry folded into them): each loads into torch.optim.AdamW as the fp32
         moment of the param's shape it stands for, back into fastopt exactly (codes and
         scales, so a resume is bit-exact), and saves at about one byte per element."""
+        self.synchronize()
         return self._packed(portable=False)
 
     def portable_state_dict(self) -> dict[str, Any]:
         """The state dict every torch.optim.AdamW loads, on any number of ranks: state_dict()
         without the ``scales`` entries, and a sharded param's 8-bit moments as fp32 DTensors
         (fastopt loads them back quantized to nearest, not bit-exact)."""
+        self.synchronize()
         return self._packed(portable=True)
 
     def _packed(self, portable: bool) -> dict[str, Any]:
@@ -177,12 +181,29 @@ class AdamW(Optimizer):
         params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
         return formats.pack_state_dict(super().state_dict(), params, portable)
 
+    def overlap(self, model: torch.nn.Module) -> Overlap:
+        """Overlaps the offloaded update with the next forward (:mod:`fastopt.overlap`):
+        ``step()`` then returns once the update is queued, the update runs param by param in
+        the order ``model``'s forward uses them, and each module's forward waits for its own
+        params. The result is the synchronous step's, bit for bit. Every trainable param of
+        ``model`` must be one of this optimizer's, in a group with ``offload=True``. Returns
+        the handle; ``handle.remove()`` ends it."""
+        if self._overlap is not None:
+            raise RuntimeError("fastopt.AdamW: overlap() is already on; remove() its handle first")
+        self._overlap = Overlap(self, model)
+        return self._overlap
+
     def synchronize(self) -> None:
-        """Waits until the last step's update has reached the params. Every step is
-        synchronous today (offloaded ones included), so this returns at once."""
+        """Waits until the last step's update has reached the params: needed under
+        :meth:`overlap` before reading params outside the model's forward (state_dict() and
+        load_state_dict() wait by themselves); immediate otherwise."""
+        if self._overlap is not None:
+            self._overlap.wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Resets the gradients, as torch's, and discards any a GradAccumulator holds."""
+        if not set_to_none:  # zeroed in place: an overlapped update may still read them
+            self.synchronize()
         super().zero_grad(set_to_none)
         if self._accumulator is not None and self._accumulator.pending:
             self._accumulator.reset()
@@ -196,6 +217,7 @@ class AdamW(Optimizer):
         """torch's, keeping what its cast to the param's dtype would lose: moments stay in the
         group's ``state_dtype`` and fp32 masters in fp32, converted from the saved tensors (so
         torch's own state_dict loads too: moments converted, masters taken from the params)."""
+        self.synchronize()
         # Last of the pre-hooks, so that the user's see the state_dict as given: the saved
         # entries then travel through torch's load wrapped, and __setstate__ converts them.
         handle = self.register_load_state_dict_pre_hook(formats.wrap_saved_state)
@@ -209,7 +231,7 @@ class AdamW(Optimizer):
         # and param_groups): keep this instance's settings when the state does not carry them.
         self.backend = state.pop("backend", getattr(self, "backend", "auto"))
         self.max_grad_norm = state.pop("max_grad_norm", getattr(self, "max_grad_norm", None))
-        for attr in ("last_grad_norm", "last_found_inf", "_accumulator"):
+        for attr in ("last_grad_norm", "last_found_inf", "_accumulator", "_overlap"):
             setattr(self, attr, getattr(self, attr, None))
         self._planner = Planner()  # the buckets hold state tensors, which this replaces
         super().__setstate__(state)
@@ -240,6 +262,7 @@ class AdamW(Optimizer):
             raise
 
     def _step(self, closure):
+        self.synchronize()  # the last step's update, when overlapped, is done before this one
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -293,6 +316,7 @@ class AdamW(Optimizer):
             self.last_grad_norm = grad_norm * coef
         self.last_found_inf = found_inf
 
+        overlapped = []  # (bucket, grads, hyper) for the overlap's worker
         for group, step in zip(self.param_groups, steps):
             if step is None:
                 continue
@@ -304,8 +328,19 @@ class AdamW(Optimizer):
                 grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
                 max_grad_norm=self.max_grad_norm or 0.0, grad_factor=grad_factor,
             )  # fmt: skip
+            # A param the group lists twice updates twice, in order: not overlapped.
+            if self._overlap is not None and group.get("offload") and _distinct(step.passes):
+                overlapped += [(bucket, grads, hyper) for bucket, grads in step.passes]
+                continue
             for bucket, grads in step.passes:
                 bucket.update(grads, hyper)
+        if overlapped:
+            self._overlap.submit(overlapped)
         if acc_grads is not None:
             acc.reset()
         return loss
+
+
+def _distinct(passes) -> bool:
+    ids = [id(p) for bucket, _ in passes for p in bucket.params]
+    return len(set(ids)) == len(ids)

@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         "(optimizer.offload: true); the result is the same",
     )
     train.add_argument(
+        "--overlap",
+        action="store_true",
+        help="with --offload: run the host's update while the next forward starts "
+        "(optimizer.overlap: true); the result is the same",
+    )
+    train.add_argument(
         "--micro-batch-size",
         type=_micro_batch_size,
         metavar="N|auto",
@@ -140,10 +146,11 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=False if args.no_progress else None,
     )
-    if args.offload:
+    if args.offload or args.overlap:
         import dataclasses
 
-        optimizer = dataclasses.replace(config.optimizer, offload=True)
+        switches = {"offload": True, **({"overlap": True} if args.overlap else {})}
+        optimizer = dataclasses.replace(config.optimizer, **switches)
         config = dataclasses.replace(config, optimizer=optimizer)
     if args.print_config:
         import yaml

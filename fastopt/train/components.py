@@ -322,7 +322,7 @@ def claim_run_dir(
                 f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
                 for k in sorted(set(old) | set(new))
                 if k not in NOT_FINGERPRINTED
-                and k != "optimizer.offload"
+                and k not in ("optimizer.offload", "optimizer.overlap")
                 and old.get(k) != new.get(k)
             ]
             listed = "; ".join(diff) or "none in the config (another fastopt version?)"

@@ -69,9 +69,11 @@ class OptimizerConfig:
     state_dtype: Literal["float32", "bfloat16", "int8"] | None = None
     min_8bit_size: int = 4096
     stochastic_rounding: bool = False
-    # The state in host memory and the update on the CPU kernel, for params on a GPU (the
-    # result is the same; README "Fitting a bigger model").
+    # The state in host memory and the update on the CPU kernel, for params on a GPU, and
+    # that update overlapped with the next forward (the result is the same either way;
+    # README "Fitting a bigger model").
     offload: bool = False
+    overlap: bool = False
 
 
 @dataclass
@@ -181,12 +183,17 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'optimizer.min_8bit_size' must be >= 0, got {opt.min_8bit_size}"
             )
-        lean = [key for key in ("master_weights", "state_dtype", "stochastic_rounding", "offload")
-                if getattr(opt, key) not in (False, None)]  # fmt: skip
+        lean = [key for key in ("master_weights", "state_dtype", "stochastic_rounding", "offload",
+                                "overlap") if getattr(opt, key) not in (False, None)]  # fmt: skip
         if lean and opt.name != "fastopt.AdamW":
             raise ConfigError(
                 f"config key 'optimizer.{lean[0]}' is a setting of fastopt.AdamW, not of {opt.name}"
             )
+        if opt.overlap and not opt.offload:
+            raise ConfigError("config key 'optimizer.overlap' needs 'optimizer.offload: true'")
+        if opt.overlap and self.parallel == "fsdp2":
+            raise ConfigError("config key 'optimizer.overlap' does not take parallel 'fsdp2' "
+                              "(sharded params) yet; use offload without overlap")  # fmt: skip
         if self.schedule is None:
             warmup = min(DEFAULT_WARMUP_STEPS, self.max_steps // 10)
             self.schedule = {"name": "warmup_cosine", "warmup_steps": warmup, "min_ratio": 0.05}
@@ -459,7 +466,8 @@ def pinned_config(config: TrainConfig) -> dict[str, Any]:
 
 
 # Optimizer keys added after runs were first recorded, left out of the fingerprint at their
-# defaults so that those runs resume; offload never changes the result, so it is left out.
+# defaults so that those runs resume; offload and overlap never change the result, so they
+# are left out.
 _LATER_OPTIMIZER_DEFAULTS = dict(master_weights=False, state_dtype=None, min_8bit_size=4096,
                                  stochastic_rounding=False)  # fmt: skip
 
@@ -471,7 +479,7 @@ def fingerprint(config: TrainConfig, extra: dict[str, Any] | None = None) -> str
     if data.get("parallel") == "auto":  # the default, so that runs from before the key resume
         del data["parallel"]
     optimizer = {k: v for k, v in data.get("optimizer", {}).items()
-                 if k != "offload" and not (k in _LATER_OPTIMIZER_DEFAULTS
+                 if k not in ("offload", "overlap") and not (k in _LATER_OPTIMIZER_DEFAULTS
                                             and v == _LATER_OPTIMIZER_DEFAULTS[k])}  # fmt: skip
     if "optimizer" in data:
         data["optimizer"] = optimizer

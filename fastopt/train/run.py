@@ -164,6 +164,9 @@ class Run:
                     "optimizer on the model after fully_shard, or pass none (config.optimizer)"
                 )
         self.fused = is_fastopt(optimizer)
+        # The overlapped update's hooks, on fit's model only; finish() removes them.
+        self.overlap = optimizer.overlap(self.raw_model) if self.fused and cfg.optimizer.overlap \
+            else None  # fmt: skip
         max_norm = cfg.optimizer.max_grad_norm
         if self.fused and clip_norm(optimizer.max_grad_norm) != clip_norm(max_norm):
             raise ConfigError(
@@ -272,6 +275,7 @@ class Run:
             self.scheduler.step(metric)
         decision = self.stopper.update(metric, self.step)
         if self.keep_best and decision.improved:
+            self._synchronize()
             self.best_weights = {k: _copy(v) for k, v in self.raw_model.state_dict().items()}
         if es.enabled and D.any_rank(decision.stop, self.device):
             self.stop_reason = decision.reason or "another rank decided to stop"
@@ -335,7 +339,14 @@ class Run:
         else:
             self.checkpoints.save_best(state)
 
+    def _synchronize(self) -> None:
+        """An overlapped update has reached the params (before reading them outside the
+        model's forward)."""
+        if self.fused:
+            self.optimizer.synchronize()
+
     def state(self) -> dict[str, Any]:
+        self._synchronize()
         return {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
@@ -358,6 +369,8 @@ class Run:
     def finish(self) -> list[Path]:
         """Closes the bar and the logs, draws the plots, puts the best weights back; returns
         the plots written."""
+        if self.overlap is not None:
+            self.overlap.remove()  # waits for the last update
         if self.bar is not None:
             self.bar.close()
         plots = []

@@ -111,6 +111,9 @@ class Telemetry:
         yield
         self._optimizer_time += time.perf_counter() - t0
         if measure:
+            # An overlapped offload's update is still running (fastopt.AdamW.overlap); the
+            # weights after it are what is measured. Steps that log only: the others overlap.
+            getattr(self.optimizer, "synchronize", lambda: None)()
             with torch.no_grad():
                 for k, ps in self.sets.items():
                     ps = [p for p in ps if p in before]

@@ -93,3 +93,22 @@ def test_offload_key_and_flag_reach_fastopt_adamw(tmp_path):
     assert build_optimizer(cfg.optimizer, torch.nn.Linear(4, 3)).param_groups[0]["offload"]
     args = _parser().parse_args(["train", "--offload", "--out", str(tmp_path / "run")])
     assert args.offload
+
+
+def test_overlap_key_and_flag(tmp_path, capsys):
+    """optimizer.overlap needs offload, is refused under fsdp2 and, changing no result, is
+    not hashed; --overlap sets both keys."""
+    from fastopt.train.cli import _parser, _train
+    from fastopt.train.config import fingerprint
+
+    both = {"offload": True, "overlap": True}
+    assert fingerprint(config_from_dict({"job": "mlp", "optimizer": both})) == "7d873c9f9c991dd6"
+    with pytest.raises(ConfigError, match="'optimizer.overlap' needs 'optimizer.offload: true'"):
+        config_from_dict({"job": "mlp", "optimizer": {"overlap": True}})
+    with pytest.raises(ConfigError, match="does not take parallel 'fsdp2'"):
+        config_from_dict({"job": "mlp", "parallel": "fsdp2", "optimizer": both})
+    args = _parser().parse_args(["train", "--job", "mlp", "--overlap", "--print-config",
+                                 "--out", str(tmp_path / "run")])  # fmt: skip
+    assert _train(args) == 0
+    printed = capsys.readouterr().out
+    assert "  offload: true\n  overlap: true\n" in printed

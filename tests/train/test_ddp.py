@@ -36,6 +36,15 @@ def _config(out, **overrides):
 SCENARIOS = {
     "fastopt": {"optimizer": {"name": "fastopt.AdamW", "lr": 1e-2, "max_grad_norm": 0.5}},
     "sgd": {"optimizer": {"name": "torch.optim.SGD", "lr": 0.1, "max_grad_norm": 0.5}},
+    "overlap": {
+        "optimizer": {
+            "name": "fastopt.AdamW",
+            "lr": 1e-2,
+            "max_grad_norm": 0.5,
+            "offload": True,
+            "overlap": True,
+        }
+    },  # fmt: skip
 }
 
 
@@ -133,6 +142,13 @@ def test_two_ranks_step_like_one_process(ddp_run, tmp_path, scenario):
                 torch.tensor(got), want.detach().flatten(), rtol=1e-4, atol=1e-5
             )
     assert reports[0][scenario]["params"] == reports[1][scenario]["params"]  # ranks in step
+
+
+def test_an_overlapped_offload_steps_as_without_under_ddp(ddp_run):
+    _, reports = ddp_run
+    for rank in range(WORLD):
+        assert reports[rank]["overlap"]["params"] == reports[rank]["fastopt"]["params"]
+        assert reports[rank]["overlap"]["val_loss"] == reports[rank]["fastopt"]["val_loss"]
 
 
 def test_early_stopping_is_agreed_by_both_ranks(ddp_run):

@@ -4,6 +4,7 @@ skipped steps and the schedule, mixed precision, early stopping, run-folder iden
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +322,28 @@ def test_sigint_checkpoints_too_and_the_handlers_are_put_back(tmp_path):
     assert result.interrupted == "SIGINT" and result.step == 4
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004.pt")["step"] == 4
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_an_overlapped_offload_run_equals_the_plain_run_and_resumes_exactly(tmp_path):
+    """optimizer.offload + overlap: the host update runs beside the next forward; the metrics
+    and checkpoints are the plain run's bit for bit, a SIGTERM-cut run resumes to the same,
+    and the checkpoints (model and state) are read after the update finished."""
+    train = lambda: DataLoader(toy.data(), batch_size=24, shuffle=True)  # noqa: E731
+    val = DataLoader(toy.data(256, seed=1), batch_size=100)
+    lean = {"lr": 1e-2, "state_dtype": "int8", "min_8bit_size": 0}
+    plain = toy.config(tmp_path, "plain", optimizer=lean, checkpoint_every=7)
+    fit(toy.model(), nn.functional.cross_entropy, train(), val, plain)
+    over = {**lean, "offload": True, "overlap": True}
+    cfg = toy.config(tmp_path, "over", optimizer=over, checkpoint_every=7)
+    cut = fit(toy.model(), toy.SignalAt(33), train(), val, cfg)  # 2 calls a step, 3 to evaluate
+    assert cut.interrupted == "SIGTERM" and cut.step == 15
+    fit(toy.model(seed=123), nn.functional.cross_entropy, train(), val, cfg, resume=True)
+    assert toy.metric_rows(cfg.out) == toy.metric_rows(plain.out)
+    for step in (35, 40):
+        name = f"checkpoints/step_{step:08d}.pt"
+        a, b = (load_checkpoint(Path(c.out) / name) for c in (plain, cfg))
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+        for k, entry in a["optimizer"]["state"].items():
+            for name, value in entry.items():
+                assert torch.equal(value, b["optimizer"]["state"][k][name]), name
