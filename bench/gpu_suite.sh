@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, torch and Triton installed, and no network: build the
 # extension for this GPU, run the GPU tests, then benchmark and print the tables (the
-# benchmark against torch, then the grid-size sweep of the CUDA kernels).
+# benchmark against torch, the grid-size sweep of the CUDA kernels, then the offload runs of
+# bench/gpu_offload.sh).
 #   bash bench/gpu_suite.sh [LOG_DIR]
 # Every stage runs whatever the one before it did (a failing test must not hide the
-# benchmark), each under its own time limit so the whole suite fits in about 8 minutes; the
+# benchmark), each under its own time limit so the whole suite fits in about 10 minutes; the
 # exit status is non-zero if any stage failed, and LOG_DIR/summary.txt says which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,5 +44,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 stage "benchmark" 120 bench.txt $python -m fastopt bench ${FASTOPT_BENCH_ARGS:-}
 stage "grid-size sweep of the CUDA kernels" 60 sweep_grid.txt \
   $python bench/sweep_grid.py ${FASTOPT_SWEEP_ARGS:-}
+stage "offload: ~1B params, on the GPU, offloaded, overlapped, FSDP2 CPUOffloadPolicy" 240 \
+  offload.txt env FASTOPT_OFFLOAD_TESTS=0 bash bench/gpu_offload.sh "$log_dir"
 cat "$log_dir/summary.txt"
 exit "$failed"

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -84,3 +85,26 @@ def test_info_command_lists_backends():
     assert "torch" in out
     for name in ("reference", "cpu", "cuda", "triton"):
         assert f"\n{name} " in out
+
+
+def test_offload_train_runs_each_fastopt_mode_and_tabulates(tmp_path):
+    """bench/offload_train.py at a tiny size on the CPU (offload is then a no-op, overlap runs
+    the update beside the forward): each mode writes its numbers, --table lays them out."""
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "offload_train.py")
+    paths = []
+    for mode in ("device", "offload", "overlap"):
+        path = tmp_path / f"{mode}.json"
+        subprocess.run(
+            [sys.executable, script, "--mode", mode, "--device", "cpu", "--width", "32",
+             "--blocks", "3", "--tokens", "16", "--steps", "2", "--out", str(path)],
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+        paths.append(str(path))
+    out = subprocess.run([sys.executable, script, "--table", *paths], capture_output=True,
+                         text=True, check=True, timeout=60).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "mode" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| device", "| offload", "| overlap"]
+    assert rows[0].split(" | ")[2] == "1.00x"
+    fsdp2 = subprocess.run([sys.executable, script, "--mode", "fsdp2", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert fsdp2.returncode != 0 and "mode fsdp2 needs a CUDA GPU" in fsdp2.stderr
