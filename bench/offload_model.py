@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 
 __all__ = ["MODES", "Hardware", "Mode", "Model", "step_times"]
@@ -39,16 +40,17 @@ class Mode:
 
 # Kernel bytes: fp32 moments read and write 8 + 8, bf16 4 + 4, 8-bit codes and scales about
 # 2.06 + 2.06; params (bf16: 2 + 2), the gradient read (bf16: 2), a master's remainder 2 + 2.
-# The arithmetic: fastopt's cpu step measured by --measure on a 2-core Intel Xeon, one thread,
-# 64 Ki elements, the floor of 2 to 4 runs (bench/RESULTS.md, "Offload: a timeline model").
+# The arithmetic: fastopt's cpu step per element, one thread, in cache, without the step's
+# fixed cost (ns_per_element), medians of 7 interleaved rounds of --arithmetic on a 2-core
+# Intel Xeon (bench/RESULTS.md, "Offload: the CPU step per precision mode").
 MODES = [
     # The usual offload (DeepSpeed's, torchao's): an fp32 master and fp32 moments on the host
     # for bf16 params; its arithmetic is taken as fastopt's fp32 step's (timed on fp32 params).
-    Mode("fp32 master + fp32 moments", 2 + 4 + 8 + 4 + 8 + 2, 12, 1.09,
+    Mode("fp32 master + fp32 moments", 2 + 4 + 8 + 4 + 8 + 2, 12, 0.46,
          dict(param_dtype="float32")),
-    Mode("bf16 + master + bf16 moments", 2 + 2 + 4 + 8 + 2 + 2, 6, 1.60,
+    Mode("bf16 + master + bf16 moments", 2 + 2 + 4 + 8 + 2 + 2, 6, 1.00,
          dict(param_dtype="bfloat16", master_weights=True, state_dtype="bfloat16")),
-    Mode("bf16 + master + 8-bit moments", 2 + 2 + 4 + 4.12 + 2 + 2, 4.06, 3.11,
+    Mode("bf16 + master + 8-bit moments", 2 + 2 + 4 + 4.12 + 2 + 2, 4.06, 2.45,
          dict(param_dtype="bfloat16", master_weights=True, state_dtype="int8")),
 ]  # fmt: skip
 
@@ -128,36 +130,94 @@ MODELS = [
 ]
 
 
-def measure_ns_per_param(mode: Mode, numel: int = 1 << 16, calls: int = 200) -> float:
-    """fastopt's cpu step in ``mode``, one thread, on one tensor that stays in cache: the
-    floor over 7 rounds of the time per element."""
+# The per-mode arithmetic table (--arithmetic): the modes the targets name, and torch's fused
+# fp32 step, each as (name, param dtype, optimizer keyword arguments).
+ARITHMETIC = [
+    ("torch fused AdamW, fp32", "float32", None),
+    ("fastopt, fp32", "float32", {}),
+    ("bf16 + master + bf16 moments", "bfloat16",
+     dict(master_weights=True, state_dtype="bfloat16")),
+    ("bf16 + stochastic rounding + bf16 moments", "bfloat16",
+     dict(stochastic_rounding=True, state_dtype="bfloat16")),
+    ("fp32 params + 8-bit moments", "float32", dict(state_dtype="int8")),
+    ("bf16 + master + 8-bit moments", "bfloat16", dict(master_weights=True, state_dtype="int8")),
+]  # fmt: skip
+
+
+def _step_seconds(dtype_name: str, kwargs: dict | None, numel: int, calls: int) -> float:
+    """The floor over 7 rounds of one step's time: one tensor of numel elements, one thread."""
     import torch
 
     import fastopt
 
-    torch.set_num_threads(1)
-    kwargs = dict(mode.fastopt_kwargs)
-    dtype = getattr(torch, kwargs.pop("param_dtype"))
-    if kwargs.get("state_dtype") == "bfloat16":
+    dtype = getattr(torch, dtype_name)
+    kwargs = dict(kwargs or {}) if kwargs is not None else None
+    if kwargs and kwargs.get("state_dtype") == "bfloat16":
         kwargs["state_dtype"] = torch.bfloat16
     param = torch.nn.Parameter(torch.randn(numel).to(dtype))
     param.grad = torch.randn(numel).to(dtype)
-    opt = fastopt.AdamW([param], lr=1e-4, backend="cpu", min_8bit_size=0, **kwargs)
+    if kwargs is None:
+        opt = torch.optim.AdamW([param], lr=1e-4, fused=True)
+    else:
+        opt = fastopt.AdamW([param], lr=1e-4, backend="cpu", min_8bit_size=0, **kwargs)
     opt.step()
     best = float("inf")
     for _ in range(7):
         begin = time.perf_counter()
         for _ in range(calls):
             opt.step()
-        best = min(best, (time.perf_counter() - begin) / calls / numel * 1e9)
+        best = min(best, (time.perf_counter() - begin) / calls)
     return best
+
+
+def ns_per_element(dtype_name: str, kwargs: dict | None, small: int = 1 << 12,
+                   large: int = 1 << 16) -> float:  # fmt: skip
+    """The step's arithmetic per element, in cache, one thread: the slope between a tensor of
+    ``small`` and one of ``large`` elements (both in L2), so that the step's fixed cost (the
+    Python of ``step()``, the op call: tens of microseconds, 0.5 ns per element at 64 Ki
+    elements, as much as the fp32 arithmetic itself) is not counted."""
+    import torch
+
+    torch.set_num_threads(1)
+    t_small = _step_seconds(dtype_name, kwargs, small, 200)
+    t_large = _step_seconds(dtype_name, kwargs, large, 200)
+    return (t_large - t_small) / (large - small) * 1e9
+
+
+def measure_ns_per_param(mode: Mode) -> float:
+    """fastopt's cpu step's arithmetic per element in ``mode`` (:func:`ns_per_element`)."""
+    kwargs = dict(mode.fastopt_kwargs)
+    return ns_per_element(kwargs.pop("param_dtype"), kwargs)
+
+
+def arithmetic_table(rounds: int = 7) -> str:
+    """Every ARITHMETIC mode timed in each of ``rounds`` interleaved rounds: the median ns
+    per element with its min-max, and the median over rounds of the ratio to fastopt fp32."""
+    runs: dict[str, list[float]] = {name: [] for name, _, _ in ARITHMETIC}
+    for _ in range(rounds):
+        for name, dtype_name, kwargs in ARITHMETIC:
+            runs[name].append(ns_per_element(dtype_name, kwargs))
+    base = runs["fastopt, fp32"]
+    lines = ["| mode | ns per element (median, min-max) | vs fastopt fp32 (median) |",
+             "| --- | ---: | ---: |"]  # fmt: skip
+    for name, values in runs.items():
+        ratios = [v / b for v, b in zip(values, base)]
+        lines.append(f"| {name} | {statistics.median(values):.3f} ({min(values):.3f}-"
+                     f"{max(values):.3f}) | {statistics.median(ratios):.2f}x |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true",
                         help="time each mode's arithmetic on this machine first")  # fmt: skip
+    parser.add_argument("--arithmetic", action="store_true",
+                        help="print only the arithmetic per element of every mode, timed "
+                        "in interleaved rounds")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.arithmetic:
+        print(arithmetic_table())
+        return
     hw = Hardware()
     modes = MODES
     if args.measure:

@@ -37,3 +37,19 @@ def test_the_table_prints_every_model_and_mode(capsys):
     model.main([])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + len(model.MODELS) * len(model.MODES)  # header, rule, rows
+
+
+def test_arithmetic_per_element_leaves_the_steps_fixed_cost_out(monkeypatch):
+    """The slope between two sizes: a fixed cost per step, however large, adds nothing."""
+    monkeypatch.setattr(model, "_step_seconds",
+                        lambda dtype, kwargs, numel, calls: 40e-6 + numel * 0.5e-9)  # fmt: skip
+    assert abs(model.ns_per_element("float32", {}) - 0.5) < 1e-9
+    table = model.arithmetic_table(rounds=2)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(model.ARITHMETIC)
+    assert all(row.endswith("| 1.00x |") for row in rows[1:])
+
+
+def test_each_kind_of_step_runs_when_timed():
+    for dtype, kwargs in (("float32", None), ("bfloat16", {"state_dtype": "int8"})):
+        assert 0 < model._step_seconds(dtype, kwargs, numel=64, calls=2) < 1
