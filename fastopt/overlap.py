@@ -96,6 +96,7 @@ class Overlap:
         self._host: dict[int, tuple[Tensor, Tensor]] = {}  # pinned (param, grad) buffers
         self._streamed: dict[int, tuple[int, int, torch.cuda.Event]] = {}
         self._streams: dict[torch.device, tuple[Any, Any]] = {}  # (copies down, copies up)
+        self._events: dict[int, list[torch.cuda.Event]] = {}
         self._stream_grads = True
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastopt-offload")
         self._job: Future | None = None
@@ -188,7 +189,7 @@ class Overlap:
         with torch.cuda.stream(down):
             host_grad.copy_(_real(grad), non_blocking=True)
             host_param.copy_(_real(p), non_blocking=True)
-            done = torch.cuda.Event()
+            done = self._event(p, 0)
             done.record(down)
         grad.record_stream(down)
         self._streamed[id(p)] = (grad.data_ptr(), grad._version, done)
@@ -236,7 +237,7 @@ class Overlap:
                 if streamed is None or streamed[:2] != (g.data_ptr(), g._version):
                     host_grad.copy_(g, non_blocking=True)
                     host_param.copy_(_real(p), non_blocking=True)
-                part.ready = torch.cuda.Event()
+                part.ready = self._event(p, 1)
                 part.ready.record(down)
         for device in {part.params[0].device for part in cuda}:
             # Later changes to the gradients (zero_grad, the next backward) follow the copies.
@@ -267,7 +268,7 @@ class Overlap:
             _, up = self._side_streams(p.device)
             with torch.cuda.stream(up):
                 _real(p).copy_(host_param, non_blocking=True)
-                done = torch.cuda.Event()
+                done = self._event(p, 2)
                 done.record(up)
             self._uploaded[id(p)] = done
         for p in part.params:
@@ -283,6 +284,15 @@ class Overlap:
                     torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True))  # fmt: skip
             self._host[id(p)] = pair
         return pair
+
+    def _event(self, p: Tensor, which: int) -> torch.cuda.Event:
+        """p's event for its gradient's copy down in its hook (0), its copies down at step()
+        (1) and its copy up (2): made once, recorded again at every step (each is waited for
+        before it is recorded again)."""
+        events = self._events.get(id(p))
+        if events is None:
+            events = self._events[id(p)] = [torch.cuda.Event() for _ in range(3)]
+        return events[which]
 
     def _side_streams(self, device: torch.device):
         streams = self._streams.get(device)

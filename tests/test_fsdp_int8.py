@@ -34,8 +34,11 @@ SETTINGS = {
     "int8-amsgrad": dict(state_dtype="int8", amsgrad=True),
     "master-int8": dict(master_weights=True, state_dtype="int8"),
     "sr-int8": dict(stochastic_rounding=True, state_dtype="int8"),
+    # Each rank's shards' state offloaded: on the host (gloo, CPU params) it is where it was.
+    "master-int8-offload": dict(master_weights=True, state_dtype="int8", offload=True),
 }
-BF16 = {"master", "sr", "master-int8", "sr-int8"}  # settings for bf16 params (else fp32)
+# settings for bf16 params (else fp32)
+BF16 = {"master", "sr", "master-int8", "sr-int8", "master-int8-offload"}
 
 
 def _data(setting):
