@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import state as formats
+from . import state_dict as saved
 from ._plan import Planner
 from ._torch_args import check_torch_args
 from .backends import BACKENDS
@@ -179,7 +180,7 @@ class AdamW(Optimizer):
     def _packed(self, portable: bool) -> dict[str, Any]:
         # The packed ids, as torch numbers them: params in group order, each once.
         params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
-        return formats.pack_state_dict(super().state_dict(), params, portable)
+        return saved.pack_state_dict(super().state_dict(), params, portable)
 
     def overlap(self, model: torch.nn.Module) -> Overlap:
         """Overlaps the offloaded update with the next forward (:mod:`fastopt.overlap`):
@@ -220,7 +221,7 @@ class AdamW(Optimizer):
         self.synchronize()
         # Last of the pre-hooks, so that the user's see the state_dict as given: the saved
         # entries then travel through torch's load wrapped, and __setstate__ converts them.
-        handle = self.register_load_state_dict_pre_hook(formats.wrap_saved_state)
+        handle = self.register_load_state_dict_pre_hook(saved.wrap_saved_state)
         try:
             super().load_state_dict(state_dict)
         finally:
@@ -238,9 +239,9 @@ class AdamW(Optimizer):
         for group in self.param_groups:  # groups saved by torch.optim.Adam or older versions
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        # A load's entries, converted (formats.wrap_saved_state) before the load's post-hooks,
+        # A load's entries, converted (saved.wrap_saved_state) before the load's post-hooks,
         # which run last, see the state.
-        formats.unwrap_loaded_state(self.state, self.param_groups, self.defaults)
+        saved.unwrap_loaded_state(self.state, self.param_groups, self.defaults)
         # torch's non-fused AdamW keeps step counts on the CPU; ours live with the params so a
         # CUDA step can skip and count without a host sync. Entries not keyed by a param (a
         # hook may store a flag there) are left alone.

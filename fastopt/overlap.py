@@ -97,6 +97,7 @@ class Overlap:
         self._streamed: dict[int, tuple[int, int, torch.cuda.Event]] = {}
         self._streams: dict[torch.device, tuple[Any, Any]] = {}  # (copies down, copies up)
         self._events: dict[int, list[torch.cuda.Event]] = {}
+        self._scalars: dict[tuple[int, str], Tensor] = {}  # pinned: the step's device scalars
         self._stream_grads = True
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastopt-offload")
         self._job: Future | None = None
@@ -230,7 +231,8 @@ class Overlap:
             down, _ = self._side_streams(p.device)
             with torch.cuda.stream(down):
                 if id(part.hyper) not in hosts:
-                    scalars = {name: _to_host(getattr(part.hyper, name)) for name in _SCALARS}
+                    scalars = {name: self._to_host(getattr(part.hyper, name), (len(hosts), name))
+                               for name in _SCALARS}  # fmt: skip
                     hosts[id(part.hyper)] = dataclasses.replace(part.hyper, **scalars)
                 host_param, host_grad = self._buffers(p, _real(p), g)
                 streamed = self._streamed.pop(id(p), None)
@@ -301,10 +303,13 @@ class Overlap:
             self._streams[device] = streams
         return streams
 
-
-def _to_host(value):
-    """A device scalar's pinned host copy (queued), or the value itself."""
-    if not isinstance(value, Tensor) or value.device.type == "cpu":
-        return value
-    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-    return host.copy_(value, non_blocking=True)
+    def _to_host(self, value, key: tuple[int, str]):
+        """A device scalar's copy (queued) into its pinned buffer (by group and name, made
+        once), or the value itself."""
+        if not isinstance(value, Tensor) or value.device.type == "cpu":
+            return value
+        host = self._scalars.get(key)
+        if host is None or host.dtype != value.dtype or host.shape != value.shape:
+            host = self._scalars[key] = torch.empty(value.shape, dtype=value.dtype,
+                                                    pin_memory=True)  # fmt: skip
+        return host.copy_(value, non_blocking=True)

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("backend choice", ["backends"]),
     ("8-bit blocks of sharded params; offload: host copies, the overlapped update",
      ["blocks", "offload", "overlap"]),
-    ("state formats and step plans", ["state", "_plan"]),
+    ("state formats, their state_dict form, step plans", ["state", "state_dict", "_plan"]),
     ("the other fused ops' front ends", ["norm", "accumulate", "scaler"]),
     ("the optimizer", ["adamw"]),
     ("the package", ["__init__"]),

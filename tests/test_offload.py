@@ -145,3 +145,11 @@ def test_an_offloaded_cuda_state_dict_loads_back_into_host_memory():
         for key, value in again.state[p].items():
             assert value.device.type == "cpu", key
             assert torch.equal(value, opt_b.state[p][key]), key
+
+
+def test_params_on_a_device_the_host_cannot_copy_from_are_a_one_line_error():
+    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    p.grad = torch.zeros(3, device="meta")
+    opt = fastopt.AdamW([p], offload=True)
+    with pytest.raises(ValueError, match="the host cannot copy from params on meta"):
+        opt.step()
