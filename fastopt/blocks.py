@@ -60,13 +60,17 @@ class ShardBlocks:
     """Where the whole param's blocks fall in this rank's shard of one param: ``body`` (local
     start, end), ``pieces`` [(local start, end, slot)], ``slots`` the number of cut blocks of
     the whole param (the same on every rank: each rank's part of a cut block is combined in
-    its slot), ``group`` the process group of the ranks that share its blocks."""
+    its slot), ``group`` the process group of the ranks that share its blocks, ``device``
+    where its collectives run (the param's: an offloaded state's pieces are on the host, and
+    NCCL reduces device tensors only)."""
 
-    __slots__ = ("body", "first", "group", "head", "pieces", "slots", "tail")
+    __slots__ = ("body", "device", "first", "group", "head", "pieces", "slots", "tail")
 
-    def __init__(self, first: int, n: int, numel: int, boundaries: list[int], group) -> None:
+    def __init__(self, first: int, n: int, numel: int, boundaries: list[int], group,
+                 device: torch.device | None = None) -> None:  # fmt: skip
         cut = sorted({b // BLOCK for b in boundaries if 0 < b < numel and b % BLOCK})
         self.first, self.group, self.slots = first, group, len(cut)
+        self.device = device or torch.device("cpu")
         end = first + n
         start, stop, self.pieces = 0, n, []
         # head: the shard starts inside a block; tail: it ends inside another one (a shard
@@ -117,8 +121,8 @@ def shard_blocks(p: Tensor) -> ShardBlocks | None:
     ranks = p.device_mesh.size(mesh_dim)
     row = p.numel() // p.shape[0] if p.shape[0] else 0
     offsets = [Shard.local_shard_size_and_offset(p.shape[0], ranks, r)[1] for r in range(ranks)]
-    layout = ShardBlocks(first_index(p), local(p).numel(), p.numel(),
-                         [o * row for o in offsets], p.device_mesh.get_group(mesh_dim))  # fmt: skip
+    layout = ShardBlocks(first_index(p), local(p).numel(), p.numel(), [o * row for o in offsets],
+                         p.device_mesh.get_group(mesh_dim), local(p).device)  # fmt: skip
     return layout if layout.slots else None
 
 
@@ -145,6 +149,7 @@ class CutBlocks:
                 "process groups; put them in separate param groups"
             )
         self._group = next(iter(groups.values()))
+        self._device = next(layout.device for layout in layouts if layout)
 
     def split(self, lists: list[list[Tensor]], steps: list[Tensor], cut_scales: list[Tensor],
               hyper: Hyper, lean: Lean):  # fmt: skip
@@ -184,13 +189,14 @@ class CutBlocks:
 
         def exchange(own: list[list[Tensor]]) -> list[list[Tensor]]:
             rows = 3 if hyper.amsgrad else 2  # the same on every rank, pieces or none
-            device = lists[0][0].device
+            device = self._device
             buffer = torch.full((self._total, rows), float(SCALE_MIN - 1), device=device)
             if own:
                 values = torch.stack([torch.cat(s).float() for s in own])
-                buffer[torch.tensor(slots, device=device)] = values
+                buffer[torch.tensor(slots, device=device)] = values.to(device)
             dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group)
-            return [list(buffer[slot].to(torch.int8).split(1)) for slot in slots]
+            here = lists[0][0].device  # the pieces' (the host's, offloaded)
+            return [list(buffer[slot].to(here, torch.int8).split(1)) for slot in slots]
 
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters = pieces
         piece_lean = Lean(masters=masters, stochastic_rounding=lean.stochastic_rounding,
@@ -234,10 +240,11 @@ def quantize_shard(x: Tensor, layout: ShardBlocks | None, row: int):
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     start, stop = layout.body
     codes[start:stop], body = encode(x[start:stop])
-    buffer = torch.full((layout.slots,), float(SCALE_MIN - 1), device=x.device)
+    buffer = torch.full((layout.slots,), float(SCALE_MIN - 1), device=layout.device)
     for a, b, slot in layout.pieces:
         buffer[slot] = encode(x[a:b])[1][0].float()
     dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=layout.group)
+    buffer = buffer.to(x.device)
     cut = []
     for a, b, slot in layout.pieces:
         codes[a:b], scale = encode(x[a:b], scale=buffer[slot : slot + 1])

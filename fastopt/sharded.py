@@ -28,6 +28,8 @@ __all__ = [
     "is_fsdp1_flat",
     "like_param",
     "local",
+    "moved",
+    "shard_like",
     "shard_spec",
 ]
 
@@ -62,6 +64,26 @@ def local(t: Tensor) -> Tensor:
     """The rank's shard of a DTensor (its storage: in-place updates reach the DTensor), or
     ``t`` itself. Call under ``torch.no_grad``."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def shard_like(p: Tensor, shard: Tensor) -> Tensor:
+    """``shard`` as the DTensor it is of a sharded ``p`` (same mesh, placements and global
+    shape), whatever its device: an offloaded state's host shard of a param on a GPU, as
+    FSDP2's own CPU offload keeps its params; ``shard`` itself beside a plain ``p``."""
+    if not is_dtensor(p):
+        return shard
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+def moved(t: Tensor, device: torch.device, pin: bool = False) -> Tensor:
+    """``t`` on ``device`` (pinned with ``pin``): a DTensor's local shard moved, the DTensor
+    kept (its mesh stays the params')."""
+    out = local(t).to(device)
+    if pin and out.dim() and not out.is_pinned():
+        out = out.pin_memory()
+    return shard_like(t, out) if is_dtensor(t) else out
 
 
 def first_index(t: Tensor) -> int:

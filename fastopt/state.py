@@ -26,7 +26,7 @@ from torch import Tensor
 from .blocks import shard_blocks
 from .quant import BLOCK
 from .rounding import join_master
-from .sharded import is_dtensor, local
+from .sharded import local, moved, shard_like
 
 __all__ = [
     "LEAN_DEFAULTS",
@@ -145,11 +145,6 @@ def state_device(group: dict[str, Any], p: Tensor) -> torch.device:
             f"fastopt.AdamW: offload=True copies params between a CUDA GPU and the host; the "
             f"host cannot copy from params on {device}"
         )
-    if is_dtensor(p):
-        raise ValueError(
-            f"fastopt.AdamW: offload=True does not take sharded (DTensor) params on {device} "
-            "yet; offload plain params, or shard without offload"
-        )
     return torch.device("cpu")
 
 
@@ -159,9 +154,10 @@ def offloaded(group: dict[str, Any], p: Tensor) -> bool:
 
 
 def _zeros(p: Tensor, dtype: torch.dtype, host: bool) -> Tensor:
-    """Zeros of p's shape: laid out as p, or in pinned host memory (``host``)."""
+    """Zeros of p's shape: laid out as p, or in pinned host memory (``host``; a sharded p's
+    local shard there, as a DTensor of p's mesh)."""
     if host:
-        return torch.zeros(p.shape, dtype=dtype, pin_memory=True)
+        return shard_like(p, torch.zeros(local(p).shape, dtype=dtype, pin_memory=True))
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
@@ -171,7 +167,7 @@ def init_master(state: dict[str, Any], p: Tensor, host: bool = False) -> None:
         state["master_remainder"] = _zeros(p, torch.int16, host)
     elif p.dtype == torch.float16:
         master = p.detach().to(torch.float32, memory_format=torch.preserve_format)
-        state["master"] = master.cpu().pin_memory() if host else master
+        state["master"] = moved(master, torch.device("cpu"), pin=True) if host else master
 
 
 def new_scales(p: Tensor, rows: int, device: torch.device) -> Tensor:

@@ -22,7 +22,7 @@ from .blocks import (
     touched_blocks,
 )
 from .quant import BLOCK, QuantizedMoment
-from .sharded import first_index, is_dtensor, local
+from .sharded import first_index, is_dtensor, local, moved, shard_like
 from .state import (
     MOMENTS,
     init_master,
@@ -138,7 +138,7 @@ def unwrap_loaded_state(state: dict, param_groups: list[dict], defaults: dict) -
             loaded["step"] = torch.as_tensor(loaded["step"], dtype=torch.float32).to(device)
         _restore_dtypes(loaded, saved, key, group, device)
         if offloaded(group, key):  # in host memory, pinned for the copies to and from key
-            loaded = {k: v.to(device).pin_memory() if isinstance(v, Tensor) and v.dim() else v
+            loaded = {k: moved(v, device, pin=True) if isinstance(v, Tensor) and v.dim() else v
                       for k, v in loaded.items()}  # fmt: skip
         state[key] = loaded
 
@@ -162,7 +162,7 @@ def _restore_dtypes(entry: dict, saved: dict, param: Tensor, group: dict,
                     "portable_state_dict() to change the state's format"
                 )
             if isinstance(value, Tensor) and value.is_floating_point() and key in entry:
-                entry[key] = value.to(dtype=moment_dtype(group, param), device=device)
+                entry[key] = moved(value.to(dtype=moment_dtype(group, param)), device)
     # A master saved by fastopt comes back exact. One that went through torch's
     # load_state_dict was cast to the param's dtype (the int16 remainder converted as a number)
     # and is stale besides, since torch then stepped the param without it: the param is the
@@ -172,11 +172,11 @@ def _restore_dtypes(entry: dict, saved: dict, param: Tensor, group: dict,
         if key not in entry:
             continue
         if isinstance(value, Tensor) and value.dtype == dtype:
-            entry[key] = value.to(device=device)
+            entry[key] = moved(value, device)
         else:
             del entry[key]
             if lean(group, "master_weights"):
-                init_master(entry, param.to(device) if param.device != device else param)
+                init_master(entry, moved(param, device) if param.device != device else param)
 
 
 def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor,
@@ -209,7 +209,7 @@ def _load_quantized(entry: dict[str, Any], saved: dict[str, Any], p: Tensor,
                 f"{type(value).__name__} {getattr(value, 'shape', '')}"
             )
         codes = codes.to(device=device).reshape(shard.shape).clone()
-        entry[name] = _like(p, codes)
+        entry[name] = shard_like(p, codes)
         scales[row].copy_(scale)
         if cut is not None:
             cut_scales[row].copy_(cut.reshape(-1))
@@ -266,12 +266,3 @@ def _local_values(value: Tensor, p: Tensor) -> Tensor:
             first = first_index(p)
             x = x[first : first + local(p).numel()]
     return x.detach().to(device=local(p).device, dtype=torch.float32).reshape(-1)
-
-
-def _like(p: Tensor, shard: Tensor) -> Tensor:
-    """``shard`` as the DTensor it is of a sharded param (the local tensor of a plain one)."""
-    if not is_dtensor(p):
-        return shard
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())

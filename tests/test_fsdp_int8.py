@@ -17,6 +17,7 @@ from torch import nn
 
 import fastopt
 from fastopt.blocks import shard_blocks
+from fastopt.offload import HostCopies
 from fastopt.quant import BLOCK
 from fastopt.sharded import first_index
 
@@ -34,7 +35,8 @@ SETTINGS = {
     "int8-amsgrad": dict(state_dtype="int8", amsgrad=True),
     "master-int8": dict(master_weights=True, state_dtype="int8"),
     "sr-int8": dict(stochastic_rounding=True, state_dtype="int8"),
-    # Each rank's shards' state offloaded: on the host (gloo, CPU params) it is where it was.
+    # Each rank's shards' state offloaded, its update through host copies of the local shards
+    # (forced here: on CPU params offload keeps the state where it is), cut blocks included.
     "master-int8-offload": dict(master_weights=True, state_dtype="int8", offload=True),
 }
 # settings for bf16 params (else fp32)
@@ -58,6 +60,13 @@ def _run(setting, to_param):
         for p, g in zip(params, gs):
             p.grad = to_param(g.clone())
         opt.step()
+        if SETTINGS[setting].get("offload"):  # from the second step: the host-copy path
+            for plan in opt._planner._plans.values():
+                for bucket in plan.buckets:
+                    bucket.host = bucket.host or HostCopies()
+    if SETTINGS[setting].get("offload"):
+        hosts = [b.host for plan in opt._planner._plans.values() for b in plan.buckets]
+        assert hosts and all(h.params for h in hosts)  # the host copies were used
     return params, opt
 
 

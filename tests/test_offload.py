@@ -153,3 +153,48 @@ def test_params_on_a_device_the_host_cannot_copy_from_are_a_one_line_error():
     opt = fastopt.AdamW([p], offload=True)
     with pytest.raises(ValueError, match="the host cannot copy from params on meta"):
         opt.step()
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["plain", "clip", "int8-master"])
+def test_fsdp2_shards_offload_their_state_on_one_gpu(setting):
+    """FSDP2 on a one-rank mesh of the GPU: each shard's state in pinned host memory (a
+    DTensor of the GPU mesh with a host shard), the update through host copies; the params as
+    without offload, bit for bit, and a state_dict that loads back into host memory."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0,
+                                world_size=1)  # fmt: skip
+    try:
+        runs = []
+        for offload in (False, True):
+            model = _model(setting, "cuda")
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer)
+            fully_shard(model)
+            opt = fastopt.AdamW(model.parameters(), lr=1e-2, seed=3, offload=offload,
+                                **SETTINGS[setting])  # fmt: skip
+            _train(model, opt)
+            runs.append((model, opt))
+        (a, opt_a), (b, opt_b) = runs
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p.to_local(), q.to_local())
+            for key, value in opt_b.state[q].items():
+                shard = value.to_local() if hasattr(value, "to_local") else value
+                assert shard.device.type == "cpu", key
+                assert shard.dim() == 0 or shard.is_pinned(), key
+        again = fastopt.AdamW(b.parameters(), lr=1e-2, seed=3, offload=True,
+                              **SETTINGS[setting])  # fmt: skip
+        again.load_state_dict(copy.deepcopy(opt_b.state_dict()))
+        for q in b.parameters():
+            for key, value in again.state[q].items():
+                shard = value.to_local() if hasattr(value, "to_local") else value
+                assert shard.device.type == "cpu", key
+    finally:
+        if started:
+            dist.destroy_process_group()
