@@ -214,7 +214,12 @@ class Overlap:
         self._loose = [p for part in parts for p in part.params if id(p) not in self._rank]
         for p in chain.from_iterable(part.params for part in parts):
             self._ready.setdefault(id(p), threading.Event()).clear()
-        hosts = self._copy_down(parts)
+        try:
+            hosts = self._copy_down(parts)
+        except BaseException:  # nothing queued: no forward may wait for it
+            for p in chain.from_iterable(part.params for part in parts):
+                self._ready[id(p)].set()
+            raise
         self._job = self._executor.submit(self._run, parts, hosts)
 
     def _copy_down(self, parts: list[_Part]) -> dict[int, Hyper]:

@@ -188,6 +188,26 @@ def test_a_failed_update_is_raised_where_the_params_are_next_needed(monkeypatch)
     handle.remove()
 
 
+def test_a_step_that_fails_to_queue_leaves_no_forward_waiting(monkeypatch):
+    def broken(self, parts):
+        raise RuntimeError("copy failed")
+
+    model = _model("plain", "cpu")
+    opt = fastopt.AdamW(model.parameters(), lr=1e-2, offload=True)
+    handle = opt.overlap(model)
+    monkeypatch.setattr(type(handle), "_copy_down", broken)
+    model(torch.randn(2, 20)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="copy failed"):
+        opt.step()
+    forward = threading.Thread(target=model, args=(torch.randn(2, 20),), daemon=True)
+    forward.start()
+    forward.join(timeout=30)
+    assert not forward.is_alive()  # it returned: no param is left waiting
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    handle.remove()
+
+
 @pytest.mark.parametrize(
     "case,error,message",
     [
