@@ -83,14 +83,15 @@ def make_optimizer(mode: str, model: nn.Module, device):
 def run(args) -> dict:
     device = torch.device(args.device)
     # fsdp2 keeps fp32 params (on the host) and computes in bf16; the others train bf16 params.
-    dtype = torch.float32 if args.mode == "fsdp2" else torch.bfloat16
+    dtype = torch.float32 if args.mode == "fsdp2" else getattr(torch, args.dtype)
     model = build(args.width, args.blocks, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     opt, handle, model = make_optimizer(args.mode, model, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator(device).manual_seed(1)
-    x = torch.randn(args.tokens, args.width, generator=gen, device=device, dtype=torch.bfloat16)
+    x = torch.randn(args.tokens, args.width, generator=gen, device=device,
+                    dtype=torch.bfloat16 if args.mode == "fsdp2" else dtype)  # fmt: skip
     iterations, steps = [], []
     for _ in range(args.warmup + args.steps):
         loss = model(x).float().pow(2).mean()
@@ -114,8 +115,9 @@ def run(args) -> dict:
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "mode": args.mode, "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else "cpu", "params": n_params, "tokens": args.tokens,
+        "mode": args.mode, "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "params": n_params, "tokens": args.tokens,
         "iteration_s": per_iteration, "step_s_median": statistics.median(steps[args.warmup:]),
         "step_s_min": min(steps[args.warmup:]), "step_s_max": max(steps[args.warmup:]),
         "peak_gpu_gb": peak_gpu / 1e9, "peak_host_rss_gb": rss_kb * 1024 / 1e9,
@@ -142,6 +144,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=MODES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the params' (fastopt modes; float32 suits a CPU, whose bf16 "
+                        "matrix products are slow)")  # fmt: skip
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--blocks", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=16384, help="rows of the input batch")
