@@ -71,3 +71,17 @@ def replay_in_cuda_graph(scaler, opt, load, steps: int = 8, warmup: int = 2) -> 
         load(step)
         graph.replay()
     torch.cuda.synchronize()
+
+
+# The precision settings the offload and overlap tests step with, and those that train bf16
+# params (the others fp32).
+OFFLOAD_SETTINGS = {
+    "plain": dict(),
+    "clip": dict(max_grad_norm=0.05),
+    "amsgrad": dict(amsgrad=True, weight_decay=0.1),
+    "bf16-master": dict(master_weights=True, state_dtype=torch.bfloat16),
+    "bf16-sr": dict(stochastic_rounding=True, state_dtype=torch.bfloat16),
+    "int8": dict(state_dtype="int8", min_8bit_size=0),
+    "int8-master": dict(master_weights=True, state_dtype="int8", min_8bit_size=0),
+}
+OFFLOAD_BF16 = {"bf16-master", "bf16-sr", "int8-master"}

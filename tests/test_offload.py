@@ -9,21 +9,12 @@ import copy
 
 import pytest
 import torch
-from helpers import HAS_CUDA
+from helpers import HAS_CUDA, OFFLOAD_BF16, OFFLOAD_SETTINGS
 
 import fastopt
 from fastopt.offload import HostCopies
 
-SETTINGS = {
-    "plain": dict(),
-    "clip": dict(max_grad_norm=0.05),
-    "amsgrad": dict(amsgrad=True, weight_decay=0.1),
-    "bf16-master": dict(master_weights=True, state_dtype=torch.bfloat16),
-    "bf16-sr": dict(stochastic_rounding=True, state_dtype=torch.bfloat16),
-    "int8": dict(state_dtype="int8", min_8bit_size=0),
-    "int8-master": dict(master_weights=True, state_dtype="int8", min_8bit_size=0),
-}
-BF16 = {"bf16-master", "bf16-sr", "int8-master"}
+SETTINGS, BF16 = OFFLOAD_SETTINGS, OFFLOAD_BF16
 GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
