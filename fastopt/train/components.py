@@ -21,6 +21,7 @@ from . import distributed as D
 from .checkpoint import write_atomic
 from .config import (
     NOT_FINGERPRINTED,
+    NOT_FINGERPRINTED_OPTIMIZER,
     OptimizerConfig,
     TrainConfig,
     fingerprint,
@@ -322,7 +323,7 @@ def claim_run_dir(
                 f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
                 for k in sorted(set(old) | set(new))
                 if k not in NOT_FINGERPRINTED
-                and k not in ("optimizer.offload", "optimizer.overlap")
+                and k not in [f"optimizer.{key}" for key in NOT_FINGERPRINTED_OPTIMIZER]
                 and old.get(k) != new.get(k)
             ]
             listed = "; ".join(diff) or "none in the config (another fastopt version?)"

@@ -32,6 +32,8 @@ from .errors import ConfigError
 from .schedules import SCHEDULES
 
 __all__ = [
+    "NOT_FINGERPRINTED",
+    "NOT_FINGERPRINTED_OPTIMIZER",
     "EarlyStoppingConfig",
     "OptimizerConfig",
     "TelemetryConfig",
@@ -438,6 +440,9 @@ NOT_FINGERPRINTED = (
     "tracking",
     "telemetry",  # it reads gradients and weights, and changes neither
 )
+# Optimizer keys that say where and when the update runs, never what it computes: a resumed
+# run may switch them too.
+NOT_FINGERPRINTED_OPTIMIZER = ("offload", "overlap")
 
 
 def flatten(d: dict[str, Any], prefix: str = "", *, keep: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -466,8 +471,7 @@ def pinned_config(config: TrainConfig) -> dict[str, Any]:
 
 
 # Optimizer keys added after runs were first recorded, left out of the fingerprint at their
-# defaults so that those runs resume; offload and overlap never change the result, so they
-# are left out.
+# defaults so that those runs resume (NOT_FINGERPRINTED_OPTIMIZER never are).
 _LATER_OPTIMIZER_DEFAULTS = dict(master_weights=False, state_dtype=None, min_8bit_size=4096,
                                  stochastic_rounding=False)  # fmt: skip
 
@@ -479,7 +483,7 @@ def fingerprint(config: TrainConfig, extra: dict[str, Any] | None = None) -> str
     if data.get("parallel") == "auto":  # the default, so that runs from before the key resume
         del data["parallel"]
     optimizer = {k: v for k, v in data.get("optimizer", {}).items()
-                 if k not in ("offload", "overlap") and not (k in _LATER_OPTIMIZER_DEFAULTS
+                 if k not in NOT_FINGERPRINTED_OPTIMIZER and not (k in _LATER_OPTIMIZER_DEFAULTS
                                             and v == _LATER_OPTIMIZER_DEFAULTS[k])}  # fmt: skip
     if "optimizer" in data:
         data["optimizer"] = optimizer

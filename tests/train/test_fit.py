@@ -347,3 +347,16 @@ def test_an_overlapped_offload_run_equals_the_plain_run_and_resumes_exactly(tmp_
         for k, entry in a["optimizer"]["state"].items():
             for name, value in entry.items():
                 assert torch.equal(value, b["optimizer"]["state"][k][name]), name
+
+
+def test_a_run_may_switch_offload_and_overlap_when_resumed(train_toy):
+    """Where the update runs is not what it computes: the fingerprint and the resume check
+    leave optimizer.offload and optimizer.overlap out, and the steps are the same."""
+    schedule = {"name": "warmup_cosine", "warmup_steps": 5, "total_steps": 20}
+    whole = train_toy("whole", max_steps=20, schedule=schedule)
+    train_toy("switched", max_steps=10, checkpoint_every=10, schedule=schedule)
+    lean = {"offload": True, "overlap": True}
+    switched = train_toy("switched", resume=True, max_steps=20, schedule=schedule,
+                         optimizer=lean)  # fmt: skip
+    assert switched.step == 20
+    assert toy.metric_rows(switched.out) == toy.metric_rows(whole.out)
