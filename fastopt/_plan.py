@@ -26,7 +26,15 @@ from torch import Tensor
 from .backends import backend_ops, select_backend
 from .blocks import CutBlocks, shard_blocks
 from .offload import HostCopies
-from .sharded import dtensor_type, first_index, is_dtensor, is_fsdp1_flat, like_param, local
+from .sharded import (
+    dtensor_type,
+    first_index,
+    is_dtensor,
+    is_fsdp1_flat,
+    like_param,
+    local,
+    real_view,
+)
 from .state import init_state, is_lean, lean, master_key, state_keys, state_tensors
 from .step_args import PLAIN, Hyper, Lean
 
@@ -35,11 +43,6 @@ __all__ = ["Bucket", "GroupStep", "Planner"]
 _GRAD = attrgetter("grad")
 _DTYPE = attrgetter("dtype")
 _LAYOUT = attrgetter("layout")
-
-
-def _real(t: Tensor) -> Tensor:
-    """Complex tensors update as pairs of reals, as torch's AdamW does."""
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class Bucket:
@@ -77,7 +80,7 @@ class Bucket:
         self._whole = indices == list(range(len(params)))  # the group's only bucket
         self._lean = is_lean(group)
         self._rounding = (lean(group, "stochastic_rounding"), lean(group, "seed") or 0)
-        first = _real(local(self._tensors[0][0]))  # as the kernels see it (complex: real pairs)
+        first = real_view(local(self._tensors[0][0]))  # as the kernels see it (complex: real pairs)
         # Offloaded params on another device update through host copies (fastopt.offload).
         self.host = HostCopies() if states[0]["step"].device != first.device else None
         device = first.device if self.host is None else torch.device("cpu")
@@ -177,7 +180,7 @@ class Bucket:
         for ts in tensors:
             out = []
             for t in ts:
-                real = _real(t)
+                real = real_view(t)
                 if real.is_contiguous():
                     out.append(real)
                 else:

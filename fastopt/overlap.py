@@ -43,16 +43,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .sharded import is_dtensor
+from .sharded import is_dtensor, real_view
 from .step_args import Hyper
 
 __all__ = ["Overlap"]
 
 _SCALARS = ("lr", "grad_scale", "found_inf", "grad_norm")
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class _Part:
@@ -185,11 +181,11 @@ class Overlap:
                 or grad is None or not grad.is_contiguous()):  # fmt: skip
             return
         down, _ = self._side_streams(p.device)
-        host_param, host_grad = self._buffers(p, _real(p), _real(grad))
+        host_param, host_grad = self._buffers(p, real_view(p), real_view(grad))
         down.wait_stream(torch.cuda.current_stream(p.device))
         with torch.cuda.stream(down):
-            host_grad.copy_(_real(grad), non_blocking=True)
-            host_param.copy_(_real(p), non_blocking=True)
+            host_grad.copy_(real_view(grad), non_blocking=True)
+            host_param.copy_(real_view(p), non_blocking=True)
             done = self._event(p, 0)
             done.record(down)
         grad.record_stream(down)
@@ -239,11 +235,11 @@ class Overlap:
                     scalars = {name: self._to_host(getattr(part.hyper, name), (len(hosts), name))
                                for name in _SCALARS}  # fmt: skip
                     hosts[id(part.hyper)] = dataclasses.replace(part.hyper, **scalars)
-                host_param, host_grad = self._buffers(p, _real(p), g)
+                host_param, host_grad = self._buffers(p, real_view(p), g)
                 streamed = self._streamed.pop(id(p), None)
                 if streamed is None or streamed[:2] != (g.data_ptr(), g._version):
                     host_grad.copy_(g, non_blocking=True)
-                    host_param.copy_(_real(p), non_blocking=True)
+                    host_param.copy_(real_view(p), non_blocking=True)
                 part.ready = self._event(p, 1)
                 part.ready.record(down)
         for device in {part.params[0].device for part in cuda}:
@@ -274,7 +270,7 @@ class Overlap:
             part.bucket.update_part(part.indices, [host_param], [host_grad], hosts[id(part.hyper)])
             _, up = self._side_streams(p.device)
             with torch.cuda.stream(up):
-                _real(p).copy_(host_param, non_blocking=True)
+                real_view(p).copy_(host_param, non_blocking=True)
                 done = self._event(p, 2)
                 done.record(up)
             self._uploaded[id(p)] = done

@@ -29,6 +29,7 @@ __all__ = [
     "like_param",
     "local",
     "moved",
+    "real_view",
     "shard_like",
     "shard_spec",
 ]
@@ -64,6 +65,12 @@ def local(t: Tensor) -> Tensor:
     """The rank's shard of a DTensor (its storage: in-place updates reach the DTensor), or
     ``t`` itself. Call under ``torch.no_grad``."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def real_view(t: Tensor) -> Tensor:
+    """A complex tensor as pairs of reals (how the kernels update it, as torch's AdamW does),
+    or ``t`` itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def shard_like(p: Tensor, shard: Tensor) -> Tensor:
