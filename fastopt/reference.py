@@ -35,6 +35,7 @@ from .rounding import (
     element_noise,
     join_master,
     noise_key,
+    round_bf16_nearest,
     round_bf16_stochastic,
     split_master,
 )
@@ -279,8 +280,10 @@ def _store_codes(codes: Tensor, scale_row: Tensor, new_codes: Tensor, new_scales
 def _store(dst: Tensor, value: Tensor, noise16: Tensor | None) -> None:
     """dst = value: stochastically rounded when noise is given and dst is bf16, else to
     nearest."""
-    if noise16 is not None and dst.dtype == torch.bfloat16:
-        dst.copy_(round_bf16_stochastic(value, noise16))
+    if dst.dtype == torch.bfloat16:
+        dst.copy_(
+            round_bf16_nearest(value) if noise16 is None else round_bf16_stochastic(value, noise16)
+        )
     else:
         dst.copy_(value)
 

@@ -39,6 +39,7 @@ __all__ = [
     "mix32",
     "mix32_int",
     "noise_key",
+    "round_bf16_nearest",
     "round_bf16_stochastic",
     "seed_key",
     "split_master",
@@ -114,13 +115,28 @@ def _from_bits(b: Tensor) -> Tensor:
     return torch.where(b >= 1 << 31, b - (1 << 32), b).to(torch.int32).view(torch.float32)
 
 
+def _bf16_of_bits(top: Tensor) -> Tensor:
+    """The bf16 whose bits are ``top`` (int64 in [0, 2**16)), built from the bits: torch's
+    fp32-to-bf16 conversion writes a NaN as 0x7FC0 in its scalar code and as 0xFFFF in its
+    AVX-512 code, while every fastopt kernel writes 0x7FC0."""
+    return torch.where(top >= 1 << 15, top - (1 << 16), top).to(torch.int16).view(torch.bfloat16)
+
+
+def round_bf16_nearest(x: Tensor) -> Tensor:
+    """fp32 ``x`` to bf16, rounded to nearest even; NaN to 0x7FC0 (torch's rounding, with the
+    kernels' NaN)."""
+    b = _bits(x.float())
+    top = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+    return _bf16_of_bits(torch.where(torch.isnan(x), torch.full_like(top, 0x7FC0), top))
+
+
 def round_bf16_stochastic(x: Tensor, noise16: Tensor) -> Tensor:
     """fp32 ``x`` to bf16, rounded up in magnitude with probability (distance to the bf16
     below) / ulp, using ``noise16`` (int64, 0..65535) as the random bits."""
     b = (_bits(x.float()) + noise16) & MASK32
     top = (b >> 16) & 0xFFFF
     top = torch.where(torch.isnan(x), torch.full_like(top, 0x7FC0), top)
-    return _from_bits(top << 16).to(torch.bfloat16)  # exact: the low half is zero
+    return _bf16_of_bits(top)
 
 
 def split_master(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,7 +151,7 @@ def split_master(x: Tensor) -> tuple[Tensor, Tensor]:
     top = torch.where(nan, torch.full_like(top, 0x7FC0), top)
     rem = (b - (top << 16)) & 0xFFFF
     rem = torch.where(nan, torch.zeros_like(rem), rem)
-    param = _from_bits(top << 16).to(torch.bfloat16)
+    param = _bf16_of_bits(top)
     remainder = torch.where(rem >= 1 << 15, rem - (1 << 16), rem).to(torch.int16)
     return param, remainder
 

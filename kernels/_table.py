@@ -292,5 +292,9 @@ def to_storage(x, DTYPE: tl.constexpr):
         rounded = bits + 0x7FFF + ((bits >> 16) & 1)
         rounded = tl.where(x != x, tl.full(x.shape, 0x7FC00000, tl.uint32), rounded)  # NaN
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif DTYPE == tl.bfloat16:
+        # The GPU's cvt.rn.bf16.f32 writes a NaN as 0x7FFF; every backend writes 0x7FC0.
+        nan = tl.full(x.shape, 0x7FC0, tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, nan, x.to(DTYPE))
     else:
         return x.to(DTYPE)

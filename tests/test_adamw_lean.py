@@ -400,3 +400,21 @@ def test_remainder_holds_the_exact_master_across_ties():
     assert torch.equal(_bits16(param), _bits16(ties.to(torch.bfloat16)))
     back = join_master(param, remainder)
     assert ((back.view(torch.int32).long() - ties.view(torch.int32).long()).abs() == 1).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("settings", [{}, {"master_weights": True}, {"stochastic_rounding": True},
+                                      {"state_dtype": "int8"}],
+                         ids=["nearest", "master", "sr", "int8"])  # fmt: skip
+def test_a_nan_is_stored_as_the_one_bf16_nan(backend, device, settings):
+    """A NaN param or bf16 moment is 0x7FC0 on every backend, at any size: torch's own fp32 to
+    bf16 conversion writes 0x7FC0 in its scalar code and 0xFFFF in its AVX-512 code, and the
+    reference once inherited both."""
+    p = torch.nn.Parameter(torch.ones(100, dtype=torch.bfloat16, device=device))
+    opt = fastopt.AdamW([p], lr=0.1, backend=backend, seed=3, min_8bit_size=0, **settings)
+    p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert (_bits16(p) == 0x7FC0).all(), _bits16(p).unique()
+    for value in opt.state[p].values():
+        if value.dtype == torch.bfloat16:
+            assert (_bits16(value) == 0x7FC0).all(), _bits16(value).unique()

@@ -236,6 +236,15 @@ template <typename T>
 __device__ __forceinline__ T from_float(float x) {
   return static_cast<T>(x);
 }
+// On sm_80 and later torch's conversion is cvt.rn.bf16.f32, which writes every NaN as 0x7FFF
+// (and nothing else so); every fastopt backend writes the one NaN 0x7FC0 (csrc/adamw_math.h,
+// fastopt/rounding.py). Tested on the result's bits, not on x: x != x kept x live beside the
+// result, and the 8-bit kernel for bf16 params spilled 24 bytes at 128 registers.
+template <>
+__device__ __forceinline__ BFloat16 from_float<BFloat16>(float x) {
+  const BFloat16 y = static_cast<BFloat16>(x);
+  return y.x == 0x7FFF ? BFloat16(0x7FC0, BFloat16::from_bits()) : y;
+}
 
 // N consecutive elements at p as stored. kAligned: p is 16-byte aligned and N elements are a
 // whole number of 16-byte words, each moved with one 128-bit access (or, for 8-bit codes of 8
