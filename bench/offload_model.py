@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 
@@ -190,13 +191,41 @@ def measure_ns_per_param(mode: Mode) -> float:
     return ns_per_element(kwargs.pop("param_dtype"), kwargs)
 
 
+# The 8-bit modes again on the CPU kernel's portable loops (FASTOPT_CPU_SIMD=0), beside the
+# AVX-512 path an AVX-512 CPU takes by default (csrc/cpu/adamw_avx512.h).
+PORTABLE = ("fp32 params + 8-bit moments", "bf16 + master + 8-bit moments")
+
+
+def _arithmetic_cases() -> list[tuple[str, str, dict | None, str | None]]:
+    """(row name, param dtype, optimizer kwargs, FASTOPT_CPU_SIMD or None) per table row."""
+    cases = [(name, dtype, kwargs, None) for name, dtype, kwargs in ARITHMETIC]
+    cases += [(f"{name}, portable loops", dtype, kwargs, "0")
+              for name, dtype, kwargs in ARITHMETIC if name in PORTABLE]  # fmt: skip
+    return cases
+
+
+def _timed_with_simd(simd: str | None, dtype_name: str, kwargs: dict | None) -> float:
+    """ns_per_element with FASTOPT_CPU_SIMD set to ``simd`` (unset for None) for the call."""
+    before = os.environ.pop("FASTOPT_CPU_SIMD", None)
+    try:
+        if simd is not None:
+            os.environ["FASTOPT_CPU_SIMD"] = simd
+        return ns_per_element(dtype_name, kwargs)
+    finally:
+        os.environ.pop("FASTOPT_CPU_SIMD", None)
+        if before is not None:
+            os.environ["FASTOPT_CPU_SIMD"] = before
+
+
 def arithmetic_table(rounds: int = 7) -> str:
-    """Every ARITHMETIC mode timed in each of ``rounds`` interleaved rounds: the median ns
-    per element with its min-max, and the median over rounds of the ratio to fastopt fp32."""
-    runs: dict[str, list[float]] = {name: [] for name, _, _ in ARITHMETIC}
+    """Every ARITHMETIC mode (and the PORTABLE ones on the portable loops) timed in each of
+    ``rounds`` interleaved rounds: the median ns per element with its min-max, and the median
+    over rounds of the ratio to fastopt fp32."""
+    cases = _arithmetic_cases()
+    runs: dict[str, list[float]] = {name: [] for name, _, _, _ in cases}
     for _ in range(rounds):
-        for name, dtype_name, kwargs in ARITHMETIC:
-            runs[name].append(ns_per_element(dtype_name, kwargs))
+        for name, dtype_name, kwargs, simd in cases:
+            runs[name].append(_timed_with_simd(simd, dtype_name, kwargs))
     base = runs["fastopt, fp32"]
     lines = ["| mode | ns per element (median, min-max) | vs fastopt fp32 (median) |",
              "| --- | ---: | ---: |"]  # fmt: skip

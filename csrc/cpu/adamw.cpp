@@ -6,9 +6,12 @@
 #include "../adamw_dispatch.h"
 #include "../adamw_inputs.h"
 #include "../adamw_math.h"
+#include "adamw_avx512.h"
 #include "cpu_common.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace fastopt::cpu {
@@ -153,7 +156,7 @@ FASTOPT_INLINE void quant_block_stores(P* __restrict__ pb, M* __restrict__ mb, c
 // fp32 rows alone, each vectorise.
 template <typename P, typename G, typename S, Master kMaster, bool kSR, bool kAmsgrad,
           typename M>
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+FASTOPT_CPU_CLONES
 void adamw_chunk(P* __restrict__ param, const G* __restrict__ grad, S* __restrict__ exp_avg,
                  S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq,
                  M* __restrict__ master, int64_t begin, int64_t end, const AdamWCoeffs c,
@@ -302,6 +305,11 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
     }
   }
 
+  // 8-bit moments run in AVX-512 registers where the CPU has them (adamw_avx512.h), unless
+  // FASTOPT_CPU_SIMD=0 asks for the portable kernel (the tests compare the two).
+  const char* simd_env = std::getenv("FASTOPT_CPU_SIMD");
+  const bool simd = in.quantized() && avx512::available() &&
+                    !(simd_env != nullptr && std::strcmp(simd_env, "0") == 0);
   // Elements [begin, end) of tensor t, whose indices in the whole param share the high word
   // `high`.
   auto run_piece = [&](int64_t t, int64_t begin, int64_t end, uint64_t high, uint64_t first) {
@@ -322,6 +330,21 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
       auto* mw = kM == Master::kNone ? nullptr : static_cast<M*>(in.masters[t].data);
       auto* scales = in.quantized() ? static_cast<int8_t*>(in.scales[t].data) : nullptr;
       const int64_t blocks = (in.params[t].numel + kQuantBlock - 1) / kQuantBlock;
+      if constexpr (std::is_same_v<S, uint8_t> && avx512::kServes<P, G, kM>) {
+        if (simd) {
+          if (amsgrad) {
+            auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
+            avx512::adamw_chunk_q8<P, G, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end,
+                                                        coeffs[t], keys1[t], keys2[t], first,
+                                                        scales, blocks);
+          } else {
+            avx512::adamw_chunk_q8<P, G, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end,
+                                                         coeffs[t], keys1[t], keys2[t], first,
+                                                         scales, blocks);
+          }
+          return;
+        }
+      }
       if (amsgrad) {
         auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
         adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end, coeffs[t], key1,

@@ -16,6 +16,20 @@
 // loops out of line, built for the baseline x86-64, at a quarter of the AVX-512 width.
 #define FASTOPT_INLINE inline __attribute__((always_inline))
 
+// x86-64 builds carry each marked kernel three times, for AVX-512 (x86-64-v4), AVX2 (v3) and
+// the baseline, and the loader picks the best one this CPU runs; the 8-bit moments' AVX-512
+// path (adamw_avx512.h) is picked at run time too. Other hosts (ARM, such as Grace) build the
+// portable loops once for their own target; FASTOPT_PORTABLE_CPU builds them so on x86-64
+// (a test compiles that way, so that those hosts' code keeps compiling).
+#if defined(__x86_64__) && !defined(FASTOPT_PORTABLE_CPU)
+#define FASTOPT_X86_SIMD 1
+#define FASTOPT_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTOPT_X86_SIMD 0
+#define FASTOPT_CPU_CLONES
+#endif
+
 namespace fastopt::cpu {
 
 // at::parallel_for through the stable ABI: f(lo, hi) runs on libtorch's own thread pool.

@@ -69,7 +69,7 @@ template <NormKind kKind>
 constexpr int kStreams = 4;
 
 template <NormKind kKind, typename T>
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+FASTOPT_CPU_CLONES
 Partial norm_chunk(const T* __restrict__ x, int64_t begin, int64_t end, float p) {
   f32x16 acc[kStreams] = {};
   // x * 0 is 0 for finite x and NaN for inf or NaN: a branch-free non-finite check that a
@@ -164,7 +164,7 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double 
 }
 
 template <typename G>
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+FASTOPT_CPU_CLONES
 void accumulate_chunk(float* __restrict__ acc, const G* __restrict__ grad, int64_t begin,
                       int64_t end, float alpha, bool overwrite) {
   if (overwrite) {

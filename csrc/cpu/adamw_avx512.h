@@ -1,0 +1,373 @@
+// AdamW with 8-bit moments in AVX-512 registers. The portable kernel (adamw.cpp) goes through
+// fp32 scratch rows, because GCC vectorises a loop at the width of its narrowest type (16 code
+// bytes, so four fp32 lanes); each value is stored and reloaded at every stage, and every
+// block's scale spread to one float per element. Here the codes widen in registers, and a
+// group of 8 scale blocks (16 vectors) goes through each stage before the next (see
+// kGroupBlocks). bench/RESULTS.md has what it gains: the codes' arithmetic stays, and it is
+// most of the cost.
+//
+// Each function mirrors its scalar counterpart in csrc/adamw_math.h operation for operation
+// (same order, no fused multiply-adds), so both paths give the same bits; tests/test_cpu_simd.py
+// holds each path to the reference on every variant.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../adamw_dispatch.h"
+#include "../adamw_math.h"
+#include "cpu_common.h"
+
+#if FASTOPT_X86_SIMD
+#include <immintrin.h>
+
+namespace fastopt::cpu::avx512 {
+
+#define FASTOPT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define FASTOPT_AVX512 FASTOPT_AVX512_TARGET inline __attribute__((always_inline))
+
+// Whether this path serves params of type P with grads G and master kM (8-bit moments): bf16
+// and fp32 params and grads, a bf16 param's remainder; fp16 params take the portable path.
+template <typename P, typename G, Master kM>
+constexpr bool kServes = (std::is_same_v<P, float> || std::is_same_v<P, BFloat16>) &&
+                         (std::is_same_v<G, float> || std::is_same_v<G, BFloat16>) &&
+                         kM != Master::kCopy;
+
+using F = __m512;
+using I = __m512i;
+
+FASTOPT_AVX512 I u32(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+FASTOPT_AVX512 F f32(float x) { return _mm512_set1_ps(x); }
+FASTOPT_AVX512 I bits(F x) { return _mm512_castps_si512(x); }
+FASTOPT_AVX512 F from_bits(I x) { return _mm512_castsi512_ps(x); }
+
+FASTOPT_AVX512 I mix32(I x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, u32(0x7FEB352Du));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, u32(0x846CA68Bu));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// AdamWCoeffs broadcast to every lane.
+struct Coeffs {
+  F decay, lerp_coef, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps, grad_coef;
+  bool lerp_from_m;
+};
+
+FASTOPT_AVX512 Coeffs broadcast(const AdamWCoeffs& c) {
+  return {f32(c.decay),     f32(c.lerp_coef),    f32(c.beta2), f32(c.one_minus_beta2),
+          f32(c.step_size), f32(c.inv_bc2_sqrt), f32(c.eps),   f32(c.grad_coef),
+          c.lerp_from_m};
+}
+
+// adamw_math, lane by lane.
+template <bool kAmsgrad>
+FASTOPT_AVX512 void math(F& p, F grad, F& m, F& v, F& vmax, const Coeffs& c, F& root) {
+  const F g = _mm512_mul_ps(grad, c.grad_coef);
+  p = _mm512_mul_ps(p, c.decay);
+  m = _mm512_add_ps(c.lerp_from_m ? m : g, _mm512_mul_ps(c.lerp_coef, _mm512_sub_ps(g, m)));
+  v = _mm512_add_ps(_mm512_mul_ps(v, c.beta2),
+                    _mm512_mul_ps(c.one_minus_beta2, _mm512_mul_ps(g, g)));
+  F second = v;
+  if constexpr (kAmsgrad) {
+    vmax = _mm512_max_ps(vmax, v);  // vmax > v ? vmax : v, as the scalar code
+    second = vmax;
+  }
+  root = _mm512_sqrt_ps(second);
+  const F denom = _mm512_add_ps(_mm512_mul_ps(root, c.inv_bc2_sqrt), c.eps);
+  p = _mm512_sub_ps(p, _mm512_mul_ps(c.step_size, _mm512_div_ps(m, denom)));
+}
+
+FASTOPT_AVX512 __mmask16 is_nan(F x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
+
+FASTOPT_AVX512 __mmask16 is_finite(F x) {
+  const I e = _mm512_and_si512(bits(x), u32(0x7F800000u));
+  return _mm512_cmpneq_epi32_mask(e, u32(0x7F800000u));
+}
+
+// Lanes of 16-bit storage as the fp32 words they widen to (bf16: the high half).
+FASTOPT_AVX512 I load_u16(const void* p, __mmask16 k) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+}
+
+template <typename T>
+FASTOPT_AVX512 F load(const T* p, __mmask16 k) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else {
+    return from_bits(_mm512_slli_epi32(load_u16(p, k), 16));
+  }
+}
+
+FASTOPT_AVX512 void store_u16(void* p, __mmask16 k, I x) {
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(x));
+}
+
+// bf16 stores: rounded to nearest even (store in cpu_common.h) or stochastically
+// (bf16_stochastic); NaN to the canonical NaN.
+FASTOPT_AVX512 I bf16_nearest(F x) {
+  const I b = bits(x);
+  const I odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), u32(1));
+  const I r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, u32(0x7FFFu)), odd), 16);
+  return _mm512_mask_mov_epi32(r, is_nan(x), u32(0x7FC0u));
+}
+
+FASTOPT_AVX512 I bf16_stochastic(F x, I noise16) {
+  const I r = _mm512_srli_epi32(_mm512_add_epi32(bits(x), noise16), 16);
+  return _mm512_mask_mov_epi32(r, is_nan(x), u32(0x7FC0u));
+}
+
+// split_master: the bf16 bits and the int16 remainder of fp32 masters x.
+FASTOPT_AVX512 void split_master(F x, I& param_bits, I& remainder) {
+  I b = bits(x);
+  const __mmask16 tie = _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, u32(0xFFFFu)), u32(0x8000u));
+  const __mmask16 up = _mm512_test_epi32_mask(b, u32(0x10000u));
+  b = _mm512_mask_add_epi32(b, tie & up, b, u32(1));
+  b = _mm512_mask_sub_epi32(b, tie & static_cast<__mmask16>(~up), b, u32(1));
+  const I top = _mm512_srli_epi32(_mm512_add_epi32(b, u32(0x8000u)), 16);
+  const __mmask16 nan = is_nan(x);
+  param_bits = _mm512_mask_mov_epi32(top, nan, u32(0x7FC0u));
+  remainder = _mm512_maskz_sub_epi32(static_cast<__mmask16>(~nan), b, _mm512_slli_epi32(top, 16));
+}
+
+// ---- 8-bit codes (csrc/adamw_math.h has the format) ----
+
+FASTOPT_AVX512 I load_codes(const uint8_t* p, __mmask16 k) {
+  return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p));
+}
+
+FASTOPT_AVX512 void store_codes(uint8_t* p, __mmask16 k, I codes) {
+  _mm_mask_storeu_epi8(p, k, _mm512_cvtepi32_epi8(codes));
+}
+
+template <int kMant>
+FASTOPT_AVX512 F decode_unsigned(I code) {
+  const I exponent = _mm512_srli_epi32(code, kMant);
+  const I mantissa = _mm512_and_si512(code, u32((1u << kMant) - 1u));
+  const F normal = from_bits(_mm512_or_si512(
+      _mm512_slli_epi32(_mm512_add_epi32(exponent, u32(127 - 7)), 23),
+      _mm512_slli_epi32(mantissa, 23 - kMant)));
+  const F sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mantissa),
+                              f32(1.f / static_cast<float>(1 << (6 + kMant))));
+  return _mm512_mask_mov_ps(normal, _mm512_cmpeq_epi32_mask(exponent, u32(0)), sub);
+}
+
+FASTOPT_AVX512 F decode_m(I code, F scale) {
+  const I low = _mm512_and_si512(code, u32(0x7Fu));
+  // The magnitude is non-negative, so its sign bit set is its negation.
+  const I sign = _mm512_slli_epi32(_mm512_and_si512(code, u32(0x80u)), 24);
+  F value = from_bits(_mm512_or_si512(bits(decode_unsigned<3>(low)), sign));
+  value = _mm512_mask_mov_ps(value, _mm512_cmpeq_epi32_mask(low, u32(kCodeNanM)),
+                             from_bits(u32(0x7FC00000u)));
+  return _mm512_mul_ps(value, scale);
+}
+
+FASTOPT_AVX512 F decode_v(I code, F scale) {
+  const __mmask16 nan = _mm512_cmpeq_epi32_mask(code, u32(kCodeNanV));
+  F root = _mm512_mask_mov_ps(decode_unsigned<4>(code), nan, from_bits(u32(0x7FC00000u)));
+  root = _mm512_mul_ps(root, scale);
+  return _mm512_mul_ps(root, root);
+}
+
+template <int kMant>
+FASTOPT_AVX512 I encode_unsigned(F a, I noise16) {
+  const I normal = _mm512_sub_epi32(
+      _mm512_srli_epi32(_mm512_add_epi32(bits(a), _mm512_slli_epi32(noise16, 7 - kMant)),
+                        23 - kMant),
+      u32(uint32_t{127 - 7} << kMant));
+  const I fixed = _mm512_cvttps_epi32(_mm512_mul_ps(a, f32(static_cast<float>(1 << (22 + kMant)))));
+  const I sub = _mm512_srli_epi32(_mm512_add_epi32(fixed, noise16), 16);
+  return _mm512_mask_mov_epi32(normal, _mm512_cmp_ps_mask(a, f32(0.015625f), _CMP_LT_OQ), sub);
+}
+
+FASTOPT_AVX512 I encode_m(F m, F inv_scale, I noise16) {
+  const F y = _mm512_mul_ps(m, inv_scale);
+  const I sign = _mm512_slli_epi32(_mm512_srli_epi32(bits(y), 31), 7);
+  const __mmask16 ok = is_finite(y);
+  // |y| where finite, else 0. The scalar code keeps a -0 as -0 here: both encode its
+  // magnitude to 0, and both keep its sign bit.
+  const F a = _mm512_maskz_mov_ps(ok, from_bits(_mm512_and_si512(bits(y), u32(0x7FFFFFFFu))));
+  const I code = _mm512_or_si512(sign, encode_unsigned<3>(a, noise16));
+  return _mm512_mask_mov_epi32(u32(kCodeNanM), ok, code);
+}
+
+FASTOPT_AVX512 I encode_v(F root, F inv_scale, I noise16) {
+  const F y = _mm512_mul_ps(root, inv_scale);
+  const __mmask16 ok = is_finite(y);
+  return _mm512_mask_mov_epi32(u32(kCodeNanV), ok,
+                               encode_unsigned<4>(_mm512_maskz_mov_ps(ok, y), noise16));
+}
+
+// magnitude_bits of two vectors' live lanes, then the block_scale of their maximum.
+FASTOPT_AVX512 int block_scale_of(F x0, F x1, __mmask16 k0, __mmask16 k1) {
+  auto magnitude = [](F x, __mmask16 k) FASTOPT_AVX512_TARGET {
+    const I b = _mm512_and_si512(bits(x), u32(0x7FFFFFFFu));
+    return _mm512_maskz_mov_epi32(k & _mm512_cmple_epi32_mask(b, u32(0x7F800000u)), b);
+  };
+  const I both = _mm512_max_epi32(magnitude(x0, k0), magnitude(x1, k1));
+  return block_scale(_mm512_reduce_max_epi32(both));
+}
+
+FASTOPT_AVX512 F pow2v(int e) { return f32(pow2(e)); }
+
+// Blocks per group. One block alone is a single chain of dependent steps (decode, update,
+// block maximum, encode) longer than the core's reorder window can hide; the loop runs each
+// step over a group's 16 vectors before the next step, so that they overlap. fp32 params with
+// 8-bit moments, one thread, in cache, on a 2-core AMD EPYC: 1.71 ns per element a block at a
+// time, 1.59 in groups of 4 blocks, 1.56 in groups of 8.
+constexpr int kGroupBlocks = 8;
+constexpr int kGroupVectors = 2 * kGroupBlocks;
+constexpr int64_t kGroup = int64_t{kGroupBlocks} * kQuantBlock;
+
+// One chunk [begin, end) of one tensor, begin a multiple of kQuantBlock: adamw_chunk's 8-bit
+// case, with the same arguments (raw1, raw2 the noise keys before folding in the high word).
+template <typename P, typename G, Master kMaster, bool kSR, bool kAmsgrad, typename M>
+FASTOPT_AVX512_TARGET void adamw_chunk_q8(P* __restrict__ param, const G* __restrict__ grad,
+                                          uint8_t* __restrict__ exp_avg,
+                                          uint8_t* __restrict__ exp_avg_sq,
+                                          uint8_t* __restrict__ max_exp_avg_sq,
+                                          M* __restrict__ master, int64_t begin, int64_t end,
+                                          const AdamWCoeffs& coeffs, uint32_t raw1,
+                                          uint32_t raw2, uint64_t first,
+                                          int8_t* __restrict__ scales, int64_t blocks) {
+  const Coeffs c = broadcast(coeffs);
+  const I iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const I low16 = u32(0xFFFFu);
+  int8_t* __restrict__ e_m = scales;
+  int8_t* __restrict__ e_v = scales + blocks;
+  int8_t* __restrict__ e_vm = scales + 2 * blocks;
+  uint64_t keyed_high = ~uint64_t{0};
+  I key1, key2, next1, next2;
+  F m[kGroupVectors], root_v[kGroupVectors], root_vm[kGroupVectors];
+  __mmask16 k[kGroupVectors];
+  for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
+    const int64_t len = std::min(kGroup, end - g0);
+    const int vectors = static_cast<int>((len + 15) / 16);
+    const int group_blocks = (vectors + 1) / 2;
+    const int64_t q0 = g0 / kQuantBlock;
+    for (int i = 0; i < kGroupVectors; ++i) {
+      const int64_t left = len - 16 * i;
+      k[i] = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : left > 0 ? (1u << left) - 1u : 0u);
+    }
+    // An element's noise words are mix32(key of its index's high word ^ its low word); a
+    // group may cross a multiple of 2**32 (in a shard), whose lanes past it take the next key.
+    const uint64_t row0 = first + static_cast<uint64_t>(g0);
+    const uint64_t high = row0 >> 32;
+    if (high != keyed_high) {
+      const auto h = static_cast<uint32_t>(high);
+      key1 = u32(noise_key_for_high_word(raw1, h));
+      key2 = u32(noise_key_for_high_word(raw2, h));
+      next1 = u32(noise_key_for_high_word(raw1, h + 1));
+      next2 = u32(noise_key_for_high_word(raw2, h + 1));
+      keyed_high = high;
+    }
+    const I base = u32(static_cast<uint32_t>(row0));
+    auto index_of = [&](int i) FASTOPT_AVX512_TARGET {
+      return _mm512_add_epi32(base, _mm512_add_epi32(iota, u32(16 * i)));
+    };
+    auto noise = [&](I key, I next, I index) FASTOPT_AVX512_TARGET {
+      return mix32(_mm512_xor_si512(
+          _mm512_mask_mov_epi32(key, _mm512_cmplt_epu32_mask(index, base), next), index));
+    };
+    // Decode, update, store the param.
+    for (int i = 0; i < vectors; ++i) {
+      const int64_t j = g0 + 16 * i;
+      const int64_t q = q0 + i / 2;
+      F p;
+      if constexpr (kMaster == Master::kRemainder) {
+        const I hi = _mm512_slli_epi32(load_u16(param + j, k[i]), 16);
+        const I rem = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k[i], master + j));
+        p = from_bits(_mm512_add_epi32(hi, rem));
+      } else {
+        p = load(param + j, k[i]);
+      }
+      const F g = load(grad + j, k[i]);
+      m[i] = decode_m(load_codes(exp_avg + j, k[i]), pow2v(e_m[q]));
+      F v = decode_v(load_codes(exp_avg_sq + j, k[i]), pow2v(e_v[q]));
+      F vm = v;
+      if constexpr (kAmsgrad) vm = decode_v(load_codes(max_exp_avg_sq + j, k[i]), pow2v(e_vm[q]));
+      F root;
+      math<kAmsgrad>(p, g, m[i], v, vm, c, root);
+      if constexpr (kAmsgrad) {
+        root_v[i] = _mm512_sqrt_ps(v);
+        root_vm[i] = root;
+      } else {
+        root_v[i] = root;
+      }
+      if constexpr (kMaster == Master::kRemainder) {
+        I top, rem;
+        split_master(p, top, rem);
+        store_u16(param + j, k[i], top);
+        store_u16(master + j, k[i], rem);
+      } else if constexpr (std::is_same_v<P, float>) {
+        _mm512_mask_storeu_ps(param + j, k[i], p);
+      } else if constexpr (kSR) {
+        const I w1 = noise(key1, next1, index_of(i));
+        store_u16(param + j, k[i], bf16_stochastic(p, _mm512_srli_epi32(w1, 16)));
+      } else {
+        store_u16(param + j, k[i], bf16_nearest(p));
+      }
+    }
+    if (vectors % 2 != 0) {  // a last block of 16 or fewer elements: its second vector is empty
+      m[vectors] = root_v[vectors] = root_vm[vectors] = _mm512_setzero_ps();
+    }
+    // The blocks' new scales.
+    for (int b = 0; b < group_blocks; ++b) {
+      const int i = 2 * b;
+      e_m[q0 + b] = static_cast<int8_t>(block_scale_of(m[i], m[i + 1], k[i], k[i + 1]));
+      e_v[q0 + b] =
+          static_cast<int8_t>(block_scale_of(root_v[i], root_v[i + 1], k[i], k[i + 1]));
+      if constexpr (kAmsgrad) {
+        e_vm[q0 + b] =
+            static_cast<int8_t>(block_scale_of(root_vm[i], root_vm[i + 1], k[i], k[i + 1]));
+      }
+    }
+    // Encode.
+    for (int i = 0; i < vectors; ++i) {
+      const int64_t j = g0 + 16 * i;
+      const int64_t q = q0 + i / 2;
+      const I index = index_of(i);
+      const I w1 = noise(key1, next1, index);
+      const I w2 = noise(key2, next2, index);
+      store_codes(exp_avg + j, k[i], encode_m(m[i], pow2v(-e_m[q]), _mm512_and_si512(w1, low16)));
+      store_codes(exp_avg_sq + j, k[i],
+                  encode_v(root_v[i], pow2v(-e_v[q]), _mm512_srli_epi32(w2, 16)));
+      if constexpr (kAmsgrad) {
+        store_codes(max_exp_avg_sq + j, k[i],
+                    encode_v(root_vm[i], pow2v(-e_vm[q]), _mm512_and_si512(w2, low16)));
+      }
+    }
+  }
+}
+
+// Whether this CPU runs the instructions above (AVX-512 F, BW, DQ and VL: Skylake-SP, Zen 4
+// and later).
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+}  // namespace fastopt::cpu::avx512
+
+#else  // no x86-64 SIMD: every chunk takes the portable loops
+
+namespace fastopt::cpu::avx512 {
+
+template <typename P, typename G, Master kM>
+constexpr bool kServes = false;
+
+inline bool available() { return false; }
+
+// Declared for the call that `if constexpr (kServes<...>)` discards; never defined.
+template <typename P, typename G, Master kMaster, bool kSR, bool kAmsgrad, typename M>
+void adamw_chunk_q8(P* param, const G* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
+                    uint8_t* max_exp_avg_sq, M* master, int64_t begin, int64_t end,
+                    const AdamWCoeffs& coeffs, uint32_t raw1, uint32_t raw2, uint64_t first,
+                    int8_t* scales, int64_t blocks);
+
+}  // namespace fastopt::cpu::avx512
+
+#endif
