@@ -1,7 +1,8 @@
-"""The CPU kernel's two paths for 8-bit moments, each bit for bit against fastopt.reference
-(tests/lockstep.py): AVX-512 registers (csrc/cpu/adamw_avx512.h, taken where the CPU has
-AVX-512 F, BW, DQ and VL) and the portable loops (FASTOPT_CPU_SIMD=0, and every other CPU).
-The other lockstep tests run whichever path this CPU takes by default; these run each one.
+"""The CPU kernel's two paths for 8-bit and 16-bit states, each bit for bit against
+fastopt.reference (tests/lockstep.py): AVX-512 registers (csrc/cpu/adamw_avx512.h and
+adamw_avx512_16.h, taken where the CPU has AVX-512 F, BW, DQ and VL) and the portable loops
+(FASTOPT_CPU_SIMD=0, and every other CPU). The other lockstep tests run whichever path this
+CPU takes by default; these run each one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from lockstep import INT8_VARIANTS, op_lockstep
+from lockstep import (
+    INT8_VARIANTS,
+    STATE_KEYS,
+    adamw_step,
+    assert_same_state,
+    op_lockstep,
+    op_snapshot,
+    optimizer_lockstep,
+    to_device,
+)
+
+from fastopt.rounding import split_master
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +74,92 @@ def test_overflowing_and_skipped_steps_match_the_reference(path, gen):
     # is skipped and must leave every byte alone.
     op_lockstep("cpu", "cpu", [(100,), (33,)], gen, steps=4, grad_magnitude=1e25,
                 skip_every=2, amsgrad=True, master=True, p_dtype=torch.bfloat16)  # fmt: skip
+
+
+def _lean16_variants() -> dict:
+    """Every 16-bit variant adamw_avx512_16.h serves: fp32 params with bf16 moments, and bf16
+    params (rounded to nearest, with masters, or stochastically) with fp32 or bf16 moments, bf16
+    or fp32 grads, with and without amsgrad."""
+    out = {}
+    for ams in (False, True):
+        out["float32-bf16m" + ("-amsgrad" if ams else "")] = dict(
+            dtype=torch.float32, state_dtype=torch.bfloat16, amsgrad=ams
+        )
+        for moments, m_name in ((torch.float32, "fp32m"), (torch.bfloat16, "bf16m")):
+            for kind in ("nearest", "master", "sr"):
+                for fp32_grads in (False, True):
+                    name = "-".join(["bfloat16", m_name, kind] + ["fp32_grads"] * fp32_grads
+                                    + ["amsgrad"] * ams)  # fmt: skip
+                    out[name] = dict(dtype=torch.bfloat16, state_dtype=moments, amsgrad=ams,
+                                     master_weights=kind == "master",
+                                     stochastic_rounding=kind == "sr",
+                                     fp32_grads=fp32_grads)  # fmt: skip
+    return out
+
+
+LEAN16_VARIANTS = _lean16_variants()
+
+# Around a 16-lane vector, a 32-element group and a pair of groups (the pipelined loop's
+# step), and a 64 Ki-element chunk plus a tail.
+LEAN16_SIZES = [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 95, 97, 65536 + 33]
+
+
+@pytest.mark.parametrize("variant", list(LEAN16_VARIANTS.values()), ids=list(LEAN16_VARIANTS))
+def test_every_16bit_variant_matches_the_reference(path, variant, gen):
+    init = [torch.randn(n, generator=gen) for n in LEAN16_SIZES]
+
+    def grads_at(step):
+        return [torch.randn(n, generator=gen) * 10.0 ** (step % 3 - 1) for n in LEAN16_SIZES]
+
+    optimizer_lockstep("cpu", "cpu", init, grads_at, steps=3, lr=3e-2, betas=(0.8, 0.95),
+                       weight_decay=0.05, seed=1234, **variant)  # fmt: skip
+
+
+def _lean16_state(n: int, gen: torch.Generator, *, kind: str, amsgrad: bool) -> dict:
+    """One tensor's state at the op level: bf16 params (fp32 for kind "fp32"; with int16
+    remainders for "master"), bf16 moments, and a step count of 3."""
+    p32 = torch.randn(n, generator=gen)
+    state = {key: [] for key in STATE_KEYS}
+    if kind == "master":
+        param, remainder = split_master(p32)
+        state["params"].append(param)
+        state["masters"].append(remainder)
+    else:
+        state["params"].append(p32 if kind == "fp32" else p32.bfloat16())
+    keys = ("exp_avgs", "exp_avg_sqs") + (("max_exp_avg_sqs",) if amsgrad else ())
+    for key in keys:
+        x = torch.randn(n, generator=gen) * 0.1
+        state[key].append((x * x if key != "exp_avgs" else x).bfloat16())
+    state["state_steps"].append(torch.tensor(3.0))
+    return state
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("kind", ["fp32", "nearest", "master", "sr"])
+def test_nans_and_exact_master_ties_match_the_reference(path, kind, amsgrad, gen):
+    # The rare groups the AVX-512 path hands to the scalar stores: a NaN in any bf16 result
+    # (with fp32 params, in the moments alone), and a master whose low half is exactly 0x8000
+    # (an int16 remainder of -32768; split_master moves such a tie one ulp). With lr = 0 and
+    # no decay the masters come out as they went in, so each crafted tie reaches the split.
+    # 300 elements: ties and NaNs in some groups of 32, none in others, and in the tail.
+    n = 300
+    state = _lean16_state(n, gen, kind=kind, amsgrad=amsgrad)
+    if kind == "master":
+        ties = torch.tensor([0, 1, 40, 97, 130, 131, 299])
+        state["masters"][0][ties] = -0x8000
+    grad = torch.randn(n, generator=gen).to(state["params"][0].dtype)
+    grad[[5, 70, 298]] = float("nan")
+    grad[[8, 200]] = -float("nan")  # sign bit set: the rounding alone would keep it
+    grad[[6, 71]] = float("inf")
+    ref = to_device(state, "cpu")
+    kw = dict(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=amsgrad,
+              maximize=False, grad_factor=1.0, stochastic_rounding=kind == "sr", seed=3,
+              positions=[0], first_indices=[2**32 - 100])  # fmt: skip
+    adamw_step("cpu", state, [grad], **kw)
+    adamw_step("reference", ref, [grad], **kw)
+    assert_same_state(op_snapshot(state), op_snapshot(ref), f"{path} {kind}")
+    if kind == "master":  # the crafted ties went through the split, not around it
+        assert (state["masters"][0][ties] != -0x8000).all()
 
 
 def test_the_cpu_kernels_build_without_x86_simd(tmp_path):

@@ -7,6 +7,7 @@
 #include "../adamw_inputs.h"
 #include "../adamw_math.h"
 #include "adamw_avx512.h"
+#include "adamw_avx512_16.h"
 #include "cpu_common.h"
 
 #include <algorithm>
@@ -16,34 +17,6 @@
 
 namespace fastopt::cpu {
 namespace {
-
-// A store of the fp32 result x into element i: stochastically rounded into bf16 with 16 bits
-// of noise when kSR, else rounded to nearest.
-template <bool kSR, typename T>
-inline void store_rounded(T* p, int64_t i, float x, uint32_t noise16) {
-  if constexpr (kSR && std::is_same_v<T, BFloat16>) {
-    p[i].x = bf16_stochastic(x, noise16);
-  } else {
-    store(p, i, x);
-  }
-}
-
-// Element j of a param from its new fp32 value x: the bf16 param and its remainder, the fp16
-// param and its fp32 copy, or the param alone (rounded stochastically by noise16 when kSR).
-template <Master kMaster, bool kSR, typename P, typename M>
-FASTOPT_INLINE void store_param(P* __restrict__ pb, M* __restrict__ mb, int64_t j, float x,
-                                uint32_t noise16) {
-  if constexpr (kMaster == Master::kRemainder) {
-    uint16_t bits;
-    split_master(x, bits, mb[j]);
-    pb[j].x = bits;
-  } else if constexpr (kMaster == Master::kCopy) {
-    mb[j] = x;
-    store(pb, j, x);
-  } else {
-    store_rounded<kSR>(pb, j, x, noise16);
-  }
-}
 
 // Elements per block of the blocked loop below: five fp32 scratch rows of 2 KB, in L1 (and two
 // rows of noise words with 8-bit moments). A multiple of kQuantBlock, as kChunk is, so 8-bit
@@ -305,11 +278,12 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
     }
   }
 
-  // 8-bit moments run in AVX-512 registers where the CPU has them (adamw_avx512.h), unless
-  // FASTOPT_CPU_SIMD=0 asks for the portable kernel (the tests compare the two).
+  // 8-bit and 16-bit states run in AVX-512 registers where the CPU has them
+  // (adamw_avx512.h, adamw_avx512_16.h), unless FASTOPT_CPU_SIMD=0 asks for the portable
+  // kernel (the tests compare the two).
   const char* simd_env = std::getenv("FASTOPT_CPU_SIMD");
-  const bool simd = in.quantized() && avx512::available() &&
-                    !(simd_env != nullptr && std::strcmp(simd_env, "0") == 0);
+  const bool simd =
+      avx512::available() && !(simd_env != nullptr && std::strcmp(simd_env, "0") == 0);
   // Elements [begin, end) of tensor t, whose indices in the whole param share the high word
   // `high`.
   auto run_piece = [&](int64_t t, int64_t begin, int64_t end, uint64_t high, uint64_t first) {
@@ -341,6 +315,19 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
             avx512::adamw_chunk_q8<P, G, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end,
                                                          coeffs[t], keys1[t], keys2[t], first,
                                                          scales, blocks);
+          }
+          return;
+        }
+      }
+      if constexpr (avx512::kServes16<P, G, S, kM>) {
+        if (simd) {
+          if (amsgrad) {
+            auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
+            avx512::adamw_chunk_16<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end,
+                                                           coeffs[t], key1, key2, first);
+          } else {
+            avx512::adamw_chunk_16<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end,
+                                                            coeffs[t], key1, key2, first);
           }
           return;
         }

@@ -6,8 +6,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "../adamw_inputs.h"
 #include "../adamw_math.h"
 #include "../inputs.h"
 
@@ -96,5 +98,33 @@ inline void store(BFloat16* p, int64_t i, float x) {
   p[i].x = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
 }
 inline void store(Half* p, int64_t i, float x) { p[i] = Half(x); }
+
+// A store of the fp32 result x into element i: stochastically rounded into bf16 with 16 bits
+// of noise when kSR, else rounded to nearest.
+template <bool kSR, typename T>
+inline void store_rounded(T* p, int64_t i, float x, uint32_t noise16) {
+  if constexpr (kSR && std::is_same_v<T, BFloat16>) {
+    p[i].x = bf16_stochastic(x, noise16);
+  } else {
+    store(p, i, x);
+  }
+}
+
+// Element j of a param from its new fp32 value x: the bf16 param and its remainder, the fp16
+// param and its fp32 copy, or the param alone (rounded stochastically by noise16 when kSR).
+template <Master kMaster, bool kSR, typename P, typename M>
+FASTOPT_INLINE void store_param(P* __restrict__ pb, M* __restrict__ mb, int64_t j, float x,
+                                uint32_t noise16) {
+  if constexpr (kMaster == Master::kRemainder) {
+    uint16_t bits;
+    split_master(x, bits, mb[j]);
+    pb[j].x = bits;
+  } else if constexpr (kMaster == Master::kCopy) {
+    mb[j] = x;
+    store(pb, j, x);
+  } else {
+    store_rounded<kSR>(pb, j, x, noise16);
+  }
+}
 
 }  // namespace fastopt::cpu
