@@ -26,6 +26,8 @@ namespace fastopt::cpu::avx512 {
 
 #define FASTOPT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 #define FASTOPT_AVX512 FASTOPT_AVX512_TARGET inline __attribute__((always_inline))
+// Lambdas inlined as the helpers are: GCC called some out of line, through the stack.
+#define FASTOPT_AVX512_LAMBDA FASTOPT_AVX512_TARGET __attribute__((always_inline))
 
 // Whether this path serves params of type P with grads G and master kM (8-bit moments): bf16
 // and fp32 params and grads, a bf16 param's remainder; fp16 params take the portable path.

@@ -31,10 +31,6 @@
 
 namespace fastopt::cpu::avx512 {
 
-// Lambdas inlined as the helpers are: GCC called a group's stores out of line in some
-// instantiations, through the stack.
-#define FASTOPT_AVX512_LAMBDA FASTOPT_AVX512_TARGET __attribute__((always_inline))
-
 template <typename T>
 constexpr bool kWord = std::is_same_v<T, float> || std::is_same_v<T, BFloat16>;
 
