@@ -191,9 +191,10 @@ def measure_ns_per_param(mode: Mode) -> float:
     return ns_per_element(kwargs.pop("param_dtype"), kwargs)
 
 
-# The 8-bit modes again on the CPU kernel's portable loops (FASTOPT_CPU_SIMD=0), beside the
-# AVX-512 path an AVX-512 CPU takes by default (csrc/cpu/adamw_avx512.h).
-PORTABLE = ("fp32 params + 8-bit moments", "bf16 + master + 8-bit moments")
+# The lean modes again on the CPU kernel's portable loops (FASTOPT_CPU_SIMD=0), beside the
+# AVX-512 paths an AVX-512 CPU takes by default (csrc/cpu/adamw_avx512.h, adamw_avx512_16.h).
+PORTABLE = ("bf16 + master + bf16 moments", "bf16 + stochastic rounding + bf16 moments",
+            "fp32 params + 8-bit moments", "bf16 + master + 8-bit moments")  # fmt: skip
 
 
 def _arithmetic_cases() -> list[tuple[str, str, dict | None, str | None]]:
