@@ -197,9 +197,16 @@ PORTABLE = ("bf16 + master + bf16 moments", "bf16 + stochastic rounding + bf16 m
             "fp32 params + 8-bit moments", "bf16 + master + 8-bit moments")  # fmt: skip
 
 
+# The 16-bit modes on the AVX2 path too (csrc/cpu/adamw_avx2_16.h), which CPUs with AVX2 and
+# no AVX-512 take by default and FASTOPT_CPU_SIMD=avx2 forces on the others.
+AVX2 = ("bf16 + master + bf16 moments", "bf16 + stochastic rounding + bf16 moments")
+
+
 def _arithmetic_cases() -> list[tuple[str, str, dict | None, str | None]]:
     """(row name, param dtype, optimizer kwargs, FASTOPT_CPU_SIMD or None) per table row."""
     cases = [(name, dtype, kwargs, None) for name, dtype, kwargs in ARITHMETIC]
+    cases += [(f"{name}, AVX2 path", dtype, kwargs, "avx2")
+              for name, dtype, kwargs in ARITHMETIC if name in AVX2]  # fmt: skip
     cases += [(f"{name}, portable loops", dtype, kwargs, "0")
               for name, dtype, kwargs in ARITHMETIC if name in PORTABLE]  # fmt: skip
     return cases

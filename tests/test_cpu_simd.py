@@ -1,8 +1,9 @@
-"""The CPU kernel's two paths for 8-bit and 16-bit states, each bit for bit against
+"""The CPU kernel's paths for 8-bit and 16-bit states, each bit for bit against
 fastopt.reference (tests/lockstep.py): AVX-512 registers (csrc/cpu/adamw_avx512.h and
-adamw_avx512_16.h, taken where the CPU has AVX-512 F, BW, DQ and VL) and the portable loops
-(FASTOPT_CPU_SIMD=0, and every other CPU). The other lockstep tests run whichever path this
-CPU takes by default; these run each one.
+adamw_avx512_16.h, taken where the CPU has AVX-512 F, BW, DQ and VL), AVX2 registers for
+16-bit states (adamw_avx2_16.h, taken where the CPU has AVX2 alone, or with
+FASTOPT_CPU_SIMD=avx2) and the portable loops (FASTOPT_CPU_SIMD=0, and every other CPU). The
+other lockstep tests run whichever path this CPU takes by default; these run each one.
 """
 
 from __future__ import annotations
@@ -44,9 +45,27 @@ PATHS = [
 SHAPES = [(1,), (15,), (16,), (17,), (31,), (33,), (255,), (257,), (3, 70), (65536 + 33,)]
 
 
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+# 16-bit states have an AVX2 path as well (csrc/cpu/adamw_avx2_16.h), which an AVX-512 CPU
+# takes when FASTOPT_CPU_SIMD=avx2.
+PATHS16 = [
+    *PATHS,
+    pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 here")),
+]
+
+_SIMD_ENV = {"portable": "0", "avx512": "1", "avx2": "avx2"}
+
+
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch) -> str:
-    monkeypatch.setenv("FASTOPT_CPU_SIMD", "0" if request.param == "portable" else "1")
+    monkeypatch.setenv("FASTOPT_CPU_SIMD", _SIMD_ENV[request.param])
+    return request.param
+
+
+@pytest.fixture(params=PATHS16)
+def path16(request, monkeypatch) -> str:
+    monkeypatch.setenv("FASTOPT_CPU_SIMD", _SIMD_ENV[request.param])
     return request.param
 
 
@@ -105,7 +124,7 @@ LEAN16_SIZES = [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 95, 97, 65536 + 33]
 
 
 @pytest.mark.parametrize("variant", list(LEAN16_VARIANTS.values()), ids=list(LEAN16_VARIANTS))
-def test_every_16bit_variant_matches_the_reference(path, variant, gen):
+def test_every_16bit_variant_matches_the_reference(path16, variant, gen):
     init = [torch.randn(n, generator=gen) for n in LEAN16_SIZES]
 
     def grads_at(step):
@@ -136,7 +155,7 @@ def _lean16_state(n: int, gen: torch.Generator, *, kind: str, amsgrad: bool) -> 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("kind", ["fp32", "nearest", "master", "sr"])
-def test_nans_and_exact_master_ties_match_the_reference(path, kind, amsgrad, gen):
+def test_nans_and_exact_master_ties_match_the_reference(path16, kind, amsgrad, gen):
     # The rare groups the AVX-512 path hands to the scalar stores: a NaN in any bf16 result
     # (with fp32 params, in the moments alone), and a master whose low half is exactly 0x8000
     # (an int16 remainder of -32768; split_master moves such a tie one ulp). With lr = 0 and
@@ -157,7 +176,7 @@ def test_nans_and_exact_master_ties_match_the_reference(path, kind, amsgrad, gen
               positions=[0], first_indices=[2**32 - 100])  # fmt: skip
     adamw_step("cpu", state, [grad], **kw)
     adamw_step("reference", ref, [grad], **kw)
-    assert_same_state(op_snapshot(state), op_snapshot(ref), f"{path} {kind}")
+    assert_same_state(op_snapshot(state), op_snapshot(ref), f"{path16} {kind}")
     if kind == "master":  # the crafted ties went through the split, not around it
         assert (state["masters"][0][ties] != -0x8000).all()
 
@@ -177,5 +196,6 @@ def test_the_cpu_kernels_build_without_x86_simd(tmp_path):
         run = subprocess.run(cmd, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
         symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
-        assert "adamw_chunk_q8" not in symbols and "x86-64-v4" not in symbols
+        assert "adamw_chunk_q8" not in symbols and "adamw_chunk_16" not in symbols
+        assert "x86-64-v4" not in symbols
         assert "adamw_" in symbols or "norm_" in symbols  # the kernels themselves are there

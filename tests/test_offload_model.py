@@ -46,7 +46,7 @@ def test_arithmetic_per_element_leaves_the_steps_fixed_cost_out(monkeypatch):
     assert abs(model.ns_per_element("float32", {}) - 0.5) < 1e-9
     table = model.arithmetic_table(rounds=2)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + len(model.ARITHMETIC) + len(model.PORTABLE)
+    assert len(rows) == 1 + len(model.ARITHMETIC) + len(model.AVX2) + len(model.PORTABLE)
     assert all(row.endswith("| 1.00x |") for row in rows[1:])
 
 

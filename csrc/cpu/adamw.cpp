@@ -6,6 +6,7 @@
 #include "../adamw_dispatch.h"
 #include "../adamw_inputs.h"
 #include "../adamw_math.h"
+#include "adamw_avx2_16.h"
 #include "adamw_avx512.h"
 #include "adamw_avx512_16.h"
 #include "cpu_common.h"
@@ -279,11 +280,14 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   }
 
   // 8-bit and 16-bit states run in AVX-512 registers where the CPU has them
-  // (adamw_avx512.h, adamw_avx512_16.h), unless FASTOPT_CPU_SIMD=0 asks for the portable
-  // kernel (the tests compare the two).
+  // (adamw_avx512.h, adamw_avx512_16.h), 16-bit states in AVX2 registers where it has those
+  // alone (adamw_avx2_16.h). FASTOPT_CPU_SIMD=0 asks for the portable loops, =avx2 for the
+  // AVX2 path on an AVX-512 CPU (the tests compare them all).
   const char* simd_env = std::getenv("FASTOPT_CPU_SIMD");
-  const bool simd =
-      avx512::available() && !(simd_env != nullptr && std::strcmp(simd_env, "0") == 0);
+  const bool portable = simd_env != nullptr && std::strcmp(simd_env, "0") == 0;
+  const bool want_avx2 = simd_env != nullptr && std::strcmp(simd_env, "avx2") == 0;
+  const bool simd = !portable && !want_avx2 && avx512::available();
+  const bool simd_avx2 = !portable && !simd && avx2::available();
   // Elements [begin, end) of tensor t, whose indices in the whole param share the high word
   // `high`.
   auto run_piece = [&](int64_t t, int64_t begin, int64_t end, uint64_t high, uint64_t first) {
@@ -320,6 +324,17 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
         }
       }
       if constexpr (avx512::kServes16<P, G, S, kM>) {
+        if (simd_avx2) {
+          if (amsgrad) {
+            auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
+            avx2::adamw_chunk_16<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end,
+                                                         coeffs[t], key1, key2, first);
+          } else {
+            avx2::adamw_chunk_16<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end,
+                                                          coeffs[t], key1, key2, first);
+          }
+          return;
+        }
         if (simd) {
           if (amsgrad) {
             auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
