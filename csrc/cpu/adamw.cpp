@@ -308,54 +308,46 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
       auto* mw = kM == Master::kNone ? nullptr : static_cast<M*>(in.masters[t].data);
       auto* scales = in.quantized() ? static_cast<int8_t*>(in.scales[t].data) : nullptr;
       const int64_t blocks = (in.params[t].numel + kQuantBlock - 1) / kQuantBlock;
+      auto* vmax = amsgrad ? static_cast<S*>(in.max_exp_avg_sqs[t].data) : nullptr;
+      // run(std::bool_constant<amsgrad>) for the chosen kernel's instantiation.
+      auto with_amsgrad = [&](auto run) {
+        if (amsgrad) {
+          run(std::true_type{});
+        } else {
+          run(std::false_type{});
+        }
+      };
       if constexpr (std::is_same_v<S, uint8_t> && avx512::kServes<P, G, kM>) {
         if (simd) {
-          if (amsgrad) {
-            auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
-            avx512::adamw_chunk_q8<P, G, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end,
-                                                        coeffs[t], keys1[t], keys2[t], first,
-                                                        scales, blocks);
-          } else {
-            avx512::adamw_chunk_q8<P, G, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end,
-                                                         coeffs[t], keys1[t], keys2[t], first,
-                                                         scales, blocks);
-          }
+          with_amsgrad([&](auto ams) {
+            avx512::adamw_chunk_q8<P, G, kM, kSR, decltype(ams)::value>(
+                p, g, m, v, vmax, mw, begin, end, coeffs[t], keys1[t], keys2[t], first, scales,
+                blocks);
+          });
           return;
         }
       }
       if constexpr (avx512::kServes16<P, G, S, kM>) {
         if (simd_avx2) {
-          if (amsgrad) {
-            auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
-            avx2::adamw_chunk_16<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end,
-                                                         coeffs[t], key1, key2, first);
-          } else {
-            avx2::adamw_chunk_16<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end,
-                                                          coeffs[t], key1, key2, first);
-          }
+          with_amsgrad([&](auto ams) {
+            avx2::adamw_chunk_16<P, G, S, kM, kSR, decltype(ams)::value>(
+                p, g, m, v, vmax, mw, begin, end, coeffs[t], key1, key2, first);
+          });
           return;
         }
         if (simd) {
-          if (amsgrad) {
-            auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
-            avx512::adamw_chunk_16<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end,
-                                                           coeffs[t], key1, key2, first);
-          } else {
-            avx512::adamw_chunk_16<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end,
-                                                            coeffs[t], key1, key2, first);
-          }
+          with_amsgrad([&](auto ams) {
+            avx512::adamw_chunk_16<P, G, S, kM, kSR, decltype(ams)::value>(
+                p, g, m, v, vmax, mw, begin, end, coeffs[t], key1, key2, first);
+          });
           return;
         }
       }
-      if (amsgrad) {
-        auto* vmax = static_cast<S*>(in.max_exp_avg_sqs[t].data);
-        adamw_chunk<P, G, S, kM, kSR, true>(p, g, m, v, vmax, mw, begin, end, coeffs[t], key1,
-                                            key2, keys1[t], keys2[t], first, scales, blocks);
-      } else {
-        adamw_chunk<P, G, S, kM, kSR, false>(p, g, m, v, nullptr, mw, begin, end, coeffs[t],
-                                             key1, key2, keys1[t], keys2[t], first, scales,
-                                             blocks);
-      }
+      with_amsgrad([&](auto ams) {
+        adamw_chunk<P, G, S, kM, kSR, decltype(ams)::value>(p, g, m, v, vmax, mw, begin, end,
+                                                            coeffs[t], key1, key2, keys1[t],
+                                                            keys2[t], first, scales, blocks);
+      });
     });
   };
 

@@ -136,10 +136,8 @@ FASTOPT_AVX2 void scalar_element(P* param, const G* grad, S* exp_avg, S* exp_avg
   adamw_math<kAmsgrad>(p, load(grad, i), m, v, vm, c);
   const uint32_t w1 = kSR ? fastopt::mix32(key1 ^ index) : 0u;
   const uint32_t w2 = kSR ? fastopt::mix32(key2 ^ index) : 0u;
-  store_param<kM, kSR>(param, master, i, p, w1 >> 16);
-  store_rounded<kSR>(exp_avg, i, m, w1 & 0xFFFFu);
-  store_rounded<kSR>(exp_avg_sq, i, v, w2 >> 16);
-  if constexpr (kAmsgrad) store_rounded<kSR>(max_exp_avg_sq, i, vm, w2 & 0xFFFFu);
+  store_element<kM, kSR, kAmsgrad>(param, master, exp_avg, exp_avg_sq, max_exp_avg_sq, i, p, m,
+                                   v, vm, w1, w2);
 }
 
 // adamw_avx512_16.h's adamw_chunk_16, with the same arguments.
@@ -218,12 +216,9 @@ FASTOPT_AVX2_TARGET void adamw_chunk_16(P* __restrict__ param, const G* __restri
       // Lane l of vector h holds element 4 * h + l % 4 + 8 * (l / 4) of the group.
       for (int lane = 0; lane < 16; ++lane) {
         const int i = 4 * (lane / 8) + lane % 4 + 8 * ((lane % 8) / 4);
-        store_param<kM, kSR>(param + j, master + j, i, p[lane], w1[lane] >> 16);
-        store_rounded<kSR>(exp_avg + j, i, m[lane], w1[lane] & 0xFFFFu);
-        store_rounded<kSR>(exp_avg_sq + j, i, v[lane], w2[lane] >> 16);
-        if constexpr (kAmsgrad) {
-          store_rounded<kSR>(max_exp_avg_sq + j, i, vm[lane], w2[lane] & 0xFFFFu);
-        }
+        store_element<kM, kSR, kAmsgrad>(param + j, master + j, exp_avg + j, exp_avg_sq + j,
+                                         max_exp_avg_sq + j, i, p[lane], m[lane], v[lane],
+                                         vm[lane], w1[lane], w2[lane]);
       }
       return;
     }

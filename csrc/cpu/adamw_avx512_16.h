@@ -174,10 +174,9 @@ FASTOPT_AVX512 void store_group(P* param, M* master, S* exp_avg, S* exp_avg_sq,
     }
     const int len = kFull ? 32 : __builtin_popcount(k);
     for (int i = 0; i < len; ++i) {
-      store_param<kM, kSR>(param + j, master + j, i, ps[i], w1[i] >> 16);
-      store_rounded<kSR>(exp_avg + j, i, ms[i], w1[i] & 0xFFFFu);
-      store_rounded<kSR>(exp_avg_sq + j, i, vs[i], w2[i] >> 16);
-      if constexpr (kAmsgrad) store_rounded<kSR>(max_exp_avg_sq + j, i, vms[i], w2[i] & 0xFFFFu);
+      store_element<kM, kSR, kAmsgrad>(param + j, master + j, exp_avg + j, exp_avg_sq + j,
+                                       max_exp_avg_sq + j, i, ps[i], ms[i], vs[i], vms[i], w1[i],
+                                       w2[i]);
     }
     return;
   }

@@ -127,4 +127,17 @@ FASTOPT_INLINE void store_param(P* __restrict__ pb, M* __restrict__ mb, int64_t 
   }
 }
 
+// Element i's stores of its updated p, m, v (and vmax), with its two noise words: word 1
+// rounds the param (high half) and exp_avg (low), word 2 exp_avg_sq (high) and max_exp_avg_sq
+// (low). The SIMD paths' scalar code for rare groups and tails.
+template <Master kM, bool kSR, bool kAmsgrad, typename P, typename M, typename S>
+FASTOPT_INLINE void store_element(P* param, M* master, S* exp_avg, S* exp_avg_sq,
+                                  S* max_exp_avg_sq, int64_t i, float p, float m, float v,
+                                  float vm, uint32_t w1, uint32_t w2) {
+  store_param<kM, kSR>(param, master, i, p, w1 >> 16);
+  store_rounded<kSR>(exp_avg, i, m, w1 & 0xFFFFu);
+  store_rounded<kSR>(exp_avg_sq, i, v, w2 >> 16);
+  if constexpr (kAmsgrad) store_rounded<kSR>(max_exp_avg_sq, i, vm, w2 & 0xFFFFu);
+}
+
 }  // namespace fastopt::cpu
