@@ -207,7 +207,11 @@ def adamw_step_exchanging(
         if amsgrad:
             vmax = (dequantize_v(max_exp_avg_sqs[i], scales[i][2]) if quantized
                     else max_exp_avg_sqs[i].to(math_dtype))  # fmt: skip
-            second = torch.maximum(vmax, v)
+            # The kernels' `vmax > v ? vmax : v`: a NaN in v carries on (its own bits), a NaN
+            # in vmax alone gives way to v. torch.maximum would differ only there (it also
+            # carries vmax's NaN, as 0xFFFFFFFF in its vectorised lanes), in a state no step
+            # from finite values reaches.
+            second = torch.where(vmax > v, vmax, v)
         # Times the reciprocal where torch divides: one division per element in the kernels.
         root = _sqrt(second)
         denom = (root * (1 / bias_correction2_sqrt)).add_(eps)

@@ -28,6 +28,7 @@ from lockstep import (
     to_device,
 )
 
+from fastopt import reference
 from fastopt.rounding import split_master
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,72 @@ def test_overflowing_and_skipped_steps_match_the_reference(path, gen):
     # is skipped and must leave every byte alone.
     op_lockstep("cpu", "cpu", [(100,), (33,)], gen, steps=4, grad_magnitude=1e25,
                 skip_every=2, amsgrad=True, master=True, p_dtype=torch.bfloat16)  # fmt: skip
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_every_code_at_every_extreme_scale_matches_the_reference(path, amsgrad, gen):
+    # Each of the 256 codes of each moment under scales from kScaleMin (-100) to kScaleMax
+    # (120): decoded codes that overflow to inf, the NaN codes, -0 and the subnormal codes, and
+    # gradients from 1e-30 to 1e30 that re-encode into every range. 8 sweeps of the 256 codes
+    # over blocks whose scales rotate, so each code meets each scale.
+    sweep, scales = 256, torch.tensor([-100, -99, -50, -1, 0, 57, 119, 120], dtype=torch.int8)
+    n = sweep * len(scales)
+    codes = torch.arange(n) % sweep
+    rows = 3 if amsgrad else 2
+    blocks = torch.arange(n // 32)
+    state = {key: [] for key in STATE_KEYS}
+    state["params"].append(torch.randn(n, generator=gen))
+    state["exp_avgs"].append(codes.to(torch.uint8))
+    state["exp_avg_sqs"].append(((codes * 37 + 11) % sweep).to(torch.uint8))
+    if amsgrad:
+        state["max_exp_avg_sqs"].append(((codes * 101 + 7) % sweep).to(torch.uint8))
+    # Block b of sweep s takes scale (b + s) % 8 of a row, each row shifted.
+    turn = blocks % 8 + blocks // 8
+    state["scales"].append(torch.stack([scales[(turn + r) % 8] for r in range(rows)]))
+    state["state_steps"].append(torch.tensor(3.0))
+    grad = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-30, 31, (n,), generator=gen)
+    grad[::97] = 0.0
+    ref = to_device(state, "cpu")
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=amsgrad,
+              maximize=False, grad_factor=1.0, stochastic_rounding=False, seed=5,
+              positions=[0], first_indices=[])  # fmt: skip
+    adamw_step("cpu", state, [grad], **kw)
+    adamw_step("reference", ref, [grad], **kw)
+    assert_same_state(op_snapshot(state), op_snapshot(ref), f"{path} amsgrad={amsgrad}")
+
+
+def test_subnormal_codes_that_a_carry_would_change_match_the_reference(path, gen):
+    # Below 2**-6 a code is floor((trunc(a * 2**(22 + kMant)) + noise) / 2**16). Each crafted
+    # moment a (beta1 = beta2 = 0, so m = g and the stored root is |g|) has 2**-29 digits past
+    # that truncation that are all ones and then some, and an element's own noise that puts
+    # the sum one below a multiple of 2**16: any rounding up of those digits on the way (the
+    # AVX-512 path adds 2**-6 rounded toward zero) carries into the code.
+    blocks, n = 16, 16 * 32
+    step = torch.tensor(0.0)
+    kw = dict(lr=0.0, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, amsgrad=False,
+              maximize=False, grad_factor=1.0, stochastic_rounding=False, seed=9,
+              positions=[0], first_indices=[])  # fmt: skip
+    _, n_m, _, n_v = reference._noise(True, kw["seed"], 0, 0, step + 1, torch.empty(n))
+    i = torch.arange(n)
+    # Targets: exp_avg's code (E4M3: 4 spare digits) in even elements, exp_avg_sq's (E4M4: 3)
+    # in odd ones; t = trunc(a * 2**25) with (t + 1 + noise) a multiple of 2**16 either way.
+    t = torch.where(i % 2 == 0, (-1 - n_m) % 2**16, 0)
+    t = torch.where((i % 2 == 1) & (n_v % 2 == 0), ((-2 - n_v) % 2**16) // 2, t)
+    t = t + 2**16 * torch.randint(0, 2, (n,), generator=gen)  # a below 2**-8
+    grad = (16 * t.double() + 15.75) * 2.0**-29  # exact in fp32: at most 23 significant bits
+    grad[i % 32 == 0] = 128.0  # each block's largest: its scale 2**0
+    grad = torch.where(torch.rand(n, generator=gen) < 0.5, grad, -grad).float()
+    state = {key: [] for key in STATE_KEYS}
+    state["params"].append(torch.randn(n, generator=gen))
+    state["exp_avgs"].append(torch.zeros(n, dtype=torch.uint8))
+    state["exp_avg_sqs"].append(torch.zeros(n, dtype=torch.uint8))
+    state["scales"].append(torch.zeros(2, blocks, dtype=torch.int8))
+    state["state_steps"].append(step)
+    ref = to_device(state, "cpu")
+    adamw_step("cpu", state, [grad], **kw)
+    adamw_step("reference", ref, [grad], **kw)
+    assert_same_state(op_snapshot(state), op_snapshot(ref), path)
+    assert (ref["scales"][0] == 0).all()  # the crafted scale held
 
 
 def _lean16_variants() -> dict:

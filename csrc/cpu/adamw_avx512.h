@@ -3,12 +3,17 @@
 // bytes, so four fp32 lanes); each value is stored and reloaded at every stage, and every
 // block's scale spread to one float per element. Here the codes widen in registers, and a
 // group of 8 scale blocks (16 vectors) goes through each stage before the next (see
-// kGroupBlocks). bench/RESULTS.md has what it gains: the codes' arithmetic stays, and it is
-// most of the cost.
+// kGroupBlocks). Where time goes (fp32 params, one thread, in cache, on a 2-core AMD EPYC,
+// timed standalone by leaving stages out): decode and update 0.46 ns per element (the fp32
+// step alone 0.40: its divisions and square roots), block scales 0.14, encode 0.52, of which
+// the noise words 0.20. Running a group's encode beside the next group's update was slower
+// (1.22 ns against 1.11): the update leaves no vector pipe idle for it.
 //
-// Each function mirrors its scalar counterpart in csrc/adamw_math.h operation for operation
-// (same order, no fused multiply-adds), so both paths give the same bits; tests/test_cpu_simd.py
-// holds each path to the reference on every variant.
+// The math and rounding mirror csrc/adamw_math.h operation for operation (same order, no
+// fused multiply-adds); the codes go other ways to the same bits (fp16 conversions to decode,
+// one formula to encode), each argued where it is written. tests/test_cpu_simd.py holds each
+// path to the reference on every variant, every code under the extreme scales, and the
+// encodings a carry would change.
 #pragma once
 
 #include <algorithm>
@@ -134,94 +139,121 @@ FASTOPT_AVX512 void split_master(F x, I& param_bits, I& remainder) {
   remainder = _mm512_maskz_sub_epi32(static_cast<__mmask16>(~nan), b, _mm512_slli_epi32(top, 16));
 }
 
+// Blocks per group. One block alone is a single chain of dependent steps (decode, update,
+// block maximum, encode) longer than the core's reorder window can hide; the loop runs each
+// step over a group's 16 vectors before the next step, so that they overlap. fp32 params with
+// 8-bit moments, one thread, in cache, on a 2-core AMD EPYC (with an earlier, longer decode
+// and encode): 1.71 ns per element a block at a time, 1.59 in groups of 4 blocks, 1.56 in
+// groups of 8.
+constexpr int kGroupBlocks = 8;
+constexpr int kGroupVectors = 2 * kGroupBlocks;
+constexpr int64_t kGroup = int64_t{kGroupBlocks} * kQuantBlock;
+
 // ---- 8-bit codes (csrc/adamw_math.h has the format) ----
 
-FASTOPT_AVX512 I load_codes(const uint8_t* p, __mmask16 k) {
-  return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p));
+using H = __m256i;  // 16 lanes of 16 bits
+
+FASTOPT_AVX512 H u16(uint16_t x) { return _mm256_set1_epi16(static_cast<short>(x)); }
+
+// x * 2**e from x * 2**-8, rounded once as the scalar code's x * pow2(e) (see decode_m).
+FASTOPT_AVX512 F times_pow2(F x_over_256, int e) {
+  return _mm512_scalef_ps(x_over_256, f32(static_cast<float>(e + 8)));
 }
+
+// Decoding goes through IEEE half precision. An unsigned code's 4 exponent bits (bias 7) and
+// kMant mantissa bits, placed at the top of a half's exponent and mantissa fields, are a half
+// (bias 15) worth the code's value times 2**-8, subnormal codes included, which vcvtph2ps
+// widens exactly; times_pow2 puts the 2**8 back with the block's scale. The product is exact
+// as the scalar code's: a nonzero code is at least 2**-10 and a scale at least 2**-100.
+FASTOPT_AVX512 F decode_m(const uint8_t* p, __mmask16 k, int e) {
+  // Sign-extended and shifted by 7, the code's sign is at bit 15 (and 14, cleared) and its
+  // magnitude at bits 7-13. The NaN code (low 7 bits set) becomes a half NaN.
+  const H c = _mm256_cvtepi8_epi16(_mm_maskz_loadu_epi8(k, p));
+  const H h = _mm256_and_si256(_mm256_slli_epi16(c, 7), u16(0xBF80));
+  const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_or_si256(c, u16(0xFF80)), u16(0xFFFF));
+  // 0x7E00 widens to the scalar code's NaN, 0x7FC00000, which times_pow2 keeps.
+  return times_pow2(_mm512_cvtph_ps(_mm256_mask_mov_epi16(h, nan, u16(0x7E00))), e);
+}
+
+FASTOPT_AVX512 F decode_v(const uint8_t* p, __mmask16 k, int e) {
+  const H c = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(k, p));
+  const H h = _mm256_mask_mov_epi16(_mm256_slli_epi16(c, 6),
+                                    _mm256_cmpeq_epi16_mask(c, u16(kCodeNanV)), u16(0x7E00));
+  const F root = times_pow2(_mm512_cvtph_ps(h), e);
+  return _mm512_mul_ps(root, root);
+}
+
+FASTOPT_AVX512 F pow2v(int e) { return f32(pow2(e)); }
 
 FASTOPT_AVX512 void store_codes(uint8_t* p, __mmask16 k, I codes) {
   _mm_mask_storeu_epi8(p, k, _mm512_cvtepi32_epi8(codes));
 }
 
-template <int kMant>
-FASTOPT_AVX512 F decode_unsigned(I code) {
-  const I exponent = _mm512_srli_epi32(code, kMant);
-  const I mantissa = _mm512_and_si512(code, u32((1u << kMant) - 1u));
-  const F normal = from_bits(_mm512_or_si512(
-      _mm512_slli_epi32(_mm512_add_epi32(exponent, u32(127 - 7)), 23),
-      _mm512_slli_epi32(mantissa, 23 - kMant)));
-  const F sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mantissa),
-                              f32(1.f / static_cast<float>(1 << (6 + kMant))));
-  return _mm512_mask_mov_ps(normal, _mm512_cmpeq_epi32_mask(exponent, u32(0)), sub);
-}
-
-FASTOPT_AVX512 F decode_m(I code, F scale) {
-  const I low = _mm512_and_si512(code, u32(0x7Fu));
-  // The magnitude is non-negative, so its sign bit set is its negation.
-  const I sign = _mm512_slli_epi32(_mm512_and_si512(code, u32(0x80u)), 24);
-  F value = from_bits(_mm512_or_si512(bits(decode_unsigned<3>(low)), sign));
-  value = _mm512_mask_mov_ps(value, _mm512_cmpeq_epi32_mask(low, u32(kCodeNanM)),
-                             from_bits(u32(0x7FC00000u)));
-  return _mm512_mul_ps(value, scale);
-}
-
-FASTOPT_AVX512 F decode_v(I code, F scale) {
-  const __mmask16 nan = _mm512_cmpeq_epi32_mask(code, u32(kCodeNanV));
-  F root = _mm512_mask_mov_ps(decode_unsigned<4>(code), nan, from_bits(u32(0x7FC00000u)));
-  root = _mm512_mul_ps(root, scale);
-  return _mm512_mul_ps(root, root);
-}
-
+// encode_unsigned for non-negative a, in one formula. Below 2**-6, a + 2**-6 rounded toward
+// zero holds floor(a * 2**29) in its mantissa, and one exponent step down those bits continue
+// the normal codes' below 2**-6: the normal formula then gives floor((floor(a * 2**29) +
+// noise * 2**(7 - kMant)) / 2**(23 - kMant)), which is the scalar code's floor((trunc(a *
+// 2**(22 + kMant)) + noise) / 2**16), as the dropped low bits of a * 2**29 are fewer than the
+// noise's shift and never carry. Lanes whose a is not finite are the caller's to replace.
 template <int kMant>
 FASTOPT_AVX512 I encode_unsigned(F a, I noise16) {
-  const I normal = _mm512_sub_epi32(
-      _mm512_srli_epi32(_mm512_add_epi32(bits(a), _mm512_slli_epi32(noise16, 7 - kMant)),
-                        23 - kMant),
-      u32(uint32_t{127 - 7} << kMant));
-  const I fixed = _mm512_cvttps_epi32(_mm512_mul_ps(a, f32(static_cast<float>(1 << (22 + kMant)))));
-  const I sub = _mm512_srli_epi32(_mm512_add_epi32(fixed, noise16), 16);
-  return _mm512_mask_mov_epi32(normal, _mm512_cmp_ps_mask(a, f32(0.015625f), _CMP_LT_OQ), sub);
+  const F smallest_normal = f32(0.015625f);
+  const __mmask16 sub = _mm512_cmp_ps_mask(a, smallest_normal, _CMP_LT_OQ);
+  const F sum = _mm512_add_round_ps(a, smallest_normal, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const I b = _mm512_mask_sub_epi32(bits(a), sub, bits(sum), u32(1u << 23));
+  const I rounded = _mm512_add_epi32(b, _mm512_slli_epi32(noise16, 7 - kMant));
+  return _mm512_sub_epi32(_mm512_srli_epi32(rounded, 23 - kMant), u32(uint32_t{127 - 7} << kMant));
 }
+
+// NaN and both infinities (vfpclassps categories).
+constexpr int kNotFinite = 0x01 | 0x08 | 0x10 | 0x80;
 
 FASTOPT_AVX512 I encode_m(F m, F inv_scale, I noise16) {
   const F y = _mm512_mul_ps(m, inv_scale);
-  const I sign = _mm512_slli_epi32(_mm512_srli_epi32(bits(y), 31), 7);
-  const __mmask16 ok = is_finite(y);
-  // |y| where finite, else 0. The scalar code keeps a -0 as -0 here: both encode its
-  // magnitude to 0, and both keep its sign bit.
-  const F a = _mm512_maskz_mov_ps(ok, from_bits(_mm512_and_si512(bits(y), u32(0x7FFFFFFFu))));
-  const I code = _mm512_or_si512(sign, encode_unsigned<3>(a, noise16));
-  return _mm512_mask_mov_epi32(u32(kCodeNanM), ok, code);
+  const I magnitude = encode_unsigned<3>(from_bits(_mm512_and_si512(bits(y), u32(0x7FFFFFFFu))),
+                                         noise16);
+  // y's sign bit to bit 7 (a -0 keeps it, as in the scalar code), through a mask: no shift.
+  const I code = _mm512_mask_or_epi32(magnitude, _mm512_movepi32_mask(bits(y)), magnitude,
+                                      u32(0x80u));
+  return _mm512_mask_mov_epi32(code, _mm512_fpclass_ps_mask(y, kNotFinite), u32(kCodeNanM));
 }
 
 FASTOPT_AVX512 I encode_v(F root, F inv_scale, I noise16) {
   const F y = _mm512_mul_ps(root, inv_scale);
-  const __mmask16 ok = is_finite(y);
-  return _mm512_mask_mov_epi32(u32(kCodeNanV), ok,
-                               encode_unsigned<4>(_mm512_maskz_mov_ps(ok, y), noise16));
+  return _mm512_mask_mov_epi32(encode_unsigned<4>(y, noise16),
+                               _mm512_fpclass_ps_mask(y, kNotFinite), u32(kCodeNanV));
 }
 
-// magnitude_bits of two vectors' live lanes, then the block_scale of their maximum.
-FASTOPT_AVX512 int block_scale_of(F x0, F x1, __mmask16 k0, __mmask16 k1) {
-  auto magnitude = [](F x, __mmask16 k) FASTOPT_AVX512_TARGET {
-    const I b = _mm512_and_si512(bits(x), u32(0x7FFFFFFFu));
-    return _mm512_maskz_mov_epi32(k & _mm512_cmple_epi32_mask(b, u32(0x7F800000u)), b);
+// A block's largest magnitude_bits, as a float in every lane's place: |x| with NaN counted as
+// 0 (vmaxps returns its second operand when the first is NaN; for non-negative floats, float
+// order is integer order). Lanes past a tensor's end hold 0 (masked loads give zero moments).
+FASTOPT_AVX512 F block_max(F x0, F x1) {
+  const F magnitude = from_bits(u32(0x7FFFFFFFu));
+  const F second = _mm512_max_ps(_mm512_and_ps(x1, magnitude), _mm512_setzero_ps());
+  return _mm512_max_ps(_mm512_and_ps(x0, magnitude), second);
+}
+
+// block_scale of 8 blocks' maxima (x[b] has block b's in its 16 lanes), block b's in lane b.
+// A transpose that halves the lanes per block at each level: 23 operations for all 8, where
+// reducing one vector alone takes 9.
+FASTOPT_AVX512 I block_scales(const F (&x)[kGroupBlocks]) {
+  auto halves = [](F a, F b) FASTOPT_AVX512_LAMBDA {  // [a's 8 | b's 8]
+    return _mm512_max_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
   };
-  const I both = _mm512_max_epi32(magnitude(x0, k0), magnitude(x1, k1));
-  return block_scale(_mm512_reduce_max_epi32(both));
+  auto quarters = [](F a, F b) FASTOPT_AVX512_LAMBDA {  // [4 | 4 | 4 | 4], blocks in order
+    return _mm512_max_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  };
+  const F low = quarters(halves(x[0], x[1]), halves(x[2], x[3]));   // blocks 0-3
+  const F high = quarters(halves(x[4], x[5]), halves(x[6], x[7]));  // blocks 4-7
+  // Per 128-bit lane j: [j, j, 4 + j, 4 + j], then each pair's maximum in both.
+  F pairs = _mm512_max_ps(_mm512_shuffle_ps(low, high, 0x44), _mm512_shuffle_ps(low, high, 0xEE));
+  pairs = _mm512_max_ps(pairs, _mm512_permute_ps(pairs, 0xB1));
+  const I in_order = _mm512_permutexvar_epi32(
+      _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), bits(pairs));
+  const I e = _mm512_sub_epi32(_mm512_srli_epi32(in_order, 23), u32(127 + 7));
+  return _mm512_min_epi32(_mm512_max_epi32(e, u32(static_cast<uint32_t>(kScaleMin))),
+                          u32(kScaleMax));
 }
-
-FASTOPT_AVX512 F pow2v(int e) { return f32(pow2(e)); }
-
-// Blocks per group. One block alone is a single chain of dependent steps (decode, update,
-// block maximum, encode) longer than the core's reorder window can hide; the loop runs each
-// step over a group's 16 vectors before the next step, so that they overlap. fp32 params with
-// 8-bit moments, one thread, in cache, on a 2-core AMD EPYC: 1.71 ns per element a block at a
-// time, 1.59 in groups of 4 blocks, 1.56 in groups of 8.
-constexpr int kGroupBlocks = 8;
-constexpr int kGroupVectors = 2 * kGroupBlocks;
-constexpr int64_t kGroup = int64_t{kGroupBlocks} * kQuantBlock;
 
 // One chunk [begin, end) of one tensor, begin a multiple of kQuantBlock: adamw_chunk's 8-bit
 // case, with the same arguments (raw1, raw2 the noise keys before folding in the high word).
@@ -269,10 +301,15 @@ FASTOPT_AVX512_TARGET void adamw_chunk_q8(P* __restrict__ param, const G* __rest
     auto index_of = [&](int i) FASTOPT_AVX512_TARGET {
       return _mm512_add_epi32(base, _mm512_add_epi32(iota, u32(16 * i)));
     };
-    auto noise = [&](I key, I next, I index) FASTOPT_AVX512_TARGET {
-      return mix32(_mm512_xor_si512(
-          _mm512_mask_mov_epi32(key, _mm512_cmplt_epu32_mask(index, base), next), index));
+    // Lanes past the multiple (their low word wrapped below base's) take the next key; only a
+    // group that crosses one (crossing true) needs the test.
+    auto noise = [&](I key, I next, I index, auto crossing) FASTOPT_AVX512_LAMBDA {
+      if constexpr (decltype(crossing)::value) {
+        key = _mm512_mask_mov_epi32(key, _mm512_cmplt_epu32_mask(index, base), next);
+      }
+      return mix32(_mm512_xor_si512(key, index));
     };
+    const bool crosses = ((row0 + static_cast<uint64_t>(len) - 1) >> 32) != high;
     // Decode, update, store the param.
     for (int i = 0; i < vectors; ++i) {
       const int64_t j = g0 + 16 * i;
@@ -286,10 +323,10 @@ FASTOPT_AVX512_TARGET void adamw_chunk_q8(P* __restrict__ param, const G* __rest
         p = load(param + j, k[i]);
       }
       const F g = load(grad + j, k[i]);
-      m[i] = decode_m(load_codes(exp_avg + j, k[i]), pow2v(e_m[q]));
-      F v = decode_v(load_codes(exp_avg_sq + j, k[i]), pow2v(e_v[q]));
+      m[i] = decode_m(exp_avg + j, k[i], e_m[q]);
+      F v = decode_v(exp_avg_sq + j, k[i], e_v[q]);
       F vm = v;
-      if constexpr (kAmsgrad) vm = decode_v(load_codes(max_exp_avg_sq + j, k[i]), pow2v(e_vm[q]));
+      if constexpr (kAmsgrad) vm = decode_v(max_exp_avg_sq + j, k[i], e_vm[q]);
       F root;
       math<kAmsgrad>(p, g, m[i], v, vm, c, root);
       if constexpr (kAmsgrad) {
@@ -306,40 +343,50 @@ FASTOPT_AVX512_TARGET void adamw_chunk_q8(P* __restrict__ param, const G* __rest
       } else if constexpr (std::is_same_v<P, float>) {
         _mm512_mask_storeu_ps(param + j, k[i], p);
       } else if constexpr (kSR) {
-        const I w1 = noise(key1, next1, index_of(i));
+        const I w1 = noise(key1, next1, index_of(i), std::true_type{});
         store_u16(param + j, k[i], bf16_stochastic(p, _mm512_srli_epi32(w1, 16)));
       } else {
         store_u16(param + j, k[i], bf16_nearest(p));
       }
     }
-    if (vectors % 2 != 0) {  // a last block of 16 or fewer elements: its second vector is empty
-      m[vectors] = root_v[vectors] = root_vm[vectors] = _mm512_setzero_ps();
+    for (int i = vectors; i < kGroupVectors; ++i) {  // past the end of a last group
+      m[i] = root_v[i] = root_vm[i] = _mm512_setzero_ps();
     }
-    // The blocks' new scales.
-    for (int b = 0; b < group_blocks; ++b) {
-      const int i = 2 * b;
-      e_m[q0 + b] = static_cast<int8_t>(block_scale_of(m[i], m[i + 1], k[i], k[i + 1]));
-      e_v[q0 + b] =
-          static_cast<int8_t>(block_scale_of(root_v[i], root_v[i + 1], k[i], k[i + 1]));
-      if constexpr (kAmsgrad) {
-        e_vm[q0 + b] =
-            static_cast<int8_t>(block_scale_of(root_vm[i], root_vm[i + 1], k[i], k[i + 1]));
-      }
-    }
+    // The blocks' new scales, stored and kept (exponents in lanes) for the encode.
+    const auto live = static_cast<__mmask16>((1u << group_blocks) - 1u);
+    alignas(64) int32_t s_m[16], s_v[16], s_vm[16];
+    auto rescale = [&](const F* x, int8_t* out, int32_t* kept) FASTOPT_AVX512_LAMBDA {
+      F maxima[kGroupBlocks];
+      for (int b = 0; b < kGroupBlocks; ++b) maxima[b] = block_max(x[2 * b], x[2 * b + 1]);
+      const I e = block_scales(maxima);
+      _mm_mask_storeu_epi8(out + q0, live, _mm512_cvtepi32_epi8(e));
+      _mm512_store_si512(kept, e);
+    };
+    rescale(m, e_m, s_m);
+    rescale(root_v, e_v, s_v);
+    if constexpr (kAmsgrad) rescale(root_vm, e_vm, s_vm);
     // Encode.
-    for (int i = 0; i < vectors; ++i) {
-      const int64_t j = g0 + 16 * i;
-      const int64_t q = q0 + i / 2;
-      const I index = index_of(i);
-      const I w1 = noise(key1, next1, index);
-      const I w2 = noise(key2, next2, index);
-      store_codes(exp_avg + j, k[i], encode_m(m[i], pow2v(-e_m[q]), _mm512_and_si512(w1, low16)));
-      store_codes(exp_avg_sq + j, k[i],
-                  encode_v(root_v[i], pow2v(-e_v[q]), _mm512_srli_epi32(w2, 16)));
-      if constexpr (kAmsgrad) {
-        store_codes(max_exp_avg_sq + j, k[i],
-                    encode_v(root_vm[i], pow2v(-e_vm[q]), _mm512_and_si512(w2, low16)));
+    auto encode = [&](auto crossing) FASTOPT_AVX512_LAMBDA {
+      for (int i = 0; i < vectors; ++i) {
+        const int64_t j = g0 + 16 * i;
+        const int b = i / 2;
+        const I index = index_of(i);
+        const I w1 = noise(key1, next1, index, crossing);
+        const I w2 = noise(key2, next2, index, crossing);
+        store_codes(exp_avg + j, k[i],
+                    encode_m(m[i], pow2v(-s_m[b]), _mm512_and_si512(w1, low16)));
+        store_codes(exp_avg_sq + j, k[i],
+                    encode_v(root_v[i], pow2v(-s_v[b]), _mm512_srli_epi32(w2, 16)));
+        if constexpr (kAmsgrad) {
+          store_codes(max_exp_avg_sq + j, k[i],
+                      encode_v(root_vm[i], pow2v(-s_vm[b]), _mm512_and_si512(w2, low16)));
+        }
       }
+    };
+    if (crosses) {
+      encode(std::true_type{});
+    } else {
+      encode(std::false_type{});
     }
   }
 }
