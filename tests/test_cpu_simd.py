@@ -1,7 +1,7 @@
 """The CPU kernel's paths for 8-bit and 16-bit states, each bit for bit against
 fastopt.reference (tests/lockstep.py): AVX-512 registers (csrc/cpu/adamw_avx512.h and
-adamw_avx512_16.h, taken where the CPU has AVX-512 F, BW, DQ and VL), AVX2 registers for
-16-bit states (adamw_avx2_16.h, taken where the CPU has AVX2 alone, or with
+adamw_avx512_16.h, taken where the CPU has AVX-512 F, BW, DQ and VL), AVX2 registers
+(adamw_avx2_8.h and adamw_avx2_16.h, taken where the CPU has AVX2 alone, or with
 FASTOPT_CPU_SIMD=avx2) and the portable loops (FASTOPT_CPU_SIMD=0, and every other CPU). The
 other lockstep tests run whichever path this CPU takes by default; these run each one.
 """
@@ -28,7 +28,7 @@ from lockstep import (
     to_device,
 )
 
-from fastopt import reference
+from fastopt import quant, reference
 from fastopt.rounding import split_master
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # torch checks the same four AVX-512 subsets for its own AVX512 kernels.
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
-PATHS = [
-    "portable",
-    pytest.param("avx512", marks=pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512 here")),
-]
 
 # Tails of every length around a 16-lane vector and a 32-element block, a group of 8 blocks
 # (256) and a 64 Ki-element chunk, and more than one tensor per call.
@@ -48,10 +44,10 @@ SHAPES = [(1,), (15,), (16,), (17,), (31,), (33,), (255,), (257,), (3, 70), (655
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
-# 16-bit states have an AVX2 path as well (csrc/cpu/adamw_avx2_16.h), which an AVX-512 CPU
-# takes when FASTOPT_CPU_SIMD=avx2.
-PATHS16 = [
-    *PATHS,
+# An AVX-512 CPU takes the AVX2 paths when FASTOPT_CPU_SIMD=avx2.
+PATHS = [
+    "portable",
+    pytest.param("avx512", marks=pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512 here")),
     pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 here")),
 ]
 
@@ -60,12 +56,6 @@ _SIMD_ENV = {"portable": "0", "avx512": "1", "avx2": "avx2"}
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch) -> str:
-    monkeypatch.setenv("FASTOPT_CPU_SIMD", _SIMD_ENV[request.param])
-    return request.param
-
-
-@pytest.fixture(params=PATHS16)
-def path16(request, monkeypatch) -> str:
     monkeypatch.setenv("FASTOPT_CPU_SIMD", _SIMD_ENV[request.param])
     return request.param
 
@@ -191,7 +181,7 @@ LEAN16_SIZES = [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 95, 97, 65536 + 33]
 
 
 @pytest.mark.parametrize("variant", list(LEAN16_VARIANTS.values()), ids=list(LEAN16_VARIANTS))
-def test_every_16bit_variant_matches_the_reference(path16, variant, gen):
+def test_every_16bit_variant_matches_the_reference(path, variant, gen):
     init = [torch.randn(n, generator=gen) for n in LEAN16_SIZES]
 
     def grads_at(step):
@@ -201,9 +191,9 @@ def test_every_16bit_variant_matches_the_reference(path16, variant, gen):
                        weight_decay=0.05, seed=1234, **variant)  # fmt: skip
 
 
-def _lean16_state(n: int, gen: torch.Generator, *, kind: str, amsgrad: bool) -> dict:
+def _lean_state(n: int, gen: torch.Generator, *, kind: str, amsgrad: bool, fmt: str) -> dict:
     """One tensor's state at the op level: bf16 params (fp32 for kind "fp32"; with int16
-    remainders for "master"), bf16 moments, and a step count of 3."""
+    remainders for "master"), bf16 or 8-bit moments (fmt), and a step count of 3."""
     p32 = torch.randn(n, generator=gen)
     state = {key: [] for key in STATE_KEYS}
     if kind == "master":
@@ -213,23 +203,34 @@ def _lean16_state(n: int, gen: torch.Generator, *, kind: str, amsgrad: bool) -> 
     else:
         state["params"].append(p32 if kind == "fp32" else p32.bfloat16())
     keys = ("exp_avgs", "exp_avg_sqs") + (("max_exp_avg_sqs",) if amsgrad else ())
+    scales = []
     for key in keys:
         x = torch.randn(n, generator=gen) * 0.1
-        state[key].append((x * x if key != "exp_avgs" else x).bfloat16())
+        if fmt == "int8":  # exp_avg's codes, or those of the others' square roots
+            quantize = quant.quantize_m if key == "exp_avgs" else quant.quantize_v
+            codes, scale = quantize(x if key == "exp_avgs" else x.abs())
+            state[key].append(codes)
+            scales.append(scale)
+        else:
+            state[key].append((x * x if key != "exp_avgs" else x).bfloat16())
+    if scales:
+        state["scales"].append(torch.stack(scales))
     state["state_steps"].append(torch.tensor(3.0))
     return state
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("kind", ["fp32", "nearest", "master", "sr"])
-def test_nans_and_exact_master_ties_match_the_reference(path16, kind, amsgrad, gen):
-    # The rare groups the AVX-512 path hands to the scalar stores: a NaN in any bf16 result
-    # (with fp32 params, in the moments alone), and a master whose low half is exactly 0x8000
-    # (an int16 remainder of -32768; split_master moves such a tie one ulp). With lr = 0 and
+def test_nans_and_exact_master_ties_match_the_reference(path, kind, amsgrad, fmt, gen):
+    # The rare groups the 16-bit SIMD paths hand to the scalar stores, and lanes the 8-bit
+    # ones handle in registers: a NaN in any bf16 result (with fp32 params and bf16 moments, in
+    # the moments alone), and a master whose low half is exactly 0x8000 (an int16 remainder of
+    # -32768; split_master moves such a tie one ulp). With lr = 0 and
     # no decay the masters come out as they went in, so each crafted tie reaches the split.
     # 300 elements: ties and NaNs in some groups of 32, none in others, and in the tail.
     n = 300
-    state = _lean16_state(n, gen, kind=kind, amsgrad=amsgrad)
+    state = _lean_state(n, gen, kind=kind, amsgrad=amsgrad, fmt=fmt)
     if kind == "master":
         ties = torch.tensor([0, 1, 40, 97, 130, 131, 299])
         state["masters"][0][ties] = -0x8000
@@ -243,7 +244,7 @@ def test_nans_and_exact_master_ties_match_the_reference(path16, kind, amsgrad, g
               positions=[0], first_indices=[2**32 - 100])  # fmt: skip
     adamw_step("cpu", state, [grad], **kw)
     adamw_step("reference", ref, [grad], **kw)
-    assert_same_state(op_snapshot(state), op_snapshot(ref), f"{path16} {kind}")
+    assert_same_state(op_snapshot(state), op_snapshot(ref), f"{path} {kind} {fmt}")
     if kind == "master":  # the crafted ties went through the split, not around it
         assert (state["masters"][0][ties] != -0x8000).all()
 

@@ -7,6 +7,7 @@
 #include "../adamw_inputs.h"
 #include "../adamw_math.h"
 #include "adamw_avx2_16.h"
+#include "adamw_avx2_8.h"
 #include "adamw_avx512.h"
 #include "adamw_avx512_16.h"
 #include "cpu_common.h"
@@ -280,9 +281,9 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   }
 
   // 8-bit and 16-bit states run in AVX-512 registers where the CPU has them
-  // (adamw_avx512.h, adamw_avx512_16.h), 16-bit states in AVX2 registers where it has those
-  // alone (adamw_avx2_16.h). FASTOPT_CPU_SIMD=0 asks for the portable loops, =avx2 for the
-  // AVX2 path on an AVX-512 CPU (the tests compare them all).
+  // (adamw_avx512.h, adamw_avx512_16.h), in AVX2 registers where it has those alone
+  // (adamw_avx2_8.h, adamw_avx2_16.h). FASTOPT_CPU_SIMD=0 asks for the portable loops, =avx2
+  // for the AVX2 paths on an AVX-512 CPU (the tests compare them all).
   const char* simd_env = std::getenv("FASTOPT_CPU_SIMD");
   const bool portable = simd_env != nullptr && std::strcmp(simd_env, "0") == 0;
   const bool want_avx2 = simd_env != nullptr && std::strcmp(simd_env, "avx2") == 0;
@@ -317,6 +318,16 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
           run(std::false_type{});
         }
       };
+      if constexpr (std::is_same_v<S, uint8_t> && avx2::kServes8<P, G, kM>) {
+        if (simd_avx2 && avx2::available_8()) {
+          with_amsgrad([&](auto ams) {
+            avx2::adamw_chunk_q8<P, G, kM, kSR, decltype(ams)::value>(
+                p, g, m, v, vmax, mw, begin, end, coeffs[t], keys1[t], keys2[t], first, scales,
+                blocks);
+          });
+          return;
+        }
+      }
       if constexpr (std::is_same_v<S, uint8_t> && avx512::kServes<P, G, kM>) {
         if (simd) {
           with_amsgrad([&](auto ams) {

@@ -52,9 +52,9 @@ FASTOPT_AVX2 Coeffs broadcast(const AdamWCoeffs& c) {
           c.lerp_from_m};
 }
 
-// adamw_math, lane by lane (the AVX-512 path's math, 8 lanes wide).
+// adamw_math, lane by lane (the AVX-512 path's math, 8 lanes wide); root as there.
 template <bool kAmsgrad>
-FASTOPT_AVX2 void math(F& p, F grad, F& m, F& v, F& vmax, const Coeffs& c) {
+FASTOPT_AVX2 void math(F& p, F grad, F& m, F& v, F& vmax, const Coeffs& c, F& root) {
   const F g = _mm256_mul_ps(grad, c.grad_coef);
   p = _mm256_mul_ps(p, c.decay);
   m = _mm256_add_ps(c.lerp_from_m ? m : g, _mm256_mul_ps(c.lerp_coef, _mm256_sub_ps(g, m)));
@@ -65,7 +65,8 @@ FASTOPT_AVX2 void math(F& p, F grad, F& m, F& v, F& vmax, const Coeffs& c) {
     vmax = _mm256_max_ps(vmax, v);  // vmax > v ? vmax : v, as the scalar code
     second = vmax;
   }
-  const F denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(second), c.inv_bc2_sqrt), c.eps);
+  root = _mm256_sqrt_ps(second);
+  const F denom = _mm256_add_ps(_mm256_mul_ps(root, c.inv_bc2_sqrt), c.eps);
   p = _mm256_sub_ps(p, _mm256_mul_ps(c.step_size, _mm256_div_ps(m, denom)));
 }
 
@@ -175,7 +176,8 @@ FASTOPT_AVX2_TARGET void adamw_chunk_16(P* __restrict__ param, const G* __restri
     if constexpr (kAmsgrad) load16(max_exp_avg_sq + j, q.vm);
     for (int h = 0; h < 2; ++h) {
       if constexpr (!kAmsgrad) q.vm[h] = q.v[h];
-      math<kAmsgrad>(q.p[h], g[h], q.m[h], q.v[h], q.vm[h], c);
+      F root;  // unused: 16-bit states store the second moment itself
+      math<kAmsgrad>(q.p[h], g[h], q.m[h], q.v[h], q.vm[h], c, root);
       const I index = _mm256_add_epi32(u32(first32 + static_cast<uint32_t>(j)), iota[h]);
       q.w1[h] = kNoise1 ? mix32(_mm256_xor_si256(k1, index)) : _mm256_setzero_si256();
       q.w2[h] = kNoise2 ? mix32(_mm256_xor_si256(k2, index)) : _mm256_setzero_si256();
