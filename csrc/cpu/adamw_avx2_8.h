@@ -137,19 +137,16 @@ FASTOPT_AVX2_8 void store_words(void* p, I x) {
 
 FASTOPT_AVX2_8 F nan_lanes(F x) { return _mm256_cmp_ps(x, x, _CMP_UNORD_Q); }
 
-// split_master (adamw_math.h): the bf16 bits and the int16 remainder.
+// split_master (adamw_math.h): the bf16 bits and the int16 remainder, as adamw_avx512.h's.
 FASTOPT_AVX2_8 void split_master(F x, I& param_bits, I& remainder) {
-  I b = bits(x);
-  const I tie = _mm256_cmpeq_epi32(_mm256_and_si256(b, u32(0xFFFFu)), u32(0x8000u));
-  const I up = _mm256_cmpeq_epi32(_mm256_and_si256(b, u32(0x10000u)), u32(0x10000u));
-  // A tie moves one ulp the way it rounds: +1 up (2 - 1), else -1.
-  b = _mm256_add_epi32(b, _mm256_and_si256(tie, _mm256_sub_epi32(_mm256_and_si256(up, u32(2)),
-                                                                 u32(1))));
-  const I top = _mm256_srli_epi32(_mm256_add_epi32(b, u32(0x8000u)), 16);
+  const I b = bits(x);
+  const I top = nearest_top(x);
+  const I rest = _mm256_sub_epi32(b, _mm256_slli_epi32(top, 16));
+  const I clamped = _mm256_min_epi32(_mm256_max_epi32(rest, u32(static_cast<uint32_t>(-0x7FFF))),
+                                     u32(0x7FFFu));
   const F nan = nan_lanes(x);
   param_bits = select(top, u32(0x7FC0u), nan);
-  remainder = _mm256_andnot_si256(_mm256_castps_si256(nan),
-                                  _mm256_sub_epi32(b, _mm256_slli_epi32(top, 16)));
+  remainder = _mm256_andnot_si256(_mm256_castps_si256(nan), clamped);
 }
 
 FASTOPT_AVX2_8 I bf16_rounded(F x, I noise16, bool stochastic) {
