@@ -249,6 +249,39 @@ def test_nans_and_exact_master_ties_match_the_reference(path, kind, amsgrad, fmt
         assert (state["masters"][0][ties] != -0x8000).all()
 
 
+REFUSALS = {
+    "simd avx512": (
+        {"FASTOPT_CPU_SIMD": "avx512"},
+        {},
+        "FASTOPT_CPU_SIMD must be .* got 'avx512'$",
+    ),
+    "simd off": ({"FASTOPT_CPU_SIMD": "off"}, {}, "FASTOPT_CPU_SIMD must be .* got 'off'$"),
+    "lr_tensor of 2": ({}, {"lr": torch.ones(2)}, "lr_tensor must be a one-element float32"),
+    "grad_scale of 2": (
+        {},
+        {"grad_scale": torch.ones(2)},
+        "grad_scale must be a one-element float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_refused_step_writes_nothing(monkeypatch, case, gen):
+    # Checked before the step counts advance: a step the op refuses leaves every byte.
+    env, given, message = REFUSALS[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    state = _lean_state(40, gen, kind="fp32", amsgrad=False, fmt="int8")
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+              maximize=False, grad_factor=1.0, stochastic_rounding=False, seed=1,
+              positions=[0], first_indices=[])  # fmt: skip
+    kw.update(given)
+    before = op_snapshot(to_device(state, "cpu"))
+    with pytest.raises(RuntimeError, match=message):
+        adamw_step("cpu", state, [torch.randn(40, generator=gen)], **kw)
+    assert_same_state(op_snapshot(state), before, case)
+
+
 def test_the_cpu_kernels_build_without_x86_simd(tmp_path):
     # ARM hosts (Grace) build the portable loops alone: the x86-64 target clones and the
     # AVX-512 path must compile away, leaving no reference to the AVX-512 kernel.

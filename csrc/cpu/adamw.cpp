@@ -14,7 +14,7 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
+#include <string_view>
 #include <type_traits>
 
 namespace fastopt::cpu {
@@ -249,13 +249,6 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   const Device device = in.params[0].device;
   const float* inf = optional_scalar(found_inf, device, "adamw_", "found_inf");
   if (inf != nullptr && *inf != 0.f) return;  // a skipped step touches nothing, counts included
-  // Each count advances by one here, and the update uses the advanced one (ops.cpp's schema).
-  std::vector<float> counts(n);
-  for (size_t i = 0; i < n; ++i) {
-    auto* count = static_cast<float*>(state_steps[i].mutable_data_ptr());
-    counts[i] = *count + 1.f;
-    *count = counts[i];
-  }
   // lr_tensor and the step counts are fp32 CPU scalars (fastopt/_ops.py moves lr_tensor so).
   if (const float* lr_ptr = optional_scalar(lr_tensor, device, "adamw_", "lr_tensor")) {
     lr = *lr_ptr;
@@ -264,6 +257,30 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
       grad_coefficient(optional_scalar(grad_scale, device, "adamw_", "grad_scale"),
                        optional_scalar(grad_norm, device, "adamw_", "grad_norm"),
                        static_cast<float>(max_grad_norm), static_cast<float>(grad_factor));
+
+  // 8-bit and 16-bit states run in AVX-512 registers where the CPU has them
+  // (adamw_avx512.h, adamw_avx512_16.h), in AVX2 registers where it has those alone
+  // (adamw_avx2_8.h, adamw_avx2_16.h). FASTOPT_CPU_SIMD=0 asks for the portable loops, =avx2
+  // for the AVX2 paths on an AVX-512 CPU (the tests compare them all).
+  const char* simd_env = std::getenv("FASTOPT_CPU_SIMD");
+  const std::string_view simd_choice = simd_env != nullptr ? simd_env : "";
+  FASTOPT_CHECK(simd_choice.empty() || simd_choice == "1" || simd_choice == "0" ||
+                    simd_choice == "avx2",
+                "fastopt.adamw_: FASTOPT_CPU_SIMD must be unset or 1 (the best vector path this "
+                "CPU has), 0 (the portable loops) or avx2 (the AVX2 paths), got '",
+                simd_choice, "'");
+  const bool portable = simd_choice == "0";
+  const bool want_avx2 = simd_choice == "avx2";
+  const bool simd = !portable && !want_avx2 && avx512::available();
+  const bool simd_avx2 = !portable && !simd && avx2::available();
+  // Every check is done, and from here the step writes: each count advances by one, and the
+  // update uses the advanced one (ops.cpp's schema).
+  std::vector<float> counts(n);
+  for (size_t i = 0; i < n; ++i) {
+    auto* count = static_cast<float*>(state_steps[i].mutable_data_ptr());
+    counts[i] = *count + 1.f;
+    *count = counts[i];
+  }
   // 8-bit codes always round stochastically (fastopt/quant.py says why).
   const bool noise = stochastic_rounding || in.quantized();
   std::vector<AdamWCoeffs> coeffs(n);
@@ -280,15 +297,6 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
     }
   }
 
-  // 8-bit and 16-bit states run in AVX-512 registers where the CPU has them
-  // (adamw_avx512.h, adamw_avx512_16.h), in AVX2 registers where it has those alone
-  // (adamw_avx2_8.h, adamw_avx2_16.h). FASTOPT_CPU_SIMD=0 asks for the portable loops, =avx2
-  // for the AVX2 paths on an AVX-512 CPU (the tests compare them all).
-  const char* simd_env = std::getenv("FASTOPT_CPU_SIMD");
-  const bool portable = simd_env != nullptr && std::strcmp(simd_env, "0") == 0;
-  const bool want_avx2 = simd_env != nullptr && std::strcmp(simd_env, "avx2") == 0;
-  const bool simd = !portable && !want_avx2 && avx512::available();
-  const bool simd_avx2 = !portable && !simd && avx2::available();
   // Elements [begin, end) of tensor t, whose indices in the whole param share the high word
   // `high`.
   auto run_piece = [&](int64_t t, int64_t begin, int64_t end, uint64_t high, uint64_t first) {
