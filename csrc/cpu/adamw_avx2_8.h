@@ -305,12 +305,8 @@ constexpr bool kServes8 = false;
 
 inline bool available_8() { return false; }
 
-// Declared for the call that `if constexpr (kServes8<...>)` discards; never defined.
-template <typename P, typename G, Master kMaster, bool kSR, bool kAmsgrad, typename M>
-void adamw_chunk_q8(P* param, const G* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
-                    uint8_t* max_exp_avg_sq, M* master, int64_t begin, int64_t end,
-                    const AdamWCoeffs& coeffs, uint32_t raw1, uint32_t raw2, uint64_t first,
-                    int8_t* scales, int64_t blocks);
+// For the call that `if constexpr (kServes8<...>)` discards: adamw_avx512.h's declaration.
+using avx512::adamw_chunk_q8;
 
 }  // namespace fastopt::cpu::avx2
 
