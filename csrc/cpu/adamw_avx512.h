@@ -89,11 +89,6 @@ FASTOPT_AVX512 void math(F& p, F grad, F& m, F& v, F& vmax, const Coeffs& c, F& 
 
 FASTOPT_AVX512 __mmask16 is_nan(F x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
 
-FASTOPT_AVX512 __mmask16 is_finite(F x) {
-  const I e = _mm512_and_si512(bits(x), u32(0x7F800000u));
-  return _mm512_cmpneq_epi32_mask(e, u32(0x7F800000u));
-}
-
 // Lanes of 16-bit storage as the fp32 words they widen to (bf16: the high half).
 FASTOPT_AVX512 I load_u16(const void* p, __mmask16 k) {
   return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
