@@ -15,6 +15,15 @@
 #include "adamw_avx2_16.h"
 #include "adamw_avx512.h"
 
+namespace fastopt::cpu::avx2 {
+
+// The same params, grads and masters as the AVX-512 8-bit path (none on builds without x86
+// SIMD, where that is false too).
+template <typename P, typename G, Master kM>
+constexpr bool kServes8 = avx512::kServes<P, G, kM>;
+
+}  // namespace fastopt::cpu::avx2
+
 #if FASTOPT_X86_SIMD
 
 namespace fastopt::cpu::avx2 {
@@ -23,15 +32,12 @@ namespace fastopt::cpu::avx2 {
 #define FASTOPT_AVX2_8 FASTOPT_AVX2_8_TARGET inline __attribute__((always_inline))
 #define FASTOPT_AVX2_8_LAMBDA FASTOPT_AVX2_8_TARGET __attribute__((always_inline))
 
-// The same params, grads and masters as the AVX-512 8-bit path.
-template <typename P, typename G, Master kM>
-constexpr bool kServes8 = avx512::kServes<P, G, kM>;
-
 using H8 = __m128i;  // 8 lanes of 16 bits
 
-constexpr int kGroupBlocks8 = 8;
-constexpr int kGroupVectors8 = kGroupBlocks8 * kQuantBlock / 8;
-constexpr int64_t kGroup8 = int64_t{kGroupBlocks8} * kQuantBlock;
+// The AVX-512 path's groups of scale blocks, in 8-lane vectors.
+using avx512::kGroup;
+using avx512::kGroupBlocks;
+constexpr int kGroupVectors8 = kGroupBlocks * kQuantBlock / 8;
 
 FASTOPT_AVX2_8 H8 u16(uint16_t x) { return _mm_set1_epi16(static_cast<short>(x)); }
 
@@ -154,7 +160,7 @@ FASTOPT_AVX2_8 I bf16_rounded(F x, I noise16, bool stochastic) {
   return select(top, u32(0x7FC0u), nan_lanes(x));
 }
 
-// One whole group (len == kGroup8) at `g0` of the pointers given, its indices from row0:
+// One whole group (len == kGroup) at `g0` of the pointers given, its indices from row0:
 // adamw_avx512.h's adamw_chunk_q8 at 8 lanes. The scales are the group's own 8 per row.
 template <typename P, typename G, Master kMaster, bool kSR, bool kAmsgrad, typename M>
 FASTOPT_AVX2_8_TARGET void group_q8(P* __restrict__ param, const G* __restrict__ grad,
@@ -215,7 +221,7 @@ FASTOPT_AVX2_8_TARGET void group_q8(P* __restrict__ param, const G* __restrict__
       store_words(param + j, bf16_rounded(p, u32(0), false));
     }
   }
-  for (int b = 0; b < kGroupBlocks8; ++b) {
+  for (int b = 0; b < kGroupBlocks; ++b) {
     e_m[b] = static_cast<int8_t>(block_scale_of(m + 4 * b));
     e_v[b] = static_cast<int8_t>(block_scale_of(root_v + 4 * b));
     if constexpr (kAmsgrad) e_vm[b] = static_cast<int8_t>(block_scale_of(root_vm + 4 * b));
@@ -252,7 +258,7 @@ FASTOPT_AVX2_8_TARGET void adamw_chunk_q8(P* __restrict__ param, const G* __rest
   int8_t* e_v = scales + blocks;
   int8_t* e_vm = scales + 2 * blocks;
   int64_t g0 = begin;
-  for (; g0 + kGroup8 <= end; g0 += kGroup8) {
+  for (; g0 + kGroup <= end; g0 += kGroup) {
     const int64_t q0 = g0 / kQuantBlock;
     group_q8<P, G, kMaster, kSR, kAmsgrad, M>(
         param + g0, grad + g0, exp_avg + g0, exp_avg_sq + g0,
@@ -263,11 +269,11 @@ FASTOPT_AVX2_8_TARGET void adamw_chunk_q8(P* __restrict__ param, const G* __rest
   const auto len = static_cast<size_t>(end - g0);
   const int64_t q0 = g0 / kQuantBlock;
   const auto n_blocks = static_cast<size_t>((len + kQuantBlock - 1) / kQuantBlock);
-  alignas(32) P p[kGroup8] = {};
-  alignas(32) G g[kGroup8] = {};
-  alignas(32) M mw[kGroup8] = {};
-  alignas(32) uint8_t codes[3][kGroup8] = {};
-  alignas(32) int8_t s[3][kGroupBlocks8] = {};
+  alignas(32) P p[kGroup] = {};
+  alignas(32) G g[kGroup] = {};
+  alignas(32) M mw[kGroup] = {};
+  alignas(32) uint8_t codes[3][kGroup] = {};
+  alignas(32) int8_t s[3][kGroupBlocks] = {};
   uint8_t* rows[3] = {exp_avg + g0, exp_avg_sq + g0, kAmsgrad ? max_exp_avg_sq + g0 : nullptr};
   int8_t* scale_rows[3] = {e_m + q0, e_v + q0, e_vm + q0};
   const int n_rows = kAmsgrad ? 3 : 2;
@@ -299,9 +305,6 @@ inline bool available_8() {
 #else  // no x86-64 SIMD: every chunk takes the portable loops
 
 namespace fastopt::cpu::avx2 {
-
-template <typename P, typename G, Master kM>
-constexpr bool kServes8 = false;
 
 inline bool available_8() { return false; }
 
