@@ -39,20 +39,20 @@ inline Master master_kind(const AdamWInputs& in) {
   return in.masters.empty() ? Master::kNone : master_for(in.params[0].dtype);
 }
 
-// Reads and checks adamw_'s tensor arguments, for a non-empty params on a device of type
-// `device_type`. `lean`: whether this device's kernel takes masters and moments in another
-// dtype than the params (else both are refused with a message saying so).
-inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList& grads,
-                                      const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
-                                      const TensorList& max_exp_avg_sqs,
-                                      const TensorList& state_steps, bool amsgrad,
-                                      DeviceType device_type, const TensorList& masters = {},
-                                      bool lean = false, const TensorList& scales = {}) {
+// Reads and checks adamw_'s tensor arguments into `in` (whose memory is reused), for a
+// non-empty params on a device of type `device_type`. `lean`: whether this device's kernel
+// takes masters and moments in another dtype than the params (else both are refused with a
+// message saying so).
+inline void read_adamw_inputs(AdamWInputs& in, const TensorList& params, const TensorList& grads,
+                              const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
+                              const TensorList& max_exp_avg_sqs, const TensorList& state_steps,
+                              bool amsgrad, DeviceType device_type, const TensorList& masters,
+                              bool lean, const TensorList& scales) {
   constexpr const char* kOp = "adamw_";
   constexpr const char* kFirst = "params[0]";
-  AdamWInputs in;
   const size_t n = params.size();
-  in.params = infos(params, Access::kWrite);
+  for (auto* list : {&in.max_exp_avg_sqs, &in.masters, &in.scales}) list->clear();
+  read_infos(params, Access::kWrite, in.params);
   const TensorInfo& first = in.params[0];
   const Device& device = first.device;
   check_device_type(kOp, kFirst, first, device_type);
@@ -61,12 +61,12 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
                 "fastopt.adamw_: params must be float32, bfloat16 or float16, got ", dtype);
   check_list(kOp, "params", in.params, n, dtype, device, kFirst);
   check_count(kOp, "grads", grads.size(), n);
-  in.grads = infos(grads, Access::kRead);
+  read_infos(grads, Access::kRead, in.grads);
   const auto grad_dtype = in.grads[0].dtype;
   FASTOPT_CHECK(grad_dtype == dtype || grad_dtype == ScalarType::Float,
                 "fastopt.adamw_: grads must be ", dtype, " or float32, got ", grad_dtype);
   check_list(kOp, "grads", in.grads, n, grad_dtype, device, kFirst);
-  in.exp_avgs = infos(exp_avgs, Access::kWrite);
+  read_infos(exp_avgs, Access::kWrite, in.exp_avgs);
   in.state_dtype = in.exp_avgs.empty() ? dtype : in.exp_avgs[0].dtype;
   if (in.state_dtype != dtype) {
     FASTOPT_CHECK(lean, "fastopt.adamw_: exp_avgs are ", in.state_dtype, " and params ", dtype,
@@ -78,17 +78,17 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
                   " (as params), float32, bfloat16 or uint8 (8-bit codes), got ", in.state_dtype);
   }
   check_list(kOp, "exp_avgs", in.exp_avgs, n, in.state_dtype, device, kFirst);
-  in.exp_avg_sqs = infos(exp_avg_sqs, Access::kWrite);
+  read_infos(exp_avg_sqs, Access::kWrite, in.exp_avg_sqs);
   check_list(kOp, "exp_avg_sqs", in.exp_avg_sqs, n, in.state_dtype, device, kFirst);
   if (amsgrad) {
-    in.max_exp_avg_sqs = infos(max_exp_avg_sqs, Access::kWrite);
+    read_infos(max_exp_avg_sqs, Access::kWrite, in.max_exp_avg_sqs);
     check_list(kOp, "max_exp_avg_sqs", in.max_exp_avg_sqs, n, in.state_dtype, device, kFirst);
   }
   if (!masters.empty()) {
     FASTOPT_CHECK(lean, "fastopt.adamw_: masters are not implemented on ",
                   device_type_name(device_type), " yet");
     FASTOPT_CHECK(dtype != ScalarType::Float, "fastopt.adamw_: float32 params take no masters");
-    in.masters = infos(masters, Access::kWrite);
+    read_infos(masters, Access::kWrite, in.masters);
     check_list(kOp, "masters", in.masters, n, master_dtype(master_for(dtype)), device, kFirst);
     for (size_t i = 0; i < n; ++i) {
       FASTOPT_CHECK(in.masters[i].numel == in.params[i].numel, "fastopt.adamw_: masters[", i,
@@ -96,7 +96,7 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
     }
   }
   if (in.quantized()) {
-    in.scales = infos(scales, Access::kWrite);
+    read_infos(scales, Access::kWrite, in.scales);
     check_list(kOp, "scales", in.scales, n, ScalarType::Char, device, kFirst);
     const int64_t rows = amsgrad ? 3 : 2;
     for (size_t i = 0; i < n; ++i) {
@@ -124,6 +124,17 @@ inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList
                   DeviceName{step.device});
     in.steps[i] = static_cast<const float*>(step.data);
   }
+}
+
+inline AdamWInputs check_adamw_inputs(const TensorList& params, const TensorList& grads,
+                                      const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
+                                      const TensorList& max_exp_avg_sqs,
+                                      const TensorList& state_steps, bool amsgrad,
+                                      DeviceType device_type, const TensorList& masters = {},
+                                      bool lean = false, const TensorList& scales = {}) {
+  AdamWInputs in;
+  read_adamw_inputs(in, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                    amsgrad, device_type, masters, lean, scales);
   return in;
 }
 

@@ -80,10 +80,16 @@ struct TensorInfo {
         contiguous(t.is_contiguous()) {}
 };
 
-inline std::vector<TensorInfo> infos(const TensorList& list, Access access) {
-  std::vector<TensorInfo> out;
+// Into `out`, replacing what it held (a caller that keeps `out` reuses its memory).
+inline void read_infos(const TensorList& list, Access access, std::vector<TensorInfo>& out) {
+  out.clear();
   out.reserve(list.size());
   for (const auto& t : list) out.emplace_back(t, access);
+}
+
+inline std::vector<TensorInfo> infos(const TensorList& list, Access access) {
+  std::vector<TensorInfo> out;
+  read_infos(list, access, out);
   return out;
 }
 

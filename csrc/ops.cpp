@@ -23,6 +23,24 @@ STABLE_TORCH_LIBRARY(fastopt, m) {
       "bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
       "float max_grad_norm, float grad_factor, Tensor(e!)[] masters, bool stochastic_rounding, "
       "int seed, int[] positions, int[] first_indices, Tensor(f!)[] scales) -> ()");
+  // The same step in two parts (csrc/adamw_plan.h says why). adamw_plan takes one bucket's
+  // arguments of adamw_ that stay from step to step, where its gradients will be in a step's
+  // list and their dtype, and adds it to `plan` (0: a new one); it returns the plan's number.
+  // adamw_planned_ takes the plan, the gradients of all its buckets and the rest of adamw_'s
+  // arguments, and writes what adamw_ writes, bucket by bucket: the plan's params, moments,
+  // counts, masters and scales (tensors the schema cannot name, so no traced or
+  // functionalized program may call it; fastopt/_ops.py calls it only in eager mode). It
+  // returns false, having written nothing, when a param or gradient no longer has its
+  // bucket's dtype or is not contiguous. fastopt._C._drop_adamw_plan releases a plan.
+  m.def(
+      "adamw_plan(int plan, Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor[] max_exp_avg_sqs, Tensor[] state_steps, bool amsgrad, Tensor[] masters, "
+      "bool stochastic_rounding, int seed, int[] positions, int[] first_indices, "
+      "Tensor[] scales, int[] grad_indices, ScalarType grad_dtype) -> int");
+  m.def(
+      "adamw_planned_(int plan, Tensor[] grads, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float weight_decay, float eps, bool maximize, Tensor? grad_scale, "
+      "Tensor? found_inf, Tensor? grad_norm, float max_grad_norm, float grad_factor) -> bool");
   // Global norm of many tensors with fp32 accumulation in a fixed order, and a non-finite
   // flag: returns (norm, found_inf), both fp32 0-dim.
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> (Tensor, Tensor)");
@@ -34,16 +52,42 @@ STABLE_TORCH_LIBRARY(fastopt, m) {
       "float growth_factor, float backoff_factor, int growth_interval) -> ()");
 }
 
-// Settings shared with the CUDA launchers (csrc/launch_config.h).
+// Settings shared with the CUDA launchers (csrc/launch_config.h), and the AdamW plans
+// (csrc/adamw_plan.h).
 #include <atomic>
 
+#include "adamw_plan.h"
 #include "launch_config.h"
 
 namespace fastopt {
 namespace {
 std::atomic<int> g_grid_blocks_per_sm{0};
+
+// Any device's: a plan only holds its tensors; adamw_planned_ checks them, by device.
+int64_t adamw_plan(int64_t plan, const TensorList& params, const TensorList& exp_avgs,
+                   const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs,
+                   const TensorList& state_steps, bool amsgrad, const TensorList& masters,
+                   bool stochastic_rounding, int64_t seed, const std::vector<int64_t>& positions,
+                   const std::vector<int64_t>& first_indices, const TensorList& scales,
+                   const std::vector<int64_t>& grad_indices, ScalarType grad_dtype) {
+  FASTOPT_CHECK(!params.empty(), "fastopt.adamw_plan: params is empty");
+  check_count("adamw_plan", "grad_indices", grad_indices.size(), params.size());
+  return adamw_plans().add(
+      plan, AdamWBucketPlan{params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masters,
+                            scales, amsgrad, stochastic_rounding, seed, positions, first_indices,
+                            grad_indices, params[0].scalar_type(), grad_dtype});
+}
 }  // namespace
+
+AdamWPlans& adamw_plans() {
+  static auto* plans = new AdamWPlans();  // never destroyed (adamw_plan.h says why)
+  return *plans;
+}
 }  // namespace fastopt
+
+STABLE_TORCH_LIBRARY_IMPL(fastopt, CompositeExplicitAutograd, m) {
+  m.impl("adamw_plan", TORCH_BOX(&fastopt::adamw_plan));
+}
 
 // `import fastopt._C` loads this library (and so runs the registrations above). Ops are
 // reached through torch.ops.fastopt; the module itself holds a private tuning hook, the
@@ -67,10 +111,19 @@ PyObject* set_grid_blocks_per_sm(PyObject* /*self*/, PyObject* arg) {
   return PyLong_FromLong(fastopt::g_grid_blocks_per_sm.exchange(static_cast<int>(n)));
 }
 
+// _drop_adamw_plan(n) -> whether plan n existed; its tensors are released.
+PyObject* drop_adamw_plan(PyObject* /*self*/, PyObject* arg) {
+  const long long id = PyLong_AsLongLong(arg);
+  if (id == -1 && PyErr_Occurred()) return nullptr;
+  return PyBool_FromLong(fastopt::adamw_plans().drop(id));
+}
+
 PyMethodDef methods[] = {
     {"_set_grid_blocks_per_sm", set_grid_blocks_per_sm, METH_O,
      "Blocks per SM of the CUDA multi-tensor grids (0: as many as are resident); returns the "
      "previous value. A benchmarking hook, not an API."},
+    {"_drop_adamw_plan", drop_adamw_plan, METH_O,
+     "Releases the tensors of an AdamW plan (fastopt::adamw_plan); returns whether it existed."},
     {nullptr, nullptr, 0, nullptr}};
 
 // Adds `value` (a new reference, or null with an error set) to `module` as `name`.
@@ -102,7 +155,9 @@ PyMODINIT_FUNC PyInit__C(void) {
   // above steers the CUDA launches without the two libraries linking to each other.
   PyObject* setting = PyCapsule_New(static_cast<void*>(&fastopt::g_grid_blocks_per_sm),
                                     fastopt::kGridSettingCapsule, nullptr);
-  if (!add(module, "_grid_blocks_per_sm", setting) ||
+  PyObject* plans = PyCapsule_New(static_cast<void*>(&fastopt::adamw_plans()),
+                                  fastopt::kAdamWPlansCapsule, nullptr);
+  if (!add(module, "_grid_blocks_per_sm", setting) || !add(module, "_adamw_plans", plans) ||
       !add(module, "_cuda_version", cuda_version())) {
     Py_DECREF(module);
     return nullptr;

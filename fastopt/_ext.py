@@ -15,7 +15,14 @@ import torch
 
 from ._build import build_info, version_tuple
 
-__all__ = ["cuda_error", "extension_error", "has_kernel", "load", "load_cuda"]
+__all__ = [
+    "cuda_error",
+    "drop_adamw_plan",
+    "extension_error",
+    "has_kernel",
+    "load",
+    "load_cuda",
+]
 
 _loaded: bool | None = None
 _error: str | None = None
@@ -158,3 +165,8 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether fastopt registered ``fastopt::op`` for ``dispatch_key`` ("CPU", "CUDA")."""
     loaded = load_cuda() if dispatch_key == "CUDA" else load()
     return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", dispatch_key)
+
+
+def drop_adamw_plan(plan: int) -> None:
+    """Releases the tensors of an AdamW plan (fastopt._ops.AdamWPlan) that fastopt._C holds."""
+    importlib.import_module("fastopt._C")._drop_adamw_plan(plan)

@@ -5,6 +5,7 @@ Also registers the fake (meta) implementations that let torch.compile trace arou
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,13 @@ from torch import Tensor
 from . import _ext
 from .step_args import PLAIN, Hyper, Lean
 
-__all__ = ["accumulate_", "adamw_step", "multi_tensor_norm", "update_scale_"]
+__all__ = [
+    "AdamWPlan",
+    "accumulate_",
+    "adamw_step",
+    "multi_tensor_norm",
+    "update_scale_",
+]
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -47,6 +54,53 @@ def adamw_step(
         lean.stochastic_rounding, lean.seed, lean.positions, _first_indices(lean, exp_avgs),
         lean.scales,
     )  # fmt: skip
+
+
+class AdamWPlan:
+    """A param group's tensors handed to the kernels once: every argument of ``adamw_step``
+    that stays from step to step, bucket by bucket, so that a step passes its gradients alone
+    (csrc/adamw_plan.h measures why). ``buckets``: per bucket, (params, exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs, state_steps, amsgrad, lean, the positions of its gradients in a step's
+    list, their dtype). The kernels hold the tensors until this object is collected. For
+    eager steps only: a traced program cannot see what a planned step writes."""
+
+    __slots__ = ("id", "__weakref__")
+
+    def __init__(self, buckets: list[tuple]) -> None:
+        self.id = 0
+        for (
+            params,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            amsgrad,
+            lean,
+            at,
+            dtype,
+        ) in buckets:
+            made = self.id == 0
+            self.id = torch.ops.fastopt.adamw_plan.default(
+                self.id, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
+                list(lean.masters), lean.stochastic_rounding, lean.seed, lean.positions,
+                _first_indices(lean, exp_avgs), list(lean.scales), at, dtype,
+            )  # fmt: skip
+            if made:  # not at exit: the registry outlives the interpreter (adamw_plan.h)
+                weakref.finalize(self, _ext.drop_adamw_plan, self.id).atexit = False
+
+    def step(self, grads: list[Tensor], hyper: Hyper) -> bool:
+        """``adamw_step`` of every bucket with these gradients (the group's, in its order);
+        False, with nothing written, when a param or gradient no longer has its bucket's dtype
+        or is not contiguous."""
+        h = hyper
+        device = grads[0].device
+        lr = h.lr
+        lr_tensor = _on(lr, device) if isinstance(lr, Tensor) else None
+        return torch.ops.fastopt.adamw_planned_.default(
+            self.id, grads, 0.0 if lr_tensor is not None else lr, lr_tensor, h.beta1, h.beta2,
+            h.weight_decay, h.eps, h.maximize, _on(h.grad_scale, device),
+            _on(h.found_inf, device), _on(h.grad_norm, device), h.max_grad_norm, h.grad_factor,
+        )  # fmt: skip
 
 
 def _first_indices(lean: Lean, exp_avgs: list[Tensor]) -> Sequence[int]:

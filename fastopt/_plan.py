@@ -5,10 +5,13 @@ of it from step to step.
 
 A plan is built once and then checked, not rebuilt, at every step: the checks are C-level
 passes over the group's lists (the params listed, their ``.grad``, the state entries and
-their tensors) and run no Python per param, so a step's host cost per tensor is that of the
-op call. Anything a check does not cover (DTensor params, a param listed twice, accumulated
-gradients, complex or non-contiguous tensors) takes the general path, which collects every
-step and rebuilds the plan when the set of params with gradients or their state changes.
+their tensors) and run no Python per param. Where the compiled kernels take every bucket of
+a group, they hold its tensors between steps (a kernel plan, csrc/adamw_plan.h): a step is
+then one op call with the group's gradients, and the kernels check the params' and
+gradients' dtypes and layout themselves, declining a step they no longer fit. Anything a
+check does not cover (DTensor params, a param listed twice, accumulated gradients, complex
+or non-contiguous tensors) takes the general path, which collects every step and rebuilds
+the plan when the set of params with gradients or their state changes.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from itertools import chain, compress, repeat
-from operator import attrgetter, is_, is_not
+from operator import attrgetter, is_, is_not, itemgetter
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._ext import has_kernel
 from .backends import backend_ops, select_backend
 from .blocks import CutBlocks, shard_blocks
 from .offload import HostCopies
@@ -35,14 +39,13 @@ from .sharded import (
     local,
     real_view,
 )
-from .state import init_state, is_lean, lean, master_key, state_keys, state_tensors
+from .state import init_state, is_lean, lean, master_key, state_key_names, state_tensors
 from .step_args import PLAIN, Hyper, Lean
 
 __all__ = ["Bucket", "GroupStep", "Planner"]
 
 _GRAD = attrgetter("grad")
 _DTYPE = attrgetter("dtype")
-_LAYOUT = attrgetter("layout")
 
 
 class Bucket:
@@ -84,9 +87,17 @@ class Bucket:
         # Offloaded params on another device update through host copies (fastopt.offload).
         self.host = HostCopies() if states[0]["step"].device != first.device else None
         device = first.device if self.host is None else torch.device("cpu")
-        self.ops: ModuleType = backend_ops(select_backend(backend, device, first.dtype))
+        chosen = select_backend(backend, device, first.dtype)
+        self.ops: ModuleType = backend_ops(chosen)
         # Built once where the kernels take the state tensors themselves.
         self.lean = self._lean_of(self._tensors[4], self._tensors[5]) if self.fast else None
+        self.amsgrad = bool(group["amsgrad"])
+        # Whether the compiled kernels can take this bucket's tensors once, in its group's
+        # plan (fastopt._ops.AdamWPlan).
+        self.plannable = (
+            self.fast and chosen in ("cpu", "cuda")
+            and has_kernel("adamw_planned_", chosen.upper())
+        )  # fmt: skip
         # 8-bit shards whose ends cut blocks of the whole param (fastopt.blocks).
         self.cuts = None
         if self._sharded and self._tensors[5]:
@@ -131,6 +142,11 @@ class Bucket:
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs = map(pick, self._tensors[1:4])
         self.ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                             pick(self.steps), hyper, lean)  # fmt: skip
+
+    def plan_part(self, grads: list[Tensor]) -> tuple:
+        """This bucket's part of its group's kernel plan, with the group's ``grads``."""
+        return (*self._tensors[:4], self.steps, self.amsgrad, self.lean, self.indices,
+                grads[self.indices[0]].dtype)  # fmt: skip
 
     @property
     def params(self) -> list[Tensor]:
@@ -192,22 +208,26 @@ class Bucket:
 
 
 class GroupStep:
-    """One group's work this step: ``grads`` (each param's once, for the global norm) and
+    """One group's work this step: ``grads`` (each param's once, for the global norm),
     ``passes``, the (bucket, its gradients as the kernels take them) to update in order (a
-    param the group lists k times is in k passes)."""
+    param the group lists k times is in k passes), and ``kernel``, the group's kernel plan
+    (fastopt._ops.AdamWPlan) where the compiled kernels take every bucket's tensors once: then
+    a step is one call with ``grads``, which returns False when the plan no longer holds (a
+    param's or gradient's dtype or contiguity changed) and the passes of a new plan run."""
 
-    __slots__ = ("grads", "passes")
+    __slots__ = ("grads", "passes", "kernel")
 
-    def __init__(self, grads: list[Tensor], passes: list[tuple[Bucket, list[Tensor]]]):
-        self.grads, self.passes = grads, passes
+    def __init__(self, grads: list[Tensor], passes: list[tuple[Bucket, list[Tensor]]],
+                 kernel=None):  # fmt: skip
+        self.grads, self.passes, self.kernel = grads, passes, kernel
 
 
 class _Plan:
     """A group's buckets and what a step compares to know that they still hold."""
 
-    __slots__ = ("group", "listed", "settings", "key", "getters",
-                 "tensors", "buckets", "grads", "present", "grad_dtypes", "param_dtypes",
-                 "step", "fast")  # fmt: skip
+    __slots__ = ("group", "listed", "settings", "key", "tensors", "state_checks", "buckets",
+                 "grads", "present", "grad_dtypes", "param_dtypes", "step", "fast",
+                 "kernel")  # fmt: skip
 
 
 class Planner:
@@ -252,17 +272,19 @@ class Planner:
         ):  # fmt: skip
             return None
         # A param's .data may have been replaced since (same Parameter, another tensor): the
-        # kernels take it as it now is if it keeps its dtype and stays contiguous.
-        if list(map(_DTYPE, listed)) != plan.param_dtypes or not all(
-            map(Tensor.is_contiguous, listed)
+        # kernels take it as it now is if it keeps its dtype and stays contiguous. A kernel
+        # plan checks that itself, at a tenth of the cost (dtypes are singletons: `is`
+        # compares them).
+        kernel = plan.kernel
+        if kernel is None and (
+            not all(map(is_, map(_DTYPE, listed), plan.param_dtypes))
+            or not all(map(Tensor.is_contiguous, listed))
         ):
             return None
-        try:
-            tensors = chain.from_iterable(
-                chain.from_iterable(map(getter, entries)) for getter, entries in plan.getters
-            )
-            if not all(map(is_, tensors, plan.tensors)):
-                return None
+        try:  # one pass per state key and bucket: about 30 ns per tensor
+            for getter, entries, tensors in plan.state_checks:
+                if not all(map(is_, map(getter, entries), tensors)):
+                    return None
         except KeyError:  # a key deleted from an entry
             return None
         grads = list(map(_GRAD, listed))
@@ -272,15 +294,22 @@ class Planner:
         if present != plan.present:
             return None
         got = list(compress(grads, present)) if not all(present) else grads
-        if (
-            list(map(_DTYPE, got)) != plan.grad_dtypes
-            or not all(map(is_, map(_LAYOUT, got), repeat(torch.strided)))
-            or not all(map(Tensor.is_contiguous, got))
+        # No layout pass: a sparse gradient (COO; a dense param takes no other) is not
+        # contiguous, and the general path refuses it by name, before the global norm would
+        # read it. The dtypes, a kernel plan checks.
+        if not all(map(Tensor.is_contiguous, got)) or (
+            kernel is None and not all(map(is_, map(_DTYPE, got), plan.grad_dtypes))
         ):
             return None
         plan.grads = grads
-        plan.step = GroupStep(got, [(b, b.own_grads(got)) for b in plan.buckets])
+        plan.step = GroupStep(got, [(b, b.own_grads(got)) for b in plan.buckets], kernel)
         return plan.step
+
+    def replan(self, optimizer, index: int, group: dict[str, Any], backend: str) -> GroupStep:
+        """The group's work by the general path, after its kernel plan declined a step."""
+        step = self._general(optimizer, index, group, None, backend)
+        assert step is not None  # the declined step had gradients
+        return step
 
     def _general(self, optimizer, index: int, group: dict[str, Any], acc_grads: dict | None,
                  backend: str) -> GroupStep | None:  # fmt: skip
@@ -304,7 +333,9 @@ class Planner:
             plan.present = list(map(is_not, plan.grads, repeat(None)))
             plan.grad_dtypes = list(map(_DTYPE, grads))
             plan.param_dtypes = list(map(_DTYPE, listed))
-        plan.step = GroupStep(grads, passes)
+            if plan.kernel is None:
+                plan.kernel = _kernel_plan(plan.buckets, grads)
+        plan.step = GroupStep(grads, passes, plan.kernel if plan.fast else None)
         return plan.step
 
     def _plan(self, optimizer, index, group: dict[str, Any], params: list[Tensor],
@@ -350,15 +381,28 @@ class Planner:
         plan.key, plan.settings = key, settings
         plan.buckets = [Bucket(state, params, idx, group, positions, backend)
                         for idx in groups.values()]  # fmt: skip
-        # Each bucket's entries read by one getter of their keys: checked in C-level passes.
-        plan.getters = [(state_keys(entries[idx[0]]), [entries[i] for i in idx])
-                        for idx in groups.values()]  # fmt: skip
-        plan.tensors = list(chain.from_iterable(
-            chain.from_iterable(map(getter, es)) for getter, es in plan.getters
-        ))  # fmt: skip
+        plan.tensors = list(chain.from_iterable(map(state_tensors, entries)))
+        # Each bucket's state tensors, key by key, as a step checks them: C-level passes.
+        plan.state_checks = []
+        for idx in groups.values():
+            bucket_entries = [entries[i] for i in idx]
+            for name in state_key_names(bucket_entries[0]):
+                getter = itemgetter(name)
+                plan.state_checks.append(
+                    (getter, bucket_entries, list(map(getter, bucket_entries)))
+                )
         plan.fast = False
+        plan.kernel = None
         self._plans[index] = plan
         return plan
+
+
+def _kernel_plan(buckets: list[Bucket], grads: list[Tensor]):
+    """The kernel plan of a group's buckets (fast ones), or None where a bucket's backend
+    takes lists only or the buckets' backends differ."""
+    if not all(b.plannable for b in buckets) or len({b.ops for b in buckets}) != 1:
+        return None
+    return buckets[0].ops.AdamWPlan([b.plan_part(grads) for b in buckets])
 
 
 def _positions(param_groups: list[dict[str, Any]]) -> dict[int, int]:

@@ -287,8 +287,6 @@ class AdamW(Optimizer):
         grad_factor = acc.factor() if acc_grads is not None else 1.0
 
         steps = self._planner.steps(self, acc_grads, self.backend)
-        # Each param counts once in the norm, however often its group lists it.
-        all_grads = [g for step in steps if step is not None for g in step.grads]
 
         # One read of every gradient gives the global norm and the non-finite flag together.
         # It runs only when needed: for clipping, or for the inf check a loss scaler did not
@@ -296,7 +294,10 @@ class AdamW(Optimizer):
         grad_norm = None
         self.last_grad_norm = None
         needs_check = grad_scale is not None and found_inf is None
-        if all_grads and (self.max_grad_norm is not None or needs_check):
+        # Each param counts once in the norm, however often its group lists it.
+        all_grads = ([g for step in steps if step is not None for g in step.grads]
+                     if self.max_grad_norm is not None or needs_check else [])  # fmt: skip
+        if all_grads:
             if any(b.fsdp1 for step in steps if step is not None for b, _ in step.passes):
                 raise RuntimeError(
                     "fastopt.AdamW: these params are FSDP1 (FullyShardedDataParallel) shards, "
@@ -318,7 +319,8 @@ class AdamW(Optimizer):
         self.last_found_inf = found_inf
 
         overlapped = []  # (bucket, grads, hyper) for the overlap's worker
-        for group, step in zip(self.param_groups, steps):
+        eager = not torch.compiler.is_compiling()  # a traced step cannot take a kernel plan
+        for index, (group, step) in enumerate(zip(self.param_groups, steps)):
             if step is None:
                 continue
             beta1, beta2 = group["betas"]
@@ -329,8 +331,18 @@ class AdamW(Optimizer):
                 grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
                 max_grad_norm=self.max_grad_norm or 0.0, grad_factor=grad_factor,
             )  # fmt: skip
+            overlap = self._overlap is not None and group.get("offload")
+            # One call for the group where the kernels hold its tensors (fastopt/_plan.py);
+            # if the plan no longer holds, nothing was written and a new plan's passes run.
+            if (
+                step.kernel is not None and eager and not overlap
+                and all(b.host is None for b, _ in step.passes)
+            ):  # fmt: skip
+                if step.kernel.step(step.grads, hyper):
+                    continue
+                step = self._planner.replan(self, index, group, self.backend)
             # A param the group lists twice updates twice, in order: not overlapped.
-            if self._overlap is not None and group.get("offload") and _distinct(step.passes):
+            if overlap and _distinct(step.passes):
                 overlapped += [(bucket, grads, hyper) for bucket, grads in step.passes]
                 continue
             for bucket, grads in step.passes:

@@ -32,6 +32,7 @@ __all__ = [
     "LEAN_DEFAULTS",
     "MOMENTS",
     "STATE_KEYS",
+    "STATE_KEY_NAMES",
     "check_lean",
     "check_lean_groups",
     "init_master",
@@ -47,6 +48,7 @@ __all__ = [
     "quantizes",
     "rounds_stochastically",
     "state_device",
+    "state_key_names",
     "state_keys",
     "state_nbytes",
     "state_tensors",
@@ -55,9 +57,10 @@ __all__ = [
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, "int8")
 
-# The state tensors the kernels update, per param, by (amsgrad, master key or None, 8-bit).
-STATE_KEYS = {
-    (amsgrad, master, quantized): operator.itemgetter(
+# The state tensors the kernels update, per param, by (amsgrad, master key or None, 8-bit):
+# their keys, and a getter of them.
+STATE_KEY_NAMES = {
+    (amsgrad, master, quantized): (
         "step", "exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else []),
         *([master] if master else []), *(["scales"] if quantized else []),
     )
@@ -65,6 +68,7 @@ STATE_KEYS = {
     for master in (None, "master_remainder", "master")
     for quantized in (False, True)
 }  # fmt: skip
+STATE_KEYS = {setting: operator.itemgetter(*keys) for setting, keys in STATE_KEY_NAMES.items()}
 
 # The lean settings a group may carry (absent: these defaults), and those check_lean takes,
 # in its order.
@@ -240,6 +244,11 @@ def init_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
 def state_keys(state: dict[str, Any]) -> operator.itemgetter:
     """A getter of the tensors of one entry that the kernels update, in their order."""
     return STATE_KEYS["max_exp_avg_sq" in state, master_key(state), "scales" in state]
+
+
+def state_key_names(state: dict[str, Any]) -> tuple[str, ...]:
+    """The keys of those tensors, in the same order."""
+    return STATE_KEY_NAMES["max_exp_avg_sq" in state, master_key(state), "scales" in state]
 
 
 def state_tensors(state: dict[str, Any]) -> tuple[Tensor, ...]:

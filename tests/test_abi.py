@@ -30,12 +30,14 @@ TORCH_LIBS = ("libtorch_cpu.so", "libc10.so", "libtorch.so", "libtorch_cuda.so",
 # expand to there). A new name belongs here only once checked against that list (abi3audit
 # does it: see test_abi3audit_finds_no_violation).
 LIMITED_API = {
+    "PyBool_FromLong",
     "PyCapsule_Import",
     "PyCapsule_New",
     "PyErr_Format",
     "PyErr_Occurred",
     "PyExc_ValueError",
     "PyLong_AsLong",
+    "PyLong_AsLongLong",
     "PyLong_FromLong",
     "PyModule_AddObjectRef",
     "PyModule_Create2",

@@ -122,3 +122,20 @@ def test_a_skipped_step_counts_nothing_on_any_backend():
                  for k, v in opt.state[p].items()}  # fmt: skip
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert all(float(opt.state[p]["step"]) == 1 for p in model.parameters())
+
+
+def test_a_sparse_gradient_after_planned_steps_is_refused_by_name():
+    """A planned step checks its gradients without a layout pass (fastopt/_plan.py): a sparse
+    one (COO: a dense param takes no other) must still reach the general path's refusal, with
+    nothing written."""
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    p.grad = torch.ones(4, 3)
+    opt = fastopt.AdamW([p], backend="cpu")
+    opt.step()
+    opt.step()
+    before = p.detach().clone()
+    p.grad = torch.ones(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="^AdamW does not support sparse gradients$"):
+        opt.step()
+    assert torch.equal(p, before)
+    assert float(opt.state[p]["step"]) == 2

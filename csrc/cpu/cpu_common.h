@@ -72,12 +72,18 @@ inline int64_t grain_for(int64_t n_chunks, int64_t elements) {
 }
 
 // Splits every non-empty tensor of `list` into kChunk-sized pieces, in list order.
-inline std::vector<Chunk> make_chunks(const std::vector<TensorInfo>& list) {
-  std::vector<Chunk> chunks;
+// Into `chunks`, replacing what it held.
+inline void make_chunks(const std::vector<TensorInfo>& list, std::vector<Chunk>& chunks) {
+  chunks.clear();
   for (int64_t t = 0; t < static_cast<int64_t>(list.size()); ++t) {
     const int64_t n = list[t].numel;
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
   }
+}
+
+inline std::vector<Chunk> make_chunks(const std::vector<TensorInfo>& list) {
+  std::vector<Chunk> chunks;
+  make_chunks(list, chunks);
   return chunks;
 }
 

@@ -5,6 +5,7 @@
 
 #include <atomic>
 
+#include "../adamw_plan.h"
 #include "../launch_config.h"
 
 namespace fastopt {
@@ -17,6 +18,12 @@ std::atomic<int>* g_setting = &g_default_setting;
 }  // namespace
 
 int grid_blocks_per_sm() { return g_setting->load(std::memory_order_relaxed); }
+
+namespace {
+AdamWPlans* g_plans = nullptr;  // fastopt._C's, set when the module is initialised
+}  // namespace
+
+AdamWPlans& adamw_plans() { return *g_plans; }
 
 }  // namespace fastopt
 
@@ -41,6 +48,10 @@ PyMODINIT_FUNC PyInit__C_cuda(void) {
   void* setting = PyCapsule_Import(fastopt::kGridSettingCapsule, 0);
   if (setting == nullptr) return nullptr;
   fastopt::g_setting = static_cast<std::atomic<int>*>(setting);
+  // The plans too: one registry, whichever library's kernel steps a plan.
+  void* plans = PyCapsule_Import(fastopt::kAdamWPlansCapsule, 0);
+  if (plans == nullptr) return nullptr;
+  fastopt::g_plans = static_cast<fastopt::AdamWPlans*>(plans);
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
