@@ -96,6 +96,12 @@ class AdamWPlans {
   int64_t next_ = 1;
 };
 
+// The process's plans: defined in fastopt._C (csrc/ops.cpp) and in fastopt._C_cuda
+// (csrc/cuda/module.cpp, from the capsule).
+AdamWPlans& adamw_plans();
+
+inline constexpr const char* kAdamWPlansCapsule = "fastopt._C._adamw_plans";
+
 // Whether `grads` (the step's) and the plan's params still have their buckets' dtypes and are
 // contiguous: reads two properties of each and nothing else, so a sparse gradient (which
 // has no data pointer) declines here too. Throws if grads has the wrong count.
@@ -115,24 +121,30 @@ inline bool plan_holds(const AdamWPlan& plan, const TensorList& grads) {
   return true;
 }
 
-// Runs `step(bucket, its gradients)` for each bucket of the plan.
-template <typename Step>
-void for_each_bucket(const AdamWPlan& plan, const TensorList& grads, Step&& step) {
+// adamw_planned_ for the device whose adamw_ is `kAdamW` (each library instantiates its own):
+// adamw_ of each bucket of the plan, or false, having written nothing, if the plan no longer
+// holds.
+template <auto kAdamW>
+bool adamw_planned(int64_t plan, const TensorList& grads, double lr,
+                   const OptionalTensor& lr_tensor, double beta1, double beta2,
+                   double weight_decay, double eps, bool maximize,
+                   const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                   const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor) {
+  const auto p = adamw_plans().get(plan);
+  if (!plan_holds(*p, grads)) return false;
+  const bool whole = p->buckets.size() == 1;  // then its grad_indices are 0, 1, ...
   TensorList own;
-  for (const auto& b : plan.buckets) {
-    const bool whole = plan.buckets.size() == 1;  // then grad_indices are 0, 1, ...
+  for (const auto& b : p->buckets) {
     if (!whole) {
       own.clear();
       for (const int64_t i : b.grad_indices) own.push_back(grads[static_cast<size_t>(i)]);
     }
-    step(b, whole ? grads : own);
+    kAdamW(b.params, whole ? grads : own, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
+           b.state_steps, lr, lr_tensor, beta1, beta2, weight_decay, eps, b.amsgrad, maximize,
+           grad_scale, found_inf, grad_norm, max_grad_norm, grad_factor, b.masters,
+           b.stochastic_rounding, b.seed, b.positions, b.first_indices, b.scales);
   }
+  return true;
 }
-
-// The process's plans: defined in fastopt._C (csrc/ops.cpp) and in fastopt._C_cuda
-// (csrc/cuda/module.cpp, from the capsule).
-AdamWPlans& adamw_plans();
-
-inline constexpr const char* kAdamWPlansCapsule = "fastopt._C._adamw_plans";
 
 }  // namespace fastopt

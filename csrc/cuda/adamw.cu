@@ -87,27 +87,10 @@ void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorL
   launch_advance_counts(state_steps, s.found_inf, stream);
 }
 
-// adamw_ of each bucket of a plan (csrc/adamw_plan.h), or false if the plan no longer holds.
-bool adamw_planned_cuda(int64_t plan, const TensorList& grads, double lr,
-                        const OptionalTensor& lr_tensor, double beta1, double beta2,
-                        double weight_decay, double eps, bool maximize,
-                        const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-                        const OptionalTensor& grad_norm, double max_grad_norm, double grad_factor) {
-  const auto p = adamw_plans().get(plan);
-  if (!plan_holds(*p, grads)) return false;
-  for_each_bucket(*p, grads, [&](const AdamWBucketPlan& b, const TensorList& own) {
-    adamw_cuda(b.params, own, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.state_steps, lr,
-               lr_tensor, beta1, beta2, weight_decay, eps, b.amsgrad, maximize, grad_scale,
-               found_inf, grad_norm, max_grad_norm, grad_factor, b.masters,
-               b.stochastic_rounding, b.seed, b.positions, b.first_indices, b.scales);
-  });
-  return true;
-}
-
 }  // namespace
 }  // namespace fastopt::cuda
 
 STABLE_TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("adamw_", TORCH_BOX(&fastopt::cuda::adamw_cuda));
-  m.impl("adamw_planned_", TORCH_BOX(&fastopt::cuda::adamw_planned_cuda));
+  m.impl("adamw_planned_", TORCH_BOX(&fastopt::adamw_planned<&fastopt::cuda::adamw_cuda>));
 }
