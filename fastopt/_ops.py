@@ -68,17 +68,8 @@ class AdamWPlan:
 
     def __init__(self, buckets: list[tuple]) -> None:
         self.id = 0
-        for (
-            params,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            steps,
-            amsgrad,
-            lean,
-            at,
-            dtype,
-        ) in buckets:
+        for part in buckets:
+            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad, lean, at, dtype = part
             made = self.id == 0
             self.id = torch.ops.fastopt.adamw_plan.default(
                 self.id, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,

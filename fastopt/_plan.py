@@ -335,7 +335,10 @@ class Planner:
             plan.param_dtypes = list(map(_DTYPE, listed))
             if plan.kernel is None:
                 plan.kernel = _kernel_plan(plan.buckets, grads)
-        plan.step = GroupStep(grads, passes, plan.kernel if plan.fast else None)
+        # A non-contiguous gradient would only make the kernel plan decline (and this path
+        # run twice): the passes take its contiguous copy.
+        planned = plan.fast and all(map(Tensor.is_contiguous, grads))
+        plan.step = GroupStep(grads, passes, plan.kernel if planned else None)
         return plan.step
 
     def _plan(self, optimizer, index, group: dict[str, Any], params: list[Tensor],

@@ -95,11 +95,16 @@ def _float32_grad(params):
     params[0].grad = params[0].grad.float()
 
 
+# change -> whether the kernel plan sees it and declines (a non-contiguous gradient, Python's
+# check sends to the general path first, before the norm reads it).
 CHANGES = {
-    "a gradient in float32": _float32_grad,
-    "a non-contiguous gradient": lambda ps: setattr(ps[1], "grad", ps[1].grad.t().contiguous().t()),
-    "a param's data in bfloat16": lambda ps: setattr(ps[3], "data", ps[3].data.bfloat16()),
-    "a non-contiguous param": lambda ps: setattr(ps[1], "data", ps[1].data.t().contiguous().t()),
+    "a gradient in float32": (_float32_grad, True),
+    "a non-contiguous gradient": (
+        lambda ps: setattr(ps[1], "grad", ps[1].grad.t().contiguous().t()), False),
+    "a param's data in bfloat16": (
+        lambda ps: setattr(ps[3], "data", ps[3].data.bfloat16()), True),
+    "a non-contiguous param": (
+        lambda ps: setattr(ps[1], "data", ps[1].data.t().contiguous().t()), True),
 }  # fmt: skip
 
 
@@ -124,33 +129,40 @@ def test_a_plan_that_no_longer_holds_declines_and_the_step_matches_the_lists(cha
                     p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
                 if k == 2:
                     planned_before = bool(_kernels(opt))
-                    CHANGES[change](params)
+                    CHANGES[change][0](params)
                 opt.step()
             runs.append((params, opt, planned_before))
     (ours, opt_o, planned), (theirs, opt_t, listed) = runs
     assert planned and not listed
-    assert replans  # the plan declined the changed step
+    assert bool(replans) == CHANGES[change][1]  # the plan declined the changed step
     for p, q in zip(ours, theirs):
         assert p.dtype == q.dtype and torch.equal(p, q)
         for key, value in opt_o.state[p].items():
             assert torch.equal(value, opt_t.state[q][key]), key
 
 
-def test_a_declined_step_writes_nothing():
+@pytest.mark.parametrize("change", ["dtype", "non-contiguous gradient", "non-contiguous param"])
+def test_a_declined_step_writes_nothing(change):
+    """The op's own checks, called directly: each change declines with nothing written."""
+    from fastopt.step_args import Hyper
+
     params = _mixed_group()
     opt = fastopt.AdamW(params, lr=1e-2)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
     (kernel,) = _kernels(opt)
+    grads = [p.grad for p in params]
+    if change == "dtype":
+        grads[3] = grads[3].double()  # a bucket's gradient of another dtype
+    elif change == "non-contiguous gradient":
+        grads[1] = grads[1].t().contiguous().t()
+    else:
+        params[1].data = params[1].data.t().contiguous().t()
     before = [p.detach().clone() for p in params]
     counts = [float(opt.state[p]["step"]) for p in params]
-    from fastopt.step_args import Hyper
-
-    grads = [p.grad for p in params]
-    grads[3] = grads[3].float().double()  # a bucket's gradient of another dtype
-    assert kernel.step(grads, Hyper(lr=1.0, beta1=0.9, beta2=0.999, weight_decay=0.0,
-                                    eps=1e-8)) is False  # fmt: skip
+    hyper = Hyper(lr=1.0, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8)
+    assert kernel.step(grads, hyper) is False
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert counts == [float(opt.state[p]["step"]) for p in params]
 
