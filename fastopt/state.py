@@ -243,12 +243,17 @@ def init_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
 
 def state_keys(state: dict[str, Any]) -> operator.itemgetter:
     """A getter of the tensors of one entry that the kernels update, in their order."""
-    return STATE_KEYS["max_exp_avg_sq" in state, master_key(state), "scales" in state]
+    return STATE_KEYS[_kernel_setting(state)]
 
 
 def state_key_names(state: dict[str, Any]) -> tuple[str, ...]:
     """The keys of those tensors, in the same order."""
-    return STATE_KEY_NAMES["max_exp_avg_sq" in state, master_key(state), "scales" in state]
+    return STATE_KEY_NAMES[_kernel_setting(state)]
+
+
+def _kernel_setting(state: dict[str, Any]) -> tuple[bool, str | None, bool]:
+    """The key of STATE_KEYS and STATE_KEY_NAMES for one entry."""
+    return "max_exp_avg_sq" in state, master_key(state), "scales" in state
 
 
 def state_tensors(state: dict[str, Any]) -> tuple[Tensor, ...]:
