@@ -112,8 +112,8 @@ inline bool plan_holds(const AdamWPlan& plan, const TensorList& grads) {
     for (size_t i = 0; i < b.params.size(); ++i) {
       const Tensor& p = b.params[i];
       const Tensor& g = grads[static_cast<size_t>(b.grad_indices[i])];
-      if (p.scalar_type() != b.param_dtype || !p.is_contiguous() ||
-          g.scalar_type() != b.grad_dtype || !g.is_contiguous()) {
+      if (dtype_of(p) != b.param_dtype || !p.is_contiguous() || dtype_of(g) != b.grad_dtype ||
+          !g.is_contiguous()) {
         return false;
       }
     }

@@ -63,6 +63,44 @@ inline std::ostream& operator<<(std::ostream& out, const DeviceName& d) {
 // copy-on-write tensor first) or only reads it (const_data_ptr, which leaves it shared).
 enum class Access { kRead, kWrite };
 
+// A tensor's dtype and device by the fewest shim calls. torch::stable's scalar_type() maps the
+// shim's dtype code to a ScalarType through one more call per dtype it tries (13 for
+// bfloat16), device() reads the index and maps the type the same way: 30% of a planned step's
+// reads of 1,000 small tensors on a 2-core EPYC. The codes of the dtypes the kernels take, and
+// the CPU's, are read once; any other takes torch's mapping.
+namespace detail {
+struct ShimCodes {
+  int32_t f32 = aoti_torch_dtype_float32(), bf16 = aoti_torch_dtype_bfloat16(),
+          f16 = aoti_torch_dtype_float16(), u8 = aoti_torch_dtype_uint8(),
+          i8 = aoti_torch_dtype_int8(), i16 = aoti_torch_dtype_int16(),
+          cpu = aoti_torch_device_type_cpu();
+};
+inline const ShimCodes& shim_codes() {
+  static const ShimCodes codes;
+  return codes;
+}
+}  // namespace detail
+
+inline ScalarType dtype_of(const Tensor& t) {
+  int32_t code;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &code));
+  const auto& c = detail::shim_codes();
+  if (code == c.f32) return ScalarType::Float;
+  if (code == c.bf16) return ScalarType::BFloat16;
+  if (code == c.f16) return ScalarType::Half;
+  if (code == c.u8) return ScalarType::Byte;
+  if (code == c.i8) return ScalarType::Char;
+  if (code == c.i16) return ScalarType::Short;
+  return t.scalar_type();
+}
+
+inline Device device_of(const Tensor& t) {
+  int32_t type;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(t.get(), &type));
+  if (type == detail::shim_codes().cpu) return Device(DeviceType::CPU);  // index -1, as torch's
+  return t.device();
+}
+
 // One tensor's properties, read once.
 struct TensorInfo {
   void* data;  // const unless read with Access::kWrite
@@ -75,8 +113,8 @@ struct TensorInfo {
       : data(access == Access::kWrite ? t.mutable_data_ptr()
                                       : const_cast<void*>(t.const_data_ptr())),
         numel(t.numel()),
-        dtype(t.scalar_type()),
-        device(t.device()),
+        dtype(dtype_of(t)),
+        device(device_of(t)),
         contiguous(t.is_contiguous()) {}
 };
 
