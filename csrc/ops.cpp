@@ -95,7 +95,11 @@ STABLE_TORCH_LIBRARY_IMPL(fastopt, CompositeExplicitAutograd, m) {
 // Python's limited API only: the module is built once for every CPython from 3.10 (abi3).
 #include <Python.h>
 
+#include "plan_checks.h"
+
 namespace {
+
+PyObject* g_grad_name = nullptr;  // "grad", interned at import
 
 // _set_grid_blocks_per_sm(n) -> the previous value. See csrc/launch_config.h.
 PyObject* set_grid_blocks_per_sm(PyObject* /*self*/, PyObject* arg) {
@@ -118,12 +122,25 @@ PyObject* drop_adamw_plan(PyObject* /*self*/, PyObject* arg) {
   return PyBool_FromLong(fastopt::adamw_plans().drop(id));
 }
 
+// _grads(params) -> ([p.grad for p in params], how many are None). See plan_checks.h.
+PyObject* grads(PyObject* /*self*/, PyObject* params) {
+  return fastopt::py::grads(params, g_grad_name);
+}
+
 PyMethodDef methods[] = {
     {"_set_grid_blocks_per_sm", set_grid_blocks_per_sm, METH_O,
      "Blocks per SM of the CUDA multi-tensor grids (0: as many as are resident); returns the "
      "previous value. A benchmarking hook, not an API."},
     {"_drop_adamw_plan", drop_adamw_plan, METH_O,
      "Releases the tensors of an AdamW plan (fastopt::adamw_plan); returns whether it existed."},
+    {"_same_objects", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+                          &fastopt::py::same_objects)),
+     METH_FASTCALL, "Whether two lists hold the same objects in order (fastopt/_plan.py)."},
+    {"_entries_hold", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+                          &fastopt::py::entries_hold)),
+     METH_FASTCALL, "Whether entries[i][key] is tensors[i] for every i (fastopt/_plan.py)."},
+    {"_grads", grads, METH_O,
+     "([p.grad for p in params], how many are None) (fastopt/_plan.py)."},
     {nullptr, nullptr, 0, nullptr}};
 
 // Adds `value` (a new reference, or null with an error set) to `module` as `name`.
@@ -149,6 +166,8 @@ PyObject* cuda_version() {
 
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  g_grad_name = PyUnicode_InternFromString("grad");
+  if (g_grad_name == nullptr) return nullptr;
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   // fastopt._C_cuda reads the grid setting through this capsule (launch_config.h), so the hook

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
+from operator import attrgetter, is_, itemgetter
 
 import torch
 
@@ -22,6 +24,7 @@ __all__ = [
     "has_kernel",
     "load",
     "load_cuda",
+    "plan_checks",
 ]
 
 _loaded: bool | None = None
@@ -170,3 +173,41 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 def drop_adamw_plan(plan: int) -> None:
     """Releases the tensors of an AdamW plan (fastopt._ops.AdamWPlan) that fastopt._C holds."""
     importlib.import_module("fastopt._C")._drop_adamw_plan(plan)
+
+
+def _same_objects(a, b) -> bool:
+    return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _entries_hold(entries, key, tensors) -> bool:
+    try:
+        return len(entries) == len(tensors) and all(
+            map(is_, map(itemgetter(key), entries), tensors)
+        )
+    except KeyError:
+        return False
+
+
+def _grads(params) -> tuple[list, int]:
+    grads = list(map(attrgetter("grad"), params))
+    return grads, sum(g is None for g in grads)
+
+
+_python_checks = (_same_objects, _entries_hold, _grads)
+_checks: tuple[Callable, ...] | None = None
+
+
+def plan_checks() -> tuple[Callable, ...]:
+    """(same_objects, entries_hold, grads), what a step checks to reuse a plan
+    (fastopt/_plan.py): ``same_objects(a, b)``, whether two lists hold the same objects in
+    order; ``entries_hold(entries, key, tensors)``, whether ``entries[i][key] is tensors[i]``
+    for every i; ``grads(params)``, the list of their ``.grad`` and how many are None.
+    fastopt._C's loops (csrc/plan_checks.h), or these Python passes where it is not loaded."""
+    global _checks
+    if _checks is None:
+        if load():
+            module = importlib.import_module("fastopt._C")
+            _checks = (module._same_objects, module._entries_hold, module._grads)
+        else:
+            _checks = _python_checks
+    return _checks

@@ -3,9 +3,10 @@ group that have gradients, bucketed by (param dtype, grad dtype, state dtype, ma
 DTensor locals and each shard's first index, the backend chosen per bucket, and a cache of all
 of it from step to step.
 
-A plan is built once and then checked, not rebuilt, at every step: the checks are C-level
-passes over the group's lists (the params listed, their ``.grad``, the state entries and
-their tensors) and run no Python per param. Where the compiled kernels take every bucket of
+A plan is built once and then checked, not rebuilt, at every step: the checks are C loops
+over the group's lists (the params listed, their ``.grad``, the state entries and their
+tensors; csrc/plan_checks.h) and run no Python per param. A plan holds no gradient from one
+step to the next: after ``zero_grad()`` they are freed, as with torch's optimizers. Where the compiled kernels take every bucket of
 a group, they hold its tensors between steps (a kernel plan, csrc/adamw_plan.h): a step is
 then one op call with the group's gradients, and the kernels check the params' and
 gradients' dtypes and layout themselves, declining a step they no longer fit. Anything a
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ext import has_kernel
+from ._ext import has_kernel, plan_checks
 from .backends import backend_ops, select_backend
 from .blocks import CutBlocks, shard_blocks
 from .offload import HostCopies
@@ -44,7 +45,6 @@ from .step_args import PLAIN, Hyper, Lean
 
 __all__ = ["Bucket", "GroupStep", "Planner"]
 
-_GRAD = attrgetter("grad")
 _DTYPE = attrgetter("dtype")
 
 
@@ -226,7 +226,7 @@ class _Plan:
     """A group's buckets and what a step compares to know that they still hold."""
 
     __slots__ = ("group", "listed", "settings", "key", "tensors", "state_checks", "buckets",
-                 "grads", "present", "grad_dtypes", "param_dtypes", "step", "fast",
+                 "missing", "present", "grad_dtypes", "param_dtypes", "fast",
                  "kernel")  # fmt: skip
 
 
@@ -244,10 +244,11 @@ class Planner:
 
     def steps(self, optimizer, acc_grads: dict | None, backend: str) -> list[GroupStep | None]:
         """Each group's work this step (None for a group without gradients)."""
+        same_objects = plan_checks()[0]
         entries = list(optimizer.state.values())
         # An entry added, deleted or replaced (state.clear(), del state[p], a load) may change
         # any group's state: every plan is checked in full then.
-        same_entries = len(entries) == len(self._entries) and all(map(is_, entries, self._entries))
+        same_entries = same_objects(entries, self._entries)
         out = []
         for index, group in enumerate(optimizer.param_groups):
             plan = self._plans.get(index)
@@ -262,11 +263,11 @@ class Planner:
     def _reuse(self, plan: _Plan, group: dict[str, Any], backend: str) -> GroupStep | None:
         """The cached work of a group whose params, settings, state tensors and gradients'
         kinds are as when it was planned; None when any differs."""
+        same_objects, entries_hold, grads_of = plan_checks()  # C loops: a pointer per tensor
         listed = group["params"]
         if (
             group is not plan.group
-            or len(listed) != len(plan.listed)
-            or not all(map(is_, listed, plan.listed))
+            or not same_objects(listed, plan.listed)
             or (group["amsgrad"], lean(group, "stochastic_rounding"), lean(group, "seed"),
                 backend) != plan.settings
         ):  # fmt: skip
@@ -281,29 +282,30 @@ class Planner:
             or not all(map(Tensor.is_contiguous, listed))
         ):
             return None
-        try:  # one pass per state key and bucket: about 30 ns per tensor
-            for getter, entries, tensors in plan.state_checks:
-                if not all(map(is_, map(getter, entries), tensors)):
-                    return None
-        except KeyError:  # a key deleted from an entry
+        # One pass per state key and bucket (a missing key fails it).
+        if not all(entries_hold(entries, name, tensors)
+                   for name, entries, tensors in plan.state_checks):  # fmt: skip
             return None
-        grads = list(map(_GRAD, listed))
-        if all(map(is_, grads, plan.grads)):
-            return plan.step
-        present = list(map(is_not, grads, repeat(None)))
-        if present != plan.present:
+        # The gradients, new tensors at every step after zero_grad(): the plan keeps none of
+        # them (it would hold a whole set of gradients through the next forward and backward).
+        grads, missing = grads_of(listed)
+        got = grads
+        if missing != plan.missing:
             return None
-        got = list(compress(grads, present)) if not all(present) else grads
-        # No layout pass: a sparse gradient (COO; a dense param takes no other) is not
-        # contiguous, and the general path refuses it by name, before the global norm would
-        # read it. The dtypes, a kernel plan checks.
-        if not all(map(Tensor.is_contiguous, got)) or (
-            kernel is None and not all(map(is_, map(_DTYPE, got), plan.grad_dtypes))
-        ):
+        if missing:
+            present = list(map(is_not, grads, repeat(None)))
+            if present != plan.present:
+                return None
+            got = list(compress(grads, present))
+        # Their layout, before the global norm or the kernel plan's op reads them (a sparse
+        # gradient would dispatch that op to a sparse kernel, which there is not): one that is
+        # not contiguous takes the general path, which copies it, or, sparse (COO: a dense
+        # param takes no other), refuses it by name.
+        if not all(map(Tensor.is_contiguous, got)):
             return None
-        plan.grads = grads
-        plan.step = GroupStep(got, [(b, b.own_grads(got)) for b in plan.buckets], kernel)
-        return plan.step
+        if kernel is None and not all(map(is_, map(_DTYPE, got), plan.grad_dtypes)):
+            return None
+        return GroupStep(got, [(b, b.own_grads(got)) for b in plan.buckets], kernel)
 
     def replan(self, optimizer, index: int, group: dict[str, Any], backend: str) -> GroupStep:
         """The group's work by the general path, after its kernel plan declined a step."""
@@ -329,8 +331,8 @@ class Planner:
         if plan.fast:
             listed = group["params"]
             plan.group, plan.listed = group, list(listed)
-            plan.grads = list(map(_GRAD, listed))
-            plan.present = list(map(is_not, plan.grads, repeat(None)))
+            listed_grads, plan.missing = plan_checks()[2](listed)
+            plan.present = list(map(is_not, listed_grads, repeat(None)))
             plan.grad_dtypes = list(map(_DTYPE, grads))
             plan.param_dtypes = list(map(_DTYPE, listed))
             if plan.kernel is None:
@@ -338,8 +340,7 @@ class Planner:
         # A non-contiguous gradient would only make the kernel plan decline (and this path
         # run twice): the passes take its contiguous copy.
         planned = plan.fast and all(map(Tensor.is_contiguous, grads))
-        plan.step = GroupStep(grads, passes, plan.kernel if planned else None)
-        return plan.step
+        return GroupStep(grads, passes, plan.kernel if planned else None)
 
     def _plan(self, optimizer, index, group: dict[str, Any], params: list[Tensor],
               grads: list[Tensor], backend: str) -> _Plan:  # fmt: skip
@@ -385,15 +386,13 @@ class Planner:
         plan.buckets = [Bucket(state, params, idx, group, positions, backend)
                         for idx in groups.values()]  # fmt: skip
         plan.tensors = list(chain.from_iterable(map(state_tensors, entries)))
-        # Each bucket's state tensors, key by key, as a step checks them: C-level passes.
+        # Each bucket's state tensors, key by key, as a step checks them (Planner._reuse).
         plan.state_checks = []
         for idx in groups.values():
             bucket_entries = [entries[i] for i in idx]
             for name in state_key_names(bucket_entries[0]):
-                getter = itemgetter(name)
-                plan.state_checks.append(
-                    (getter, bucket_entries, list(map(getter, bucket_entries)))
-                )
+                tensors = list(map(itemgetter(name), bucket_entries))
+                plan.state_checks.append((name, bucket_entries, tensors))
         plan.fast = False
         plan.kernel = None
         self._plans[index] = plan

@@ -26,24 +26,43 @@ TORCH_LIB = Path(torch.__file__).parent / "lib"
 TORCH_LIBS = ("libtorch_cpu.so", "libc10.so", "libtorch.so", "libtorch_cuda.so", "libc10_cuda.so")
 
 # Python C-API names the modules use. Each is in the stable ABI of CPython 3.10
-# (Doc/data/stable_abi.dat; _Py_Dealloc and _Py_NoneStruct are what Py_DECREF and Py_None
-# expand to there). A new name belongs here only once checked against that list (abi3audit
-# does it: see test_abi3audit_finds_no_violation).
+# (Doc/data/stable_abi.dat; _Py_Dealloc, _Py_NoneStruct, _Py_TrueStruct and _Py_FalseStruct
+# are what Py_DECREF, Py_None, Py_True and Py_False expand to there). A new name belongs here
+# only once checked against that list (abi3audit does it: see
+# test_abi3audit_finds_no_violation).
 LIMITED_API = {
     "PyBool_FromLong",
     "PyCapsule_Import",
     "PyCapsule_New",
+    "PyDict_GetItemWithError",
+    "PyErr_Clear",
+    "PyErr_ExceptionMatches",
     "PyErr_Format",
     "PyErr_Occurred",
+    "PyExc_KeyError",
+    "PyExc_TypeError",
     "PyExc_ValueError",
+    "PyList_GetItem",
+    "PyList_New",
+    "PyList_SetItem",
+    "PyList_Size",
     "PyLong_AsLong",
     "PyLong_AsLongLong",
     "PyLong_FromLong",
     "PyModule_AddObjectRef",
     "PyModule_Create2",
+    "PyObject_GetAttr",
+    "PyObject_GetItem",
+    "PyTuple_GetItem",
+    "PyTuple_Pack",
+    "PyTuple_Size",
+    "PyType_GetFlags",
     "PyUnicode_FromFormat",
+    "PyUnicode_InternFromString",
     "_Py_Dealloc",
+    "_Py_FalseStruct",
     "_Py_NoneStruct",
+    "_Py_TrueStruct",
 }
 
 

@@ -3,6 +3,10 @@ on changes between steps, so every step matches torch's AdamW whatever the user 
 
 from __future__ import annotations
 
+import gc
+import weakref
+from types import MappingProxyType
+
 import pytest
 import torch
 
@@ -139,3 +143,77 @@ def test_a_sparse_gradient_after_planned_steps_is_refused_by_name():
         opt.step()
     assert torch.equal(p, before)
     assert float(opt.state[p]["step"]) == 2
+
+
+def _checks():
+    from fastopt import _ext
+
+    c = pytest.param(_ext.plan_checks(), id="C")
+    if _ext.plan_checks() is _ext._python_checks:
+        c = pytest.param(None, id="C", marks=pytest.mark.skip(reason="fastopt._C is not built"))
+    return [c, pytest.param(_ext._python_checks, id="python")]
+
+
+@pytest.mark.parametrize("checks", _checks())
+def test_the_plan_checks_compare_objects_keys_and_grads(checks):
+    """What a step checks to reuse a plan: fastopt._C's loops (csrc/plan_checks.h) and the
+    Python passes it stands in for give the same answers."""
+    same_objects, entries_hold, grads_of = checks
+    a, b, c = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    assert same_objects([a, b], [a, b]) and same_objects((a, b), [a, b]) and same_objects([], [])
+    assert not same_objects([a, b], [a, c]) and not same_objects([a], [a, b])
+    assert not same_objects([a, b], [b, a])  # equal values, other objects
+    entries = [{"exp_avg": a, "step": b}, MappingProxyType({"exp_avg": c})]  # not a dict
+    assert entries_hold(entries, "exp_avg", [a, c])
+    assert not entries_hold(entries, "exp_avg", [a, b])
+    assert not entries_hold(entries, "step", [b, b])  # the second entry has no "step"
+    assert not entries_hold(entries, "exp_avg", [a])
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((2,), 3.0)
+    got, missing = grads_of([p, q])
+    assert type(got) is list and len(got) == 2 and got[0] is p.grad and got[1] is None
+    assert missing == 1 and grads_of((p, p)) == ([p.grad, p.grad], 0) and grads_of([]) == ([], 0)
+
+
+def test_the_c_plan_checks_refuse_what_is_not_a_list():
+    from fastopt import _ext
+
+    if _ext.plan_checks() is _ext._python_checks:
+        pytest.skip("fastopt._C is not built")
+    same_objects, entries_hold, grads_of = _ext.plan_checks()
+    with pytest.raises(TypeError, match="a must be a list or tuple"):
+        same_objects({1}, [1])
+    with pytest.raises(TypeError, match="entries must be a list or tuple"):
+        entries_hold(iter([]), "step", [])
+    with pytest.raises(TypeError, match="params must be a list or tuple"):
+        grads_of(None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        dict(max_grad_norm=1.0),
+        dict(master_weights=True, state_dtype=torch.bfloat16, stochastic_rounding=True),
+        dict(state_dtype="int8"),
+    ],
+    ids=["plain", "clipped", "lean", "int8"],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "non-contiguous"])
+def test_a_step_keeps_no_gradient_after_it_returns(backend, settings, layout):
+    """After step() and zero_grad(), the gradients are freed, as with torch's AdamW: nothing
+    of the plan (nor a contiguous copy it made) holds them through the next forward."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if settings.get("master_weights") else torch.float32
+    params = [torch.nn.Parameter(torch.randn(4, 6, dtype=dtype)) for _ in range(3)]
+    opt = fastopt.AdamW(params, backend=backend, **settings)
+    for k in range(3):
+        for p in params:
+            g = torch.randn(6, 4, dtype=dtype)
+            p.grad = g.t() if layout == "non-contiguous" else g.t().contiguous()
+        refs = [weakref.ref(p.grad) for p in params]
+        opt.step()
+        opt.zero_grad()
+        gc.collect()
+        assert [r() for r in refs] == [None] * 3, f"step {k} kept gradients alive"
