@@ -82,16 +82,22 @@ class AdamWPlan:
     def step(self, grads: list[Tensor], hyper: Hyper) -> bool:
         """``adamw_step`` of every bucket with these gradients (the group's, in its order);
         False, with nothing written, when a param or gradient no longer has its bucket's dtype
-        or is not contiguous."""
+        or is not contiguous, or a gradient is sparse."""
         h = hyper
         device = grads[0].device
         lr = h.lr
         lr_tensor = _on(lr, device) if isinstance(lr, Tensor) else None
-        return torch.ops.fastopt.adamw_planned_.default(
-            self.id, grads, 0.0 if lr_tensor is not None else lr, lr_tensor, h.beta1, h.beta2,
-            h.weight_decay, h.eps, h.maximize, _on(h.grad_scale, device),
-            _on(h.found_inf, device), _on(h.grad_norm, device), h.max_grad_norm, h.grad_factor,
-        )  # fmt: skip
+        try:
+            return torch.ops.fastopt.adamw_planned_.default(
+                self.id, grads, 0.0 if lr_tensor is not None else lr, lr_tensor, h.beta1,
+                h.beta2, h.weight_decay, h.eps, h.maximize, _on(h.grad_scale, device),
+                _on(h.found_inf, device), _on(h.grad_norm, device), h.max_grad_norm,
+                h.grad_factor,
+            )  # fmt: skip
+        except NotImplementedError:
+            # A gradient of another layout (sparse) sends the call to a kernel there is not,
+            # before anything runs: declined, like any gradient the plan does not fit.
+            return False
 
 
 def _first_indices(lean: Lean, exp_avgs: list[Tensor]) -> Sequence[int]:

@@ -6,10 +6,11 @@ of it from step to step.
 A plan is built once and then checked, not rebuilt, at every step: the checks are C loops
 over the group's lists (the params listed, their ``.grad``, the state entries and their
 tensors; csrc/plan_checks.h) and run no Python per param. A plan holds no gradient from one
-step to the next: after ``zero_grad()`` they are freed, as with torch's optimizers. Where the compiled kernels take every bucket of
-a group, they hold its tensors between steps (a kernel plan, csrc/adamw_plan.h): a step is
-then one op call with the group's gradients, and the kernels check the params' and
-gradients' dtypes and layout themselves, declining a step they no longer fit. Anything a
+step to the next: after ``zero_grad()`` they are freed, as with torch's optimizers. Where
+the compiled kernels take every bucket of a group, they hold its tensors between steps (a
+kernel plan, csrc/adamw_plan.h): a step is then one op call with the group's gradients, and
+the kernels check the params' and gradients' dtypes and layout themselves, declining a step
+they no longer fit. Anything a
 check does not cover (DTensor params, a param listed twice, accumulated gradients, complex
 or non-contiguous tensors) takes the general path, which collects every step and rebuilds
 the plan when the set of params with gradients or their state changes.
@@ -242,8 +243,10 @@ class Planner:
         self._plans.clear()
         self._entries = []
 
-    def steps(self, optimizer, acc_grads: dict | None, backend: str) -> list[GroupStep | None]:
-        """Each group's work this step (None for a group without gradients)."""
+    def steps(self, optimizer, acc_grads: dict | None, backend: str,
+              reads_grads: bool = True) -> list[GroupStep | None]:  # fmt: skip
+        """Each group's work this step (None for a group without gradients). ``reads_grads``:
+        whether the step reads the gradients before the kernels (the global norm does)."""
         same_objects = plan_checks()[0]
         entries = list(optimizer.state.values())
         # An entry added, deleted or replaced (state.clear(), del state[p], a load) may change
@@ -254,13 +257,14 @@ class Planner:
             plan = self._plans.get(index)
             step = None
             if acc_grads is None and same_entries and plan is not None and plan.fast:
-                step = self._reuse(plan, group, backend)
+                step = self._reuse(plan, group, backend, reads_grads)
             out.append(step if step is not None else
                        self._general(optimizer, index, group, acc_grads, backend))  # fmt: skip
         self._entries = list(optimizer.state.values())
         return out
 
-    def _reuse(self, plan: _Plan, group: dict[str, Any], backend: str) -> GroupStep | None:
+    def _reuse(self, plan: _Plan, group: dict[str, Any], backend: str,
+               reads_grads: bool) -> GroupStep | None:  # fmt: skip
         """The cached work of a group whose params, settings, state tensors and gradients'
         kinds are as when it was planned; None when any differs."""
         same_objects, entries_hold, grads_of = plan_checks()  # C loops: a pointer per tensor
@@ -297,11 +301,11 @@ class Planner:
             if present != plan.present:
                 return None
             got = list(compress(grads, present))
-        # Their layout, before the global norm or the kernel plan's op reads them (a sparse
-        # gradient would dispatch that op to a sparse kernel, which there is not): one that is
-        # not contiguous takes the general path, which copies it, or, sparse (COO: a dense
-        # param takes no other), refuses it by name.
-        if not all(map(Tensor.is_contiguous, got)):
+        # Their layout: one that is not contiguous takes the general path, which copies it,
+        # or, sparse (COO: a dense param takes no other), refuses it by name. A kernel plan
+        # declines both itself (fastopt._ops.AdamWPlan.step), so this pass (50 ns a tensor)
+        # runs only where there is none, or where the global norm reads the gradients first.
+        if (kernel is None or reads_grads) and not all(map(Tensor.is_contiguous, got)):
             return None
         if kernel is None and not all(map(is_, map(_DTYPE, got), plan.grad_dtypes)):
             return None

@@ -286,17 +286,17 @@ class AdamW(Optimizer):
             found_inf = None
         grad_factor = acc.factor() if acc_grads is not None else 1.0
 
-        steps = self._planner.steps(self, acc_grads, self.backend)
-
         # One read of every gradient gives the global norm and the non-finite flag together.
         # It runs only when needed: for clipping, or for the inf check a loss scaler did not
         # already do. Plain AdamW stays a single pass over memory.
+        needs_check = grad_scale is not None and found_inf is None
+        needs_norm = self.max_grad_norm is not None or needs_check
+        steps = self._planner.steps(self, acc_grads, self.backend, reads_grads=needs_norm)
         grad_norm = None
         self.last_grad_norm = None
-        needs_check = grad_scale is not None and found_inf is None
         # Each param counts once in the norm, however often its group lists it.
         all_grads = ([g for step in steps if step is not None for g in step.grads]
-                     if self.max_grad_norm is not None or needs_check else [])  # fmt: skip
+                     if needs_norm else [])  # fmt: skip
         if all_grads:
             if any(b.fsdp1 for step in steps if step is not None for b, _ in step.passes):
                 raise RuntimeError(

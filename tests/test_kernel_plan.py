@@ -95,21 +95,25 @@ def _float32_grad(params):
     params[0].grad = params[0].grad.float()
 
 
-# change -> whether the kernel plan sees it and declines (a non-contiguous gradient, Python's
-# check sends to the general path first, before the norm reads it).
+# change -> whether the kernel plan sees it and declines, without and with clipping (a
+# non-contiguous gradient, Python's check sends to the general path first where the global
+# norm reads the gradients before the kernels).
 CHANGES = {
-    "a gradient in float32": (_float32_grad, True),
+    "a gradient in float32": (_float32_grad, True, True),
     "a non-contiguous gradient": (
-        lambda ps: setattr(ps[1], "grad", ps[1].grad.t().contiguous().t()), False),
+        lambda ps: setattr(ps[1], "grad", ps[1].grad.t().contiguous().t()), True, False),
     "a param's data in bfloat16": (
-        lambda ps: setattr(ps[3], "data", ps[3].data.bfloat16()), True),
+        lambda ps: setattr(ps[3], "data", ps[3].data.bfloat16()), True, True),
     "a non-contiguous param": (
-        lambda ps: setattr(ps[1], "data", ps[1].data.t().contiguous().t()), True),
+        lambda ps: setattr(ps[1], "data", ps[1].data.t().contiguous().t()), True, True),
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("clipped", [False, True], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("change", CHANGES)
-def test_a_plan_that_no_longer_holds_declines_and_the_step_matches_the_lists(change, monkeypatch):
+def test_a_plan_that_no_longer_holds_declines_and_the_step_matches_the_lists(
+    change, clipped, monkeypatch
+):
     """Each change is one a step must follow (torch's AdamW does): the plan declines before
     writing anything, the group is planned again, and the bits are those of steps that pass
     every list, every bucket's included."""
@@ -122,7 +126,8 @@ def test_a_plan_that_no_longer_holds_declines_and_the_step_matches_the_lists(cha
             else:
                 m.setattr(_plan, "has_kernel", lambda *args: False)
             params = _mixed_group()
-            opt = fastopt.AdamW(params, lr=1e-2, master_weights=True, seed=2)
+            opt = fastopt.AdamW(params, lr=1e-2, master_weights=True, seed=2,
+                                max_grad_norm=0.5 if clipped else None)  # fmt: skip
             for k in range(4):
                 gen = torch.Generator().manual_seed(10 + k)
                 for p in params:
@@ -134,7 +139,7 @@ def test_a_plan_that_no_longer_holds_declines_and_the_step_matches_the_lists(cha
             runs.append((params, opt, planned_before))
     (ours, opt_o, planned), (theirs, opt_t, listed) = runs
     assert planned and not listed
-    assert bool(replans) == CHANGES[change][1]  # the plan declined the changed step
+    assert bool(replans) == CHANGES[change][2 if clipped else 1]  # the plan declined
     for p, q in zip(ours, theirs):
         assert p.dtype == q.dtype and torch.equal(p, q)
         for key, value in opt_o.state[p].items():

@@ -128,13 +128,15 @@ def test_a_skipped_step_counts_nothing_on_any_backend():
         assert all(float(opt.state[p]["step"]) == 1 for p in model.parameters())
 
 
-def test_a_sparse_gradient_after_planned_steps_is_refused_by_name():
-    """A planned step checks its gradients without a layout pass (fastopt/_plan.py): a sparse
-    one (COO: a dense param takes no other) must still reach the general path's refusal, with
-    nothing written."""
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["unclipped", "clipped"])
+def test_a_sparse_gradient_after_planned_steps_is_refused_by_name(max_grad_norm):
+    """A planned step checks its gradients without a layout pass where nothing reads them
+    before the kernels (fastopt/_plan.py): a sparse one (COO: a dense param takes no other)
+    must still reach the general path's refusal, before the global norm would read it too,
+    with nothing written."""
     p = torch.nn.Parameter(torch.zeros(4, 3))
     p.grad = torch.ones(4, 3)
-    opt = fastopt.AdamW([p], backend="cpu")
+    opt = fastopt.AdamW([p], backend="cpu", max_grad_norm=max_grad_norm)
     opt.step()
     opt.step()
     before = p.detach().clone()
