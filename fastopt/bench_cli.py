@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                         "tensor, on --tensors small tensors")  # fmt: skip
     parser.add_argument("--tensors", default=",".join(map(str, B.OVERHEAD_TENSORS)),
                         help="overhead suite: tensor counts, comma-separated")  # fmt: skip
+    parser.add_argument("--cold", action="store_true",
+                        help="overhead suite: time single steps, each after 64 MiB of host "
+                        "memory traffic (as a step after backward finds its tensors), "
+                        "instead of runs of steps")  # fmt: skip
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     n_target = args.params or (1e9 if device == "cuda" else 30e6)
     repeats = args.repeats or (20 if device == "cuda" else 15)
     if args.suite == "overhead":
-        return _overhead(device, [int(t) for t in args.tensors.split(",")], repeats)
+        return _overhead(device, [int(t) for t in args.tensors.split(",")], repeats, args.cold)
 
     shapes = B.transformer_shapes(n_target)
     params, grads = B.make_params(shapes, device)
@@ -160,24 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _overhead(device: str, counts: list[int], repeats: int) -> int:
-    """The host's cost per tensor: microseconds per param tensor per step on small tensors."""
+def _overhead(device: str, counts: list[int], repeats: int, cold: bool = False) -> int:
+    """The host's cost per tensor: microseconds per param tensor per step on small tensors;
+    ``cold``: of single steps, each after the host's caches were swept."""
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
     omp = os.environ.get("OMP_NUM_THREADS", "unset")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"AdamW step on {B.OVERHEAD_NUMEL}-element tensors on {device} ({where}); torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={omp}), "
           f"{repeats} repeats, medians; load average {load:.2f} on {os.cpu_count()} cores at "
-          "start")  # fmt: skip
+          "start" + ("; cold: each step after 64 MiB of host memory traffic" if cold else ""),
+          )  # fmt: skip
     width = 24
     print(f"\n{'tensors':>8}  {'implementation':<{width}}{'us/tensor':>10}{'min-max':>14}"
           f"{'vs torch fused':>16}{'min-max':>13}")  # fmt: skip
     all_rows = []
     with B.OtherLoad() as other:
         for n in counts:
-            steps, per_call = B.overhead_steps(device, n)
+            steps, per_call = B.overhead_steps(device, n, per_call=1 if cold else None)
             # From an idle device on a GPU: the host's work is what is measured.
-            times = B.time_interleaved(steps, device, repeats)
+            sweep = B.sweep_caches if cold else None
+            times = B.time_interleaved(steps, device, repeats, before_each=sweep)
             rows = B.summarize(times, n, B.BYTES_PER_PARAM, "torch fused")
             scale = 1e3 / (n * per_call)  # ms per call -> us per tensor per step
             for r in rows:

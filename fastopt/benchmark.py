@@ -8,6 +8,7 @@ medians. GPU times come from CUDA events, CPU times from perf_counter around a s
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ __all__ = [
     "overhead_steps",
     "pipeline_cases",
     "summarize",
+    "sweep_caches",
     "time_interleaved",
     "transformer_shapes",
 ]
@@ -280,11 +282,13 @@ OVERHEAD_NUMEL = 16
 
 
 def overhead_steps(device: str, n_tensors: int, numel: int = OVERHEAD_NUMEL,
+                   per_call: int | None = None,
                    ) -> tuple[dict[str, Callable[[], None]], int]:  # fmt: skip
     """(name -> step function, steps per call): torch's fused and foreach AdamW and fastopt's
     backends, plain (fp32) and lean (bf16 params with masters, bf16 moments and stochastic
-    rounding), each on its own ``n_tensors`` params with gradients. A call runs enough steps
-    (about 10,000 tensor updates) for the host clock to resolve a small model's step."""
+    rounding), each on its own ``n_tensors`` params with gradients. A call runs ``per_call``
+    steps, by default enough (about 10,000 tensor updates) for the host clock to resolve a
+    small model's step."""
     from . import AdamW
 
     lean = dict(master_weights=True, state_dtype=torch.bfloat16, stochastic_rounding=True, seed=0)
@@ -298,7 +302,7 @@ def overhead_steps(device: str, n_tensors: int, numel: int = OVERHEAD_NUMEL,
             torch.bfloat16,
             lambda ps, b=name: AdamW(ps, backend=b, **lean),
         )
-    per_call = max(1, 10_000 // n_tensors)
+    per_call = per_call or max(1, 10_000 // n_tensors)
     steps = {}
     for name, (dtype, make) in makers.items():
         params, grads = make_params([(numel,)] * n_tensors, device, dtype=dtype)
@@ -313,6 +317,19 @@ def overhead_steps(device: str, n_tensors: int, numel: int = OVERHEAD_NUMEL,
 
         steps[name] = run
     return steps, per_call
+
+
+_SWEEP_BYTES = 64 << 20  # twice this machine's L3; memory a backward touches is far more
+_sweep: list[bytearray] = []
+
+
+def sweep_caches() -> None:
+    """Copies 64 MiB on the host, in this thread, so that what a step reads next comes from
+    DRAM, as for the step after a backward (whose activations and allocations have swept the
+    caches). A plain copy: no thread pool is woken, none is left spinning."""
+    if not _sweep:
+        _sweep.extend((bytearray(_SWEEP_BYTES), bytearray(b"\1" * _SWEEP_BYTES)))
+    _sweep[0][:] = _sweep[1]
 
 
 def time_interleaved(
@@ -335,8 +352,14 @@ def time_interleaved(
     """
     cuda = torch.device(device).type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for rep in range(warmup + repeats):
-        for name, step in steps.items():
+        # Each repeat runs the implementations in another order (the same from run to run),
+        # so none always follows the same one: in a fixed order, a neighbour that sweeps the
+        # caches (torch foreach's allocations for 1,000 small tensors) made the next row's
+        # first steps cold in every repeat.
+        for name in random.Random(rep).sample(names, len(names)):
+            step = steps[name]
             if not cuda:
                 if before_each is not None:
                     before_each()

@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastopt import benchmark as B
@@ -36,13 +37,15 @@ def test_bench_command_prints_both_tables():
         assert line.removesuffix("  (wide spread)").split()[-1] == state, line
 
 
-def test_overhead_suite_reports_us_per_tensor_against_torch():
+@pytest.mark.parametrize("cold", [[], ["--cold"]], ids=["runs", "cold"])
+def test_overhead_suite_reports_us_per_tensor_against_torch(cold):
     out = subprocess.run(
         [sys.executable, "-m", "fastopt", "bench", "--device", "cpu", "--suite", "overhead",
-         "--tensors", "10,30", "--repeats", "2"],
+         "--tensors", "10,30", "--repeats", "2", *cold],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
     assert "us/tensor" in out and "vs torch fused" in out
+    assert ("cold: each step after 64 MiB" in out) == bool(cold)
     rows = [line.removesuffix("  (wide spread)").split() for line in out.splitlines()
             if line.strip()[:2] in ("10", "30")]  # fmt: skip
     names = {" ".join(r[1:-4]) for r in rows}
@@ -108,3 +111,16 @@ def test_offload_train_runs_each_fastopt_mode_and_tabulates(tmp_path):
     fsdp2 = subprocess.run([sys.executable, script, "--mode", "fsdp2", "--device", "cpu"],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert fsdp2.returncode != 0 and "mode fsdp2 needs a CUDA GPU" in fsdp2.stderr
+
+
+def test_interleaved_timing_varies_the_order_of_the_implementations():
+    """No implementation always runs right after the same neighbour (one that sweeps the
+    caches would make its first steps cold in every repeat)."""
+    order = []
+    steps = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    times = B.time_interleaved(steps, "cpu", repeats=12, warmup=0)
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 12, "b": 12, "c": 12}
+    repeats = [order[i : i + 3] for i in range(0, len(order), 3)]
+    assert all(sorted(r) == list("abc") for r in repeats)  # each once per repeat
+    before = {(r[i - 1], r[i]) for r in repeats for i in (1, 2)}
+    assert len(before) == 6  # every implementation ran right after every other
