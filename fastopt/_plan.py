@@ -10,10 +10,10 @@ step to the next: after ``zero_grad()`` they are freed, as with torch's optimize
 the compiled kernels take every bucket of a group, they hold its tensors between steps (a
 kernel plan, csrc/adamw_plan.h): a step is then one op call with the group's gradients, and
 the kernels check the params' and gradients' dtypes and layout themselves, declining a step
-they no longer fit. Anything a
-check does not cover (DTensor params, a param listed twice, accumulated gradients, complex
-or non-contiguous tensors) takes the general path, which collects every step and rebuilds
-the plan when the set of params with gradients or their state changes.
+they no longer fit. Anything a check does not cover (DTensor params, a param listed twice,
+accumulated gradients, complex or non-contiguous tensors) takes the general path, which
+collects every step and rebuilds the plan when the set of params with gradients or their
+state changes.
 """
 
 from __future__ import annotations
