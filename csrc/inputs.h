@@ -67,13 +67,13 @@ enum class Access { kRead, kWrite };
 // shim's dtype code to a ScalarType through one more call per dtype it tries (13 for
 // bfloat16), device() reads the index and maps the type the same way: 30% of a planned step's
 // reads of 1,000 small tensors on a 2-core EPYC. The codes of the dtypes the kernels take, and
-// the CPU's, are read once; any other takes torch's mapping.
+// of the CPU and CUDA, are read once; any other takes torch's mapping.
 namespace detail {
 struct ShimCodes {
   int32_t f32 = aoti_torch_dtype_float32(), bf16 = aoti_torch_dtype_bfloat16(),
           f16 = aoti_torch_dtype_float16(), u8 = aoti_torch_dtype_uint8(),
           i8 = aoti_torch_dtype_int8(), i16 = aoti_torch_dtype_int16(),
-          cpu = aoti_torch_device_type_cpu();
+          cpu = aoti_torch_device_type_cpu(), cuda = aoti_torch_device_type_cuda();
 };
 inline const ShimCodes& shim_codes() {
   static const ShimCodes codes;
@@ -97,8 +97,12 @@ inline ScalarType dtype_of(const Tensor& t) {
 inline Device device_of(const Tensor& t) {
   int32_t type;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(t.get(), &type));
-  if (type == detail::shim_codes().cpu) return Device(DeviceType::CPU);  // index -1, as torch's
-  return t.device();
+  const auto& c = detail::shim_codes();
+  if (type == c.cpu) return Device(DeviceType::CPU);  // index -1, as torch's
+  if (type != c.cuda) return t.device();
+  int32_t index;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(t.get(), &index));
+  return Device(DeviceType::CUDA, static_cast<torch::stable::DeviceIndex>(index));
 }
 
 // One tensor's properties, read once.
