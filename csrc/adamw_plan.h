@@ -103,8 +103,9 @@ AdamWPlans& adamw_plans();
 inline constexpr const char* kAdamWPlansCapsule = "fastopt._C._adamw_plans";
 
 // Whether `grads` (the step's) and the plan's params still have their buckets' dtypes and are
-// contiguous: reads two properties of each and nothing else, so a sparse gradient (which
-// has no data pointer) declines here too. Throws if grads has the wrong count.
+// contiguous: reads two properties of each and nothing else. (A sparse gradient never gets
+// here: the dispatcher sends the call to a sparse kernel, which there is not, and
+// fastopt._ops.AdamWPlan.step takes that as a decline.) Throws if grads has the wrong count.
 inline bool plan_holds(const AdamWPlan& plan, const TensorList& grads) {
   FASTOPT_CHECK(grads.size() == plan.num_grads, "fastopt.adamw_planned_: grads has ",
                 grads.size(), " tensors, expected ", plan.num_grads);
