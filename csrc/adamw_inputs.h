@@ -16,7 +16,7 @@ namespace fastopt {
 struct AdamWInputs {
   std::vector<TensorInfo> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters;
   std::vector<TensorInfo> scales;   // of 8-bit moments: int8, (2 or 3, blocks) per param
-  std::vector<const float*> steps;  // the one-element fp32 step counts
+  std::vector<float*> steps;  // the one-element fp32 step counts (the kernels advance them)
   ScalarType state_dtype;  // of the moments: the params' or (lean) fp32, bf16 or uint8 codes
   bool quantized() const { return state_dtype == ScalarType::Byte; }
 };
@@ -110,19 +110,21 @@ inline void read_adamw_inputs(AdamWInputs& in, const TensorList& params, const T
   }
   check_count(kOp, "state_steps", state_steps.size(), n);
   in.steps.resize(n);
+  const ReadAhead steps_ahead(state_steps);
   for (size_t i = 0; i < n; ++i) {
+    steps_ahead.at(i);
     const int64_t numel = in.params[i].numel;
     FASTOPT_CHECK(in.grads[i].numel == numel && in.exp_avgs[i].numel == numel &&
                       in.exp_avg_sqs[i].numel == numel &&
                       (!amsgrad || in.max_exp_avg_sqs[i].numel == numel),
                   "fastopt.adamw_: params[", i, "], grads, exp_avgs and exp_avg_sqs",
                   amsgrad ? " and max_exp_avg_sqs" : "", " differ in size");
-    const TensorInfo step(state_steps[i], Access::kRead);
+    const TensorInfo step(state_steps[i], Access::kWrite);
     FASTOPT_CHECK(step.numel == 1 && step.dtype == ScalarType::Float && step.device == device,
                   "fastopt.adamw_: state_steps[", i, "] must be a one-element float32 tensor on ",
                   DeviceName{device}, ", got ", Sizes{state_steps[i]}, " of ", step.dtype, " on ",
                   DeviceName{step.device});
-    in.steps[i] = static_cast<const float*>(step.data);
+    in.steps[i] = static_cast<float*>(step.data);
   }
 }
 

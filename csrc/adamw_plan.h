@@ -110,9 +110,13 @@ inline bool plan_holds(const AdamWPlan& plan, const TensorList& grads) {
   FASTOPT_CHECK(grads.size() == plan.num_grads, "fastopt.adamw_planned_: grads has ",
                 grads.size(), " tensors, expected ", plan.num_grads);
   for (const auto& b : plan.buckets) {
+    const ReadAhead params_ahead(b.params), grads_ahead(grads);
     for (size_t i = 0; i < b.params.size(); ++i) {
+      const auto grad_index = static_cast<size_t>(b.grad_indices[i]);
+      params_ahead.at(i);
+      grads_ahead.at(grad_index);
       const Tensor& p = b.params[i];
-      const Tensor& g = grads[static_cast<size_t>(b.grad_indices[i])];
+      const Tensor& g = grads[grad_index];
       if (dtype_of(p) != b.param_dtype || !p.is_contiguous() || dtype_of(g) != b.grad_dtype ||
           !g.is_contiguous()) {
         return false;

@@ -292,9 +292,8 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
   std::vector<float>& counts = scratch.counts;
   counts.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    auto* count = static_cast<float*>(state_steps[i].mutable_data_ptr());
-    counts[i] = *count + 1.f;
-    *count = counts[i];
+    counts[i] = *in.steps[i] + 1.f;
+    *in.steps[i] = counts[i];
   }
   // 8-bit codes always round stochastically (fastopt/quant.py says why).
   const bool noise = stochastic_rounding || in.quantized();

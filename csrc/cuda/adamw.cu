@@ -31,15 +31,13 @@ __global__ void advance_counts(const StepCounts counts, const float* found_inf) 
   for (int i = threadIdx.x; i < counts.n; i += blockDim.x) *counts.count[i] += 1.f;
 }
 
-void launch_advance_counts(const TensorList& state_steps, const float* found_inf,
+void launch_advance_counts(const std::vector<float*>& steps, const float* found_inf,
                            cudaStream_t stream) {
   StepCounts counts;
-  for (size_t begin = 0; begin < state_steps.size(); begin += kCountsPerLaunch) {
-    const size_t end = std::min(state_steps.size(), begin + kCountsPerLaunch);
+  for (size_t begin = 0; begin < steps.size(); begin += kCountsPerLaunch) {
+    const size_t end = std::min(steps.size(), begin + kCountsPerLaunch);
     counts.n = static_cast<int>(end - begin);
-    for (size_t i = begin; i < end; ++i) {
-      counts.count[i - begin] = static_cast<float*>(state_steps[i].mutable_data_ptr());
-    }
+    for (size_t i = begin; i < end; ++i) counts.count[i - begin] = steps[i];
     advance_counts<<<1, 256, 0, stream>>>(counts, found_inf);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -84,7 +82,7 @@ void adamw_cuda(const TensorList& params, const TensorList& grads, const TensorL
                                                     positions, first_indices, s, stream,
                                                     device.index());
   });
-  launch_advance_counts(state_steps, s.found_inf, stream);
+  launch_advance_counts(in.steps, s.found_inf, stream);
 }
 
 }  // namespace
