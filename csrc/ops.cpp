@@ -136,9 +136,11 @@ PyMethodDef methods[] = {
     {"_same_objects", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
                           &fastopt::py::same_objects)),
      METH_FASTCALL, "Whether two lists hold the same objects in order (fastopt/_plan.py)."},
-    {"_entries_hold", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
-                          &fastopt::py::entries_hold)),
-     METH_FASTCALL, "Whether entries[i][key] is tensors[i] for every i (fastopt/_plan.py)."},
+    {"_entries_are", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+                         &fastopt::py::entries_are)),
+     METH_FASTCALL,
+     "Whether dicts hold exactly the given keys, in order, with the given value objects "
+     "(fastopt/_plan.py)."},
     {"_grads", grads, METH_O,
      "([p.grad for p in params], how many are None) (fastopt/_plan.py)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Callable
-from operator import attrgetter, is_, itemgetter
+from operator import attrgetter, is_
 
 import torch
 
@@ -179,13 +179,17 @@ def _same_objects(a, b) -> bool:
     return len(a) == len(b) and all(map(is_, a, b))
 
 
-def _entries_hold(entries, key, tensors) -> bool:
-    try:
-        return len(entries) == len(tensors) and all(
-            map(is_, map(itemgetter(key), entries), tensors)
-        )
-    except KeyError:
+def _entries_are(entries, keys, values) -> bool:
+    k = len(keys)
+    if len(values) != k * len(entries):
         return False
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or len(entry) != k:
+            return False
+        for j, (key, value) in enumerate(entry.items()):
+            if value is not values[i * k + j] or (key is not keys[j] and key != keys[j]):
+                return False
+    return True
 
 
 def _grads(params) -> tuple[list, int]:
@@ -193,21 +197,22 @@ def _grads(params) -> tuple[list, int]:
     return grads, sum(g is None for g in grads)
 
 
-_python_checks = (_same_objects, _entries_hold, _grads)
+_python_checks = (_same_objects, _entries_are, _grads)
 _checks: tuple[Callable, ...] | None = None
 
 
 def plan_checks() -> tuple[Callable, ...]:
-    """(same_objects, entries_hold, grads), what a step checks to reuse a plan
+    """(same_objects, entries_are, grads), what a step checks to reuse a plan
     (fastopt/_plan.py): ``same_objects(a, b)``, whether two lists hold the same objects in
-    order; ``entries_hold(entries, key, tensors)``, whether ``entries[i][key] is tensors[i]``
-    for every i; ``grads(params)``, the list of their ``.grad`` and how many are None.
+    order; ``entries_are(entries, keys, values)``, whether each dict of ``entries`` holds
+    exactly ``keys`` in order, the i-th one's j-th value being ``values[i * len(keys) + j]``;
+    ``grads(params)``, the list of their ``.grad`` and how many are None.
     fastopt._C's loops (csrc/plan_checks.h), or these Python passes where it is not loaded."""
     global _checks
     if _checks is None:
         if load():
             module = importlib.import_module("fastopt._C")
-            _checks = (module._same_objects, module._entries_hold, module._grads)
+            _checks = (module._same_objects, module._entries_are, module._grads)
         else:
             _checks = _python_checks
     return _checks

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from itertools import chain, compress, repeat
-from operator import attrgetter, is_, is_not, itemgetter
+from operator import attrgetter, is_, is_not
 from types import ModuleType
 from typing import Any
 
@@ -41,7 +41,7 @@ from .sharded import (
     local,
     real_view,
 )
-from .state import init_state, is_lean, lean, master_key, state_key_names, state_tensors
+from .state import init_state, is_lean, lean, master_key, state_tensors
 from .step_args import PLAIN, Hyper, Lean
 
 __all__ = ["Bucket", "GroupStep", "Planner"]
@@ -267,7 +267,7 @@ class Planner:
                reads_grads: bool) -> GroupStep | None:  # fmt: skip
         """The cached work of a group whose params, settings, state tensors and gradients'
         kinds are as when it was planned; None when any differs."""
-        same_objects, entries_hold, grads_of = plan_checks()  # C loops: a pointer per tensor
+        same_objects, entries_are, grads_of = plan_checks()  # C loops: a pointer per tensor
         listed = group["params"]
         if (
             group is not plan.group
@@ -286,9 +286,9 @@ class Planner:
             or not all(map(Tensor.is_contiguous, listed))
         ):
             return None
-        # One pass per state key and bucket (a missing key fails it).
-        if not all(entries_hold(entries, name, tensors)
-                   for name, entries, tensors in plan.state_checks):  # fmt: skip
+        # One walk of each entry's items per bucket (a key added, removed or replaced fails it).
+        if not all(entries_are(entries, keys, values)
+                   for entries, keys, values in plan.state_checks):  # fmt: skip
             return None
         # The gradients, new tensors at every step after zero_grad(): the plan keeps none of
         # them (it would hold a whole set of gradients through the next forward and backward).
@@ -329,7 +329,8 @@ class Planner:
             again = self._plan(optimizer, (index, k), group, again_params, again_grads, backend)
             passes += [(b, b.readable_grads(again_grads)) for b in again.buckets]
         plan.fast = (
-            not repeats and acc_grads is None and all(b.fast for b in plan.buckets)
+            not repeats and acc_grads is None and plan.state_checks is not None
+            and all(b.fast for b in plan.buckets)
             and all(type(g) is Tensor or isinstance(g, torch.nn.Parameter) for g in grads)
         )  # fmt: skip
         if plan.fast:
@@ -390,13 +391,18 @@ class Planner:
         plan.buckets = [Bucket(state, params, idx, group, positions, backend)
                         for idx in groups.values()]  # fmt: skip
         plan.tensors = list(chain.from_iterable(map(state_tensors, entries)))
-        # Each bucket's state tensors, key by key, as a step checks them (Planner._reuse).
+        # Each bucket's entries as a step checks them (Planner._reuse): all of their keys, in
+        # order, and the objects under them. Entries whose keys differ in name or order (not
+        # made so by fastopt) leave the group on the general path (state_checks None).
         plan.state_checks = []
         for idx in groups.values():
             bucket_entries = [entries[i] for i in idx]
-            for name in state_key_names(bucket_entries[0]):
-                tensors = list(map(itemgetter(name), bucket_entries))
-                plan.state_checks.append((name, bucket_entries, tensors))
+            keys = tuple(bucket_entries[0])
+            if any(tuple(entry) != keys for entry in bucket_entries):
+                plan.state_checks = None
+                break
+            values = list(chain.from_iterable(entry.values() for entry in bucket_entries))
+            plan.state_checks.append((bucket_entries, keys, values))
         plan.fast = False
         plan.kernel = None
         self._plans[index] = plan

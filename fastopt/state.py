@@ -48,7 +48,6 @@ __all__ = [
     "quantizes",
     "rounds_stochastically",
     "state_device",
-    "state_key_names",
     "state_keys",
     "state_nbytes",
     "state_tensors",
@@ -244,11 +243,6 @@ def init_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
 def state_keys(state: dict[str, Any]) -> operator.itemgetter:
     """A getter of the tensors of one entry that the kernels update, in their order."""
     return STATE_KEYS[_kernel_setting(state)]
-
-
-def state_key_names(state: dict[str, Any]) -> tuple[str, ...]:
-    """The keys of those tensors, in the same order."""
-    return STATE_KEY_NAMES[_kernel_setting(state)]
 
 
 def _kernel_setting(state: dict[str, Any]) -> tuple[bool, str | None, bool]:

@@ -63,10 +63,18 @@ def _change(name, model, opt, k):
     elif name == "non-contiguous-param-data" and k == 1:  # the same Parameter, other memory
         with torch.no_grad():
             params[2].data = params[2].data.t().contiguous().t()
+    elif name == "state-tensor-replaced" and k == 1:  # another tensor under a planned key
+        entry = opt.state[params[1]]
+        entry["exp_avg"] = entry["exp_avg"] * 0.5
+    elif name == "state-entry-cleared" and k == 1:  # initialised afresh at the next step
+        opt.state[params[3]].clear()
+    elif name == "state-key-added" and k == 1:  # kept, and the step goes on as before
+        opt.state[params[0]]["note"] = torch.zeros(1)
 
 
 CHANGES = ["grad-none", "new-grads", "non-contiguous-grad", "lr", "add-param-group",
-           "load-state-dict", "param-replaced-in-group", "non-contiguous-param-data"]  # fmt: skip
+           "load-state-dict", "param-replaced-in-group", "non-contiguous-param-data",
+           "state-tensor-replaced", "state-entry-cleared", "state-key-added"]  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -160,16 +168,22 @@ def _checks():
 def test_the_plan_checks_compare_objects_keys_and_grads(checks):
     """What a step checks to reuse a plan: fastopt._C's loops (csrc/plan_checks.h) and the
     Python passes it stands in for give the same answers."""
-    same_objects, entries_hold, grads_of = checks
+    same_objects, entries_are, grads_of = checks
     a, b, c = torch.zeros(1), torch.zeros(1), torch.zeros(1)
     assert same_objects([a, b], [a, b]) and same_objects((a, b), [a, b]) and same_objects([], [])
     assert not same_objects([a, b], [a, c]) and not same_objects([a], [a, b])
     assert not same_objects([a, b], [b, a])  # equal values, other objects
-    entries = [{"exp_avg": a, "step": b}, MappingProxyType({"exp_avg": c})]  # not a dict
-    assert entries_hold(entries, "exp_avg", [a, c])
-    assert not entries_hold(entries, "exp_avg", [a, b])
-    assert not entries_hold(entries, "step", [b, b])  # the second entry has no "step"
-    assert not entries_hold(entries, "exp_avg", [a])
+    entries = [{"step": b, "exp_avg": a}, {"step": c, "exp_avg": b}]
+    keys = ("step", "exp_avg")
+    assert entries_are(entries, keys, [b, a, c, b]) and entries_are([], keys, [])
+    assert entries_are(entries, ("ste" + "p", "exp_avg"), [b, a, c, b])  # equal, not the same
+    assert not entries_are(entries, keys, [b, a, c, c])  # another object under a key
+    assert not entries_are(entries, keys, [b, a, c])
+    assert not entries_are(entries, ("exp_avg", "step"), [a, b, b, c])  # the keys' order
+    assert not entries_are(entries, ("step", "exp_avg_sq"), [b, a, c, b])
+    assert not entries_are([entries[0], {**entries[1], "x": a}], keys, [b, a, c, b])  # one more
+    assert not entries_are([entries[0], {"step": c}], keys, [b, a, c, b])  # one missing
+    assert not entries_are([entries[0], MappingProxyType(entries[1])], keys, [b, a, c, b])
     p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((2,), 3.0)
     got, missing = grads_of([p, q])
@@ -182,11 +196,13 @@ def test_the_c_plan_checks_refuse_what_is_not_a_list():
 
     if _ext.plan_checks() is _ext._python_checks:
         pytest.skip("fastopt._C is not built")
-    same_objects, entries_hold, grads_of = _ext.plan_checks()
+    same_objects, entries_are, grads_of = _ext.plan_checks()
     with pytest.raises(TypeError, match="a must be a list or tuple"):
         same_objects({1}, [1])
     with pytest.raises(TypeError, match="entries must be a list or tuple"):
-        entries_hold(iter([]), "step", [])
+        entries_are(iter([]), (), [])
+    with pytest.raises(TypeError, match="keys must be a list or tuple"):
+        entries_are([], None, [])
     with pytest.raises(TypeError, match="params must be a list or tuple"):
         grads_of(None)
 
