@@ -122,14 +122,13 @@ struct TensorInfo {
         contiguous(t.is_contiguous()) {}
 };
 
-// A hint to load the cache line at `p`. Written in assembly where it can be: GCC 12 drops
-// __builtin_prefetch from ReadAhead::at below (all of its prefetches, once one address comes
-// from a load), and a hint never faults, whatever `p` is.
+// A hint to load the cache line at `p`, which never faults whatever `p` is. On x86-64 it is
+// written in assembly: GCC 12 drops __builtin_prefetch from ReadAhead::at below (all of its
+// prefetches, once one address comes from a load). Elsewhere (aarch64 hosts) the builtin,
+// which at worst the compiler drops: a slower read, never a wrong one.
 inline void prefetch_line(const void* p) {
 #if defined(__x86_64__) && !defined(__CUDA_ARCH__)
   asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
-#elif defined(__aarch64__) && !defined(__CUDA_ARCH__)
-  asm volatile("prfm pldl1keep, %0" : : "Q"(*static_cast<const char*>(p)));
 #else
   __builtin_prefetch(p);
 #endif
