@@ -44,6 +44,16 @@ STABLE_TORCH_LIBRARY(fastopt, m) {
   // Global norm of many tensors with fp32 accumulation in a fixed order, and a non-finite
   // flag: returns (norm, found_inf), both fp32 0-dim.
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> (Tensor, Tensor)");
+  // The same norm in two halves, so that each tensor can be measured when it is ready:
+  // norm_partials_ writes the tensors' chunk partials (chunks of 2^16 elements, each tensor
+  // on its own) into partials from chunk first_chunk on, and norm_combine reads all of them
+  // and gives multi_tensor_norm's result, bit for bit, when the partials are those of
+  // multi_tensor_norm's list (of one dtype) in its order. partials: 2 x chunks, float64 on
+  // the CPU and float32 on CUDA (each kernel's own partial type), the partials then the flags.
+  m.def(
+      "norm_partials_(Tensor(a!) partials, Tensor[] tensors, int first_chunk, float norm_type) "
+      "-> ()");
+  m.def("norm_combine(Tensor partials, float norm_type) -> (Tensor, Tensor)");
   // acc = alpha * grad (overwrite) or acc += alpha * grad, fp32 accumulators.
   m.def("accumulate_(Tensor(a!)[] accs, Tensor[] grads, float alpha, bool overwrite) -> ()");
   // torch._amp_update_scale_'s rule.

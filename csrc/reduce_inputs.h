@@ -17,14 +17,32 @@ enum class NormKind { kL2, kL1, kInf, kP };
 // whose kind it returns. Other orders (0, -inf, negative p) the Python side computes with
 // torch's norm.
 inline NormKind check_norm_inputs(const std::vector<TensorInfo>& tensors, const Device& device,
-                                  double norm_type) {
-  check_floating_list("multi_tensor_norm", "tensors", tensors, device);
-  FASTOPT_CHECK(norm_type > 0, "fastopt.multi_tensor_norm: norm_type must be positive or inf, got ",
+                                  double norm_type, const char* op = "multi_tensor_norm") {
+  check_floating_list(op, "tensors", tensors, device);
+  FASTOPT_CHECK(norm_type > 0, "fastopt.", op, ": norm_type must be positive or inf, got ",
                 norm_type);
   if (std::isinf(norm_type)) return NormKind::kInf;
   if (norm_type == 2.0) return NormKind::kL2;
   if (norm_type == 1.0) return NormKind::kL1;
   return NormKind::kP;
+}
+
+// The chunk partials of norm_partials_ and norm_combine: `slots`, a contiguous buffer of the
+// kernel's partial type (`dtype`) on `device`, holds 2 * total values, each chunk's partial
+// and then each chunk's non-finite flag (0 or 1), and `first` + `chunks` of them are written.
+// Returns total.
+inline int64_t check_partials(const char* op, const TensorInfo& slots, ScalarType dtype,
+                              const Device& device, int64_t first, int64_t chunks) {
+  FASTOPT_CHECK(slots.dtype == dtype, "fastopt.", op, ": partials must be ", dtype, " on ",
+                DeviceName{device}, ", got ", slots.dtype);
+  FASTOPT_CHECK(on_device(slots.device, device), "fastopt.", op, ": partials is on ",
+                DeviceName{slots.device}, ", the tensors on ", DeviceName{device});
+  FASTOPT_CHECK(slots.contiguous && slots.numel % 2 == 0, "fastopt.", op,
+                ": partials must be contiguous, with two rows (the partials, then the flags)");
+  const int64_t total = slots.numel / 2;
+  FASTOPT_CHECK(first >= 0 && first + chunks <= total, "fastopt.", op, ": chunks ", first, " to ",
+                first + chunks, " do not fit in partials for ", total, " chunks");
+  return total;
 }
 
 // accumulate_'s tensor lists, read once.

@@ -15,10 +15,14 @@ from . import _ext
 from .step_args import PLAIN, Hyper, Lean
 
 __all__ = [
+    "NORM_CHUNK",
     "AdamWPlan",
     "accumulate_",
     "adamw_step",
     "multi_tensor_norm",
+    "norm_combine",
+    "norm_partials_",
+    "norm_partials_dtype",
     "update_scale_",
 ]
 
@@ -116,6 +120,29 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, 
     return torch.ops.fastopt.multi_tensor_norm(tensors, float(norm_type))
 
 
+# The norm's chunk (csrc/cpu/cpu_common.h and csrc/cuda/multi_tensor.cuh: kChunk): a tensor's
+# partials take ceil(numel / NORM_CHUNK) slots.
+NORM_CHUNK = 1 << 16
+
+
+def norm_partials_dtype(device: torch.device) -> torch.dtype:
+    """The type of the norm kernel's chunk partials on ``device``: float64 on the CPU, whose
+    kernel combines them in double, float32 on CUDA."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def norm_partials_(partials: Tensor, tensors: list[Tensor], first_chunk: int,
+                   norm_type: float) -> None:  # fmt: skip
+    """Writes the chunk partials of ``tensors`` into ``partials`` (2 x chunks) from
+    ``first_chunk`` on."""
+    torch.ops.fastopt.norm_partials_(partials, tensors, int(first_chunk), float(norm_type))
+
+
+def norm_combine(partials: Tensor, norm_type: float) -> tuple[Tensor, Tensor]:
+    """multi_tensor_norm's (norm, flag) from every chunk's partial in ``partials``."""
+    return torch.ops.fastopt.norm_combine(partials, float(norm_type))
+
+
 def accumulate_(accs: list[Tensor], grads: list[Tensor], alpha: float, overwrite: bool) -> None:
     if accs:
         torch.ops.fastopt.accumulate_(accs, grads, float(alpha), bool(overwrite))
@@ -146,6 +173,15 @@ def _register_fakes() -> None:
     def _(tensors, norm_type):
         like = tensors[0]
         return like.new_empty((), dtype=torch.float32), like.new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake("fastopt::norm_partials_")
+    def _(partials, tensors, first_chunk, norm_type):
+        return None
+
+    @torch.library.register_fake("fastopt::norm_combine")
+    def _(partials, norm_type):
+        return (partials.new_empty((), dtype=torch.float32),
+                partials.new_empty((), dtype=torch.float32))  # fmt: skip
 
     @torch.library.register_fake("fastopt::accumulate_")
     def _(accs, grads, alpha, overwrite):

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import backend_ops, select_backend
+from .backward_norm import combine_buckets
 from .sharded import combine_flag, combine_norm, local, shard_spec
 
 __all__ = ["clip_grad_norm_", "global_norm"]
@@ -85,12 +86,9 @@ def global_norm(
             wide = torch.float64 if dtype == torch.float64 else torch.float32
             norm, flag = norm.to(device, wide), flag.to(device, torch.float32)
             norm, flag = combine_norm(norm, flag, spec, norm_type, empty)
-        norms.append(norm.to(first, non_blocking=True))
-        flags.append(flag.to(first, non_blocking=True))
-    if len(norms) == 1:
-        return norms[0], flags[0]
-    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-    return total, torch.stack(flags).amax()
+        norms.append(norm)
+        flags.append(flag)
+    return combine_buckets(norms, flags, first, norm_type)
 
 
 @torch.no_grad()

@@ -9,12 +9,17 @@
     opt.synchronize()              # before reading params outside the model's forward
     handle.remove()
 
-``step()`` computes what needs every gradient at once on the params' device (the global norm
-and the non-finite flag, with the same kernel as without offload), then hands the update to a
-worker thread. The worker updates one param at a time in the order the forward uses them
-(recorded by forward pre-hooks), with the CPU kernel, and copies each back as soon as it is
-done; a module's forward pre-hook waits for its own params only. Each param's update is the
-kernel's update of that tensor alone, so the result is the synchronous step's, bit for bit.
+``step()`` takes what needs every gradient at once, the global norm and the non-finite flag,
+from partial norms that the gradient hooks measured on the params' device as backward produced
+each gradient (fastopt.backward_norm: the same kernel and slots as without offload, so the same
+bits), then hands the update to a worker thread. The worker updates one param at a time in the
+order the forward uses them (recorded by forward pre-hooks), with the CPU kernel, and copies
+each back as soon as it is done; a module's forward pre-hook waits for its own params only.
+Each param's update is the kernel's update of that tensor alone, so the result is the
+synchronous step's, bit for bit. A gradient changed after its hook is seen by its version
+counter (in-place ops, ``torch.nn.utils.clip_grad_norm_``, ``GradScaler.unscale_``, another
+backward); a change through ``.grad.data``, which torch does not count, is not: change
+``.grad`` itself.
 
 What the handle does per device:
 - Params on the host (a machine without a GPU): the worker updates them in place. The
@@ -43,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .backward_norm import BackwardNorm
 from .sharded import is_dtensor, real_view
 from .step_args import Hyper
 
@@ -95,6 +101,8 @@ class Overlap:
         self._events: dict[int, list[torch.cuda.Event]] = {}
         self._scalars: dict[tuple[int, str], Tensor] = {}  # pinned: the step's device scalars
         self._stream_grads = True
+        self._norms = BackwardNorm()
+        self._norms_wanted = False  # whether the last step took a norm: the hooks measure then
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastopt-offload")
         self._job: Future | None = None
         self._error: BaseException | None = None
@@ -106,7 +114,7 @@ class Overlap:
         # has written it, after its hook ran, and in place: it is copied at step() instead.
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for p in () if distributed else model.parameters():
-            if p.requires_grad and p.is_cuda:
+            if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
 
     # ---- the user's side ----
@@ -177,8 +185,11 @@ class Overlap:
 
     def _grad_ready(self, p: Tensor) -> None:
         grad = p.grad
-        if (not self._stream_grads or self._optimizer._accumulator is not None
-                or grad is None or not grad.is_contiguous()):  # fmt: skip
+        if not self._stream_grads or self._optimizer._accumulator is not None or grad is None:
+            return
+        if self._norms_wanted:
+            self._norms.grad_ready(p, grad)
+        if not p.is_cuda or not grad.is_contiguous():
             return
         down, _ = self._side_streams(p.device)
         host_param, host_grad = self._buffers(p, real_view(p), real_view(grad))
@@ -192,6 +203,18 @@ class Overlap:
         self._streamed[id(p)] = (grad.data_ptr(), grad._version, done)
 
     # ---- the step ----
+
+    def norm(self, grads: list[Tensor], backend: str) -> tuple[Tensor, Tensor] | None:
+        """The step's global 2-norm and non-finite flag of ``grads`` (the params' ``.grad``, in
+        the optimizer's order), from the partials the hooks measured; None where the gradients
+        are not the params' own (a GradAccumulator's): the caller measures them."""
+        self._norms_wanted = True
+        params = [p for group in self._optimizer.param_groups
+                  for p in {id(q): q for q in group["params"]}.values()
+                  if p.grad is not None]  # fmt: skip
+        if len(params) != len(grads) or any(p.grad is not g for p, g in zip(params, grads)):
+            return None
+        return self._norms.norm(params, grads, backend)
 
     def submit(self, work: list[tuple[Any, list[Tensor], Hyper]]) -> None:
         """Queues the update of ``work`` (bucket, its gradients, the group's scalars) for the

@@ -29,8 +29,8 @@ LAYERS: list[tuple[str, list[str]]] = [
      ["_ext", "reference", "kernels.*"]),
     ("the op schemas' Python side", ["_ops"]),
     ("backend choice", ["backends"]),
-    ("8-bit blocks of sharded params; offload: host copies, the overlapped update",
-     ["blocks", "offload", "overlap"]),
+    ("8-bit blocks of sharded params; offload: host copies, norms measured during backward, "
+     "the overlapped update", ["blocks", "offload", "backward_norm", "overlap"]),
     ("state formats, their state_dict form, step plans", ["state", "state_dict", "_plan"]),
     ("the other fused ops' front ends", ["norm", "accumulate", "scaler"]),
     ("the optimizer", ["adamw"]),

@@ -120,33 +120,40 @@ Partial norm_chunk_any(const TensorInfo& t, const Chunk& ch, float p) {
   });
 }
 
-std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double norm_type) {
-  const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
-  const NormKind kind = check_norm_inputs(tensors, Device(DeviceType::CPU), norm_type);
-  const float p = static_cast<float>(norm_type);
-
+// Each chunk's partial of `tensors` into values[k] and its non-finite flag (0 or 1) into
+// flags[k], k counting the chunks of all tensors in list order from 0. A chunk's partial
+// depends on its elements alone, so a tensor's partials are the same bits whether it is
+// measured with others or alone (norm_partials_ relies on it).
+void write_partials(const std::vector<TensorInfo>& tensors, NormKind kind, float p,
+                    double* values, double* flags) {
   const std::vector<Chunk> chunks = make_chunks(tensors);
-  std::vector<Partial> partials(chunks.size());
   const auto n_chunks = static_cast<int64_t>(chunks.size());
   const int64_t grain = grain_for(n_chunks, total_elements(tensors));
   parallel_for(0, n_chunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const auto& t = tensors[chunks[k].tensor];
+      Partial part{};
       switch (kind) {
-        case NormKind::kL2: partials[k] = norm_chunk_any<NormKind::kL2>(t, chunks[k], p); break;
-        case NormKind::kL1: partials[k] = norm_chunk_any<NormKind::kL1>(t, chunks[k], p); break;
-        case NormKind::kInf: partials[k] = norm_chunk_any<NormKind::kInf>(t, chunks[k], p); break;
-        case NormKind::kP: partials[k] = norm_chunk_any<NormKind::kP>(t, chunks[k], p); break;
+        case NormKind::kL2: part = norm_chunk_any<NormKind::kL2>(t, chunks[k], p); break;
+        case NormKind::kL1: part = norm_chunk_any<NormKind::kL1>(t, chunks[k], p); break;
+        case NormKind::kInf: part = norm_chunk_any<NormKind::kInf>(t, chunks[k], p); break;
+        case NormKind::kP: part = norm_chunk_any<NormKind::kP>(t, chunks[k], p); break;
       }
+      values[k] = part.value;
+      flags[k] = part.nonfinite ? 1.0 : 0.0;
     }
   });
+}
 
-  // Combine in chunk order: the result does not depend on the thread count.
+// The norm and the flag from n chunks' partials, combined in chunk order: the result does not
+// depend on the thread count.
+std::tuple<Tensor, Tensor> combine_partials(NormKind kind, double norm_type, const double* values,
+                                            const double* flags, int64_t n) {
   double total = 0.0;
   bool nonfinite = false;
-  for (const auto& part : partials) {
-    total = kind == NormKind::kInf ? std::max(total, part.value) : total + part.value;
-    nonfinite = nonfinite || part.nonfinite;
+  for (int64_t k = 0; k < n; ++k) {
+    total = kind == NormKind::kInf ? std::max(total, values[k]) : total + values[k];
+    nonfinite = nonfinite || flags[k] != 0.0;
   }
   double norm = total;
   if (kind == NormKind::kL2) norm = std::sqrt(total);
@@ -161,6 +168,48 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double 
   *norm_t.mutable_data_ptr<float>() = static_cast<float>(norm);
   *inf_t.mutable_data_ptr<float>() = nonfinite ? 1.f : 0.f;
   return {norm_t, inf_t};
+}
+
+int64_t chunk_count(const std::vector<TensorInfo>& tensors) {
+  int64_t n = 0;
+  for (const auto& t : tensors) n += (t.numel + kChunk - 1) / kChunk;
+  return n;
+}
+
+std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double norm_type) {
+  const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
+  const NormKind kind = check_norm_inputs(tensors, Device(DeviceType::CPU), norm_type);
+  const int64_t n = chunk_count(tensors);
+  std::vector<double> slots(static_cast<size_t>(2 * n));
+  write_partials(tensors, kind, static_cast<float>(norm_type), slots.data(), slots.data() + n);
+  return combine_partials(kind, norm_type, slots.data(), slots.data() + n, n);
+}
+
+// multi_tensor_norm in two halves, for partials measured as each gradient is ready: the
+// tensors' chunk partials into `partials` (float64, the partials of `total` chunks then their
+// flags) from chunk `first` on; norm_combine then reads all of them.
+void norm_partials_cpu(const Tensor& partials, const TensorList& list, int64_t first,
+                       double norm_type) {
+  const TensorInfo slots(partials, Access::kWrite);
+  check_device_type("norm_partials_", "partials", slots, DeviceType::CPU);
+  const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
+  const NormKind kind = check_norm_inputs(tensors, slots.device, norm_type, "norm_partials_");
+  const int64_t n = chunk_count(tensors);
+  const int64_t total =
+      check_partials("norm_partials_", slots, ScalarType::Double, slots.device, first, n);
+  double* values = static_cast<double*>(slots.data);
+  write_partials(tensors, kind, static_cast<float>(norm_type), values + first,
+                 values + total + first);
+}
+
+std::tuple<Tensor, Tensor> norm_combine_cpu(const Tensor& partials, double norm_type) {
+  const TensorInfo slots(partials, Access::kRead);
+  check_device_type("norm_combine", "partials", slots, DeviceType::CPU);
+  const NormKind kind = check_norm_inputs({}, slots.device, norm_type, "norm_combine");
+  const int64_t total =
+      check_partials("norm_combine", slots, ScalarType::Double, slots.device, 0, 0);
+  const double* values = static_cast<const double*>(slots.data);
+  return combine_partials(kind, norm_type, values, values + total, total);
 }
 
 template <typename G>
@@ -211,6 +260,8 @@ void update_scale_cpu(const Tensor& scale, const Tensor& growth_tracker, const T
 
 STABLE_TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("multi_tensor_norm", TORCH_BOX(&fastopt::cpu::multi_tensor_norm_cpu));
+  m.impl("norm_partials_", TORCH_BOX(&fastopt::cpu::norm_partials_cpu));
+  m.impl("norm_combine", TORCH_BOX(&fastopt::cpu::norm_combine_cpu));
   m.impl("accumulate_", TORCH_BOX(&fastopt::cpu::accumulate_cpu));
   m.impl("update_scale_", TORCH_BOX(&fastopt::cpu::update_scale_cpu));
 }

@@ -196,6 +196,53 @@ void launch_norm_chunks(InfoList tensors, const std::vector<int64_t>& indices, f
       });
 }
 
+// Each chunk's partial of `tensors` (and its flag) into slots first + k of `out` (which holds
+// `total` partials, then their flags), k counting chunks dtype group by dtype group (fp32,
+// bf16, fp16), list order within each. A chunk's partial depends on its elements alone.
+void write_partials(const std::vector<TensorInfo>& tensors, NormKind kind, float p, float* out,
+                    int64_t total, int64_t first, cudaStream_t stream, int device) {
+  const auto groups = group_by_dtype(tensors);
+  int64_t group_first_chunk = first;
+  for (const auto& indices : groups) {
+    if (indices.empty()) continue;
+    dispatch_float(tensors[indices[0]].dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      switch (kind) {
+        case NormKind::kL2:
+          launch_norm_chunks<T, NormKind::kL2>(tensors, indices, out, total, group_first_chunk, p,
+                                               stream, device);
+          break;
+        case NormKind::kL1:
+          launch_norm_chunks<T, NormKind::kL1>(tensors, indices, out, total, group_first_chunk, p,
+                                               stream, device);
+          break;
+        case NormKind::kInf:
+          launch_norm_chunks<T, NormKind::kInf>(tensors, indices, out, total, group_first_chunk,
+                                                p, stream, device);
+          break;
+        case NormKind::kP:
+          launch_norm_chunks<T, NormKind::kP>(tensors, indices, out, total, group_first_chunk, p,
+                                              stream, device);
+          break;
+      }
+    });
+    for (const int64_t i : indices) group_first_chunk += (tensors[i].numel + kChunk - 1) / kChunk;
+  }
+}
+
+// The norm and the flag from `total` partials (then their flags) at `partials`.
+std::tuple<Tensor, Tensor> combine_partials(const float* partials, int64_t total, NormKind kind,
+                                            double norm_type, const Device& device,
+                                            cudaStream_t stream) {
+  Tensor norm = torch::stable::empty({}, ScalarType::Float, std::nullopt, device);
+  Tensor found_inf = torch::stable::empty({}, ScalarType::Float, std::nullopt, device);
+  norm_finalize_kernel<<<1, kFinalThreads, 0, stream>>>(partials, total, static_cast<int>(kind),
+                                                        norm_type, norm.mutable_data_ptr<float>(),
+                                                        found_inf.mutable_data_ptr<float>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+  return {norm, found_inf};
+}
+
 std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& list, double norm_type) {
   if (list.empty()) {  // as the reference: (0, 0) on the CPU
     Tensor zero = torch::stable::empty({}, ScalarType::Float);
@@ -206,51 +253,43 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& list, double
   check_device_type("multi_tensor_norm", "tensors[0]", tensors[0], DeviceType::CUDA);
   const Device device = tensors[0].device;
   const NormKind kind = check_norm_inputs(tensors, device, norm_type);
-  const float p = static_cast<float>(norm_type);
 
   const torch::stable::accelerator::DeviceGuard guard(device.index());
   const cudaStream_t stream = current_stream(device.index());
-  const int64_t total_chunks = count_chunks(tensors);
-  Tensor partials =
-      torch::stable::empty({2 * total_chunks}, ScalarType::Float, std::nullopt, device);
-  Tensor norm = torch::stable::empty({}, ScalarType::Float, std::nullopt, device);
-  Tensor found_inf = torch::stable::empty({}, ScalarType::Float, std::nullopt, device);
-
-  // One set of launches per dtype; the groups' partials sit one after another in chunk order.
-  const auto groups = group_by_dtype(tensors);
+  const int64_t total = count_chunks(tensors);
+  Tensor partials = torch::stable::empty({2 * total}, ScalarType::Float, std::nullopt, device);
   float* out = partials.mutable_data_ptr<float>();
-  int64_t group_first_chunk = 0;
-  for (const auto& indices : groups) {
-    if (indices.empty()) continue;
-    dispatch_float(tensors[indices[0]].dtype, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      switch (kind) {
-        case NormKind::kL2:
-          launch_norm_chunks<T, NormKind::kL2>(tensors, indices, out, total_chunks,
-                                               group_first_chunk, p, stream, device.index());
-          break;
-        case NormKind::kL1:
-          launch_norm_chunks<T, NormKind::kL1>(tensors, indices, out, total_chunks,
-                                               group_first_chunk, p, stream, device.index());
-          break;
-        case NormKind::kInf:
-          launch_norm_chunks<T, NormKind::kInf>(tensors, indices, out, total_chunks,
-                                                group_first_chunk, p, stream, device.index());
-          break;
-        case NormKind::kP:
-          launch_norm_chunks<T, NormKind::kP>(tensors, indices, out, total_chunks,
-                                              group_first_chunk, p, stream, device.index());
-          break;
-      }
-    });
-    for (const int64_t i : indices) group_first_chunk += (tensors[i].numel + kChunk - 1) / kChunk;
-  }
+  write_partials(tensors, kind, static_cast<float>(norm_type), out, total, 0, stream,
+                 device.index());
+  return combine_partials(out, total, kind, norm_type, device, stream);
+}
 
-  norm_finalize_kernel<<<1, kFinalThreads, 0, stream>>>(out, total_chunks, static_cast<int>(kind),
-                                                        norm_type, norm.mutable_data_ptr<float>(),
-                                                        found_inf.mutable_data_ptr<float>());
-  STD_CUDA_KERNEL_LAUNCH_CHECK();
-  return {norm, found_inf};
+// multi_tensor_norm in two halves (csrc/ops.cpp): the tensors' chunk partials into the
+// caller's fp32 `partials` from chunk `first` on, on the current stream; norm_combine then
+// reads all of them.
+void norm_partials_cuda(const Tensor& partials, const TensorList& list, int64_t first,
+                        double norm_type) {
+  const TensorInfo slots(partials, Access::kWrite);
+  check_device_type("norm_partials_", "partials", slots, DeviceType::CUDA);
+  const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
+  const NormKind kind = check_norm_inputs(tensors, slots.device, norm_type, "norm_partials_");
+  const int64_t total = check_partials("norm_partials_", slots, ScalarType::Float, slots.device,
+                                       first, count_chunks(tensors));
+  if (tensors.empty()) return;
+  const torch::stable::accelerator::DeviceGuard guard(slots.device.index());
+  write_partials(tensors, kind, static_cast<float>(norm_type), static_cast<float*>(slots.data),
+                 total, first, current_stream(slots.device.index()), slots.device.index());
+}
+
+std::tuple<Tensor, Tensor> norm_combine_cuda(const Tensor& partials, double norm_type) {
+  const TensorInfo slots(partials, Access::kRead);
+  check_device_type("norm_combine", "partials", slots, DeviceType::CUDA);
+  const NormKind kind = check_norm_inputs({}, slots.device, norm_type, "norm_combine");
+  const int64_t total =
+      check_partials("norm_combine", slots, ScalarType::Float, slots.device, 0, 0);
+  const torch::stable::accelerator::DeviceGuard guard(slots.device.index());
+  return combine_partials(static_cast<const float*>(slots.data), total, kind, norm_type,
+                          slots.device, current_stream(slots.device.index()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -282,5 +321,7 @@ void update_scale_cuda(const Tensor& scale, const Tensor& growth_tracker, const 
 
 STABLE_TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("multi_tensor_norm", TORCH_BOX(&fastopt::cuda::multi_tensor_norm_cuda));
+  m.impl("norm_partials_", TORCH_BOX(&fastopt::cuda::norm_partials_cuda));
+  m.impl("norm_combine", TORCH_BOX(&fastopt::cuda::norm_combine_cuda));
   m.impl("update_scale_", TORCH_BOX(&fastopt::cuda::update_scale_cuda));
 }
