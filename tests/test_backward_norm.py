@@ -17,6 +17,7 @@ from helpers import HAS_CUDA
 
 import fastopt
 from fastopt import _ops
+from fastopt.overlap import Overlap
 
 DEVICES = [
     "cpu",
@@ -95,6 +96,13 @@ class _Mixed(torch.nn.Module):
         h = torch.tanh(self.stem(x)) @ self.wide
         h = self.body(h.bfloat16()).float()
         return self.head(torch.tanh(h))
+
+
+@pytest.fixture(autouse=True)
+def _hooks_on_host_params(monkeypatch):
+    """Params on the host are measured at step() by default; here their hooks measure them
+    as CUDA params' hooks do, so that the mechanism runs without a GPU."""
+    monkeypatch.setattr(Overlap, "_measure_on_host", True)
 
 
 def _run(device, overlapped, settings, change=None, steps=4, micro=1, scaler=False):
@@ -209,3 +217,11 @@ def test_accumulated_gradients_are_measured_at_step(device):
         return model, opt, [], []
 
     _assert_same(run(False), run(True))
+
+
+def test_host_params_are_measured_at_step_by_default(monkeypatch):
+    monkeypatch.setattr(Overlap, "_measure_on_host", False)
+    sync = _run("cpu", False, SETTINGS["clip"])
+    overlapped = _run("cpu", True, SETTINGS["clip"])
+    _assert_same(sync, overlapped)
+    assert overlapped[3] == [0, 0, 0, 0]
