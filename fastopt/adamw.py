@@ -306,10 +306,13 @@ class AdamW(Optimizer):
                     "fastopt combines across ranks, or leave max_grad_norm=None and clip with "
                     "the model's clip_grad_norm_() and ShardedGradScaler"
                 )
+            # The norm runs where the gradients are: backend="cpu" names the update's kernel,
+            # which for offloaded params on a GPU is the host's while their gradients are not.
+            backend = "auto" if self.backend == "cpu" else self.backend
             # Overlapped, the gradient hooks measured the norm's partials during backward.
             overlap = self._overlap
-            norm = overlap.norm(all_grads, self.backend) if overlap is not None else None
-            grad_norm, nonfinite = norm or global_norm(all_grads, 2.0, backend=self.backend)
+            norm = overlap.norm(all_grads, backend) if overlap is not None else None
+            grad_norm, nonfinite = norm or global_norm(all_grads, 2.0, backend=backend)
             # A norm that overflowed fp32 (finite gradients whose squares sum past 3.4e38, as
             # when a loss scale has grown huge) would clip the update to nothing: skip the step
             # instead, so a loss scaler backs off as it does for inf gradients.

@@ -127,6 +127,21 @@ def test_offloaded_cuda_params_update_as_without_offload(setting, scaler):
 
 @GPU
 @pytest.mark.gpu
+def test_backend_cpu_names_the_update_of_offloaded_cuda_params_not_their_norm():
+    """backend="cpu" with offload: the update on the host, the norm and skip flag of the
+    gradients on the GPU by its own kernels, as with backend="auto"."""
+    runs = []
+    for backend in ("auto", "cpu"):
+        model = _model("clip", "cuda")
+        opt = fastopt.AdamW(model.parameters(), lr=1e-2, offload=True, backend=backend,
+                            **SETTINGS["clip"])  # fmt: skip
+        _train(model, opt, scaler=fastopt.LossScaler(init_scale=2.0**8))
+        runs.append((model, opt))
+    _same(runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+
+
+@GPU
+@pytest.mark.gpu
 def test_an_offloaded_cuda_state_dict_loads_back_into_host_memory():
     (a, opt_a), (b, opt_b) = _pair("int8-master", "cuda")
     again = fastopt.AdamW(b.parameters(), lr=1e-2, offload=True, seed=3,
