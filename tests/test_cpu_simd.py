@@ -44,14 +44,27 @@ SHAPES = [(1,), (15,), (16,), (17,), (31,), (33,), (255,), (257,), (3, 70), (655
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
+
+# The 16-bit AVX-512 path rounds to nearest with AVX512-BF16's vcvtne2ps2bf16 where the CPU
+# has it, and without it where asked (FASTOPT_CPU_SIMD=avx512) or it has not.
+def _has_avx512_bf16() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return HAS_AVX512 and cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text(errors="replace")
+
+
+HAS_AVX512_BF16 = _has_avx512_bf16()
+
 # An AVX-512 CPU takes the AVX2 paths when FASTOPT_CPU_SIMD=avx2.
 PATHS = [
     "portable",
     pytest.param("avx512", marks=pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512 here")),
+    pytest.param("avx512-no-bf16",
+                 marks=pytest.mark.skipif(not HAS_AVX512_BF16,
+                                          reason="no AVX512-BF16 here: 'avx512' runs this")),
     pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 here")),
-]
+]  # fmt: skip
 
-_SIMD_ENV = {"portable": "0", "avx512": "1", "avx2": "avx2"}
+_SIMD_ENV = {"portable": "0", "avx512": "1", "avx512-no-bf16": "avx512", "avx2": "avx2"}
 
 
 @pytest.fixture(params=PATHS)
@@ -249,11 +262,43 @@ def test_nans_and_exact_master_ties_match_the_reference(path, kind, amsgrad, fmt
         assert (state["masters"][0][ties] != -0x8000).all()
 
 
+@pytest.mark.parametrize("lr", [0.0, 1e-3])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("kind", ["fp32", "nearest", "master", "sr"])
+def test_denormal_params_and_moments_match_the_reference(path, kind, amsgrad, lr, gen):
+    # AVX512-BF16's conversion, which the 16-bit path rounds to nearest with where the CPU has
+    # it, reads denormals as zero; bf16 keeps them (its exponent range is fp32's). Denormal
+    # params (and masters), moments and gradients in some groups of 32 and the tail; with lr = 0
+    # the params are stored as they went in.
+    n = 300
+    state = _lean_state(n, gen, kind=kind, amsgrad=amsgrad, fmt="bf16")
+    tiny = torch.tensor([1e-39, -3e-40, 5e-41, 2e-45, -1.1e-38, 7e-39, 9e-42])
+    where = torch.tensor([0, 1, 40, 97, 130, 131, 299])
+    if kind != "fp32":
+        state["params"][0][where] = tiny.bfloat16()
+    if kind == "master":
+        state["masters"][0][where] = torch.tensor([1234, -77, 0, 5, -30000, 32767, 1],
+                                                  dtype=torch.int16)  # fmt: skip
+    for key in ("exp_avgs", "exp_avg_sqs") + (("max_exp_avg_sqs",) if amsgrad else ()):
+        state[key][0][where] = tiny.abs().bfloat16() if key != "exp_avgs" else tiny.bfloat16()
+    grad = torch.randn(n, generator=gen).to(state["params"][0].dtype)
+    grad[where] = tiny.to(grad.dtype)
+    ref = to_device(state, "cpu")
+    kw = dict(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=amsgrad,
+              maximize=False, grad_factor=1.0, stochastic_rounding=kind == "sr", seed=3,
+              positions=[0], first_indices=[0])  # fmt: skip
+    adamw_step("cpu", state, [grad], **kw)
+    adamw_step("reference", ref, [grad], **kw)
+    assert_same_state(op_snapshot(state), op_snapshot(ref), f"{path} {kind}")
+    stored = state["params"][0] if kind != "fp32" else state["exp_avgs"][0]
+    assert (stored[where].float().abs() < 1.2e-38).any()  # denormals were stored
+
+
 REFUSALS = {
-    "simd avx512": (
-        {"FASTOPT_CPU_SIMD": "avx512"},
+    "simd avx512bf16": (
+        {"FASTOPT_CPU_SIMD": "avx512bf16"},
         {},
-        "FASTOPT_CPU_SIMD must be .* got 'avx512'$",
+        "FASTOPT_CPU_SIMD must be .* got 'avx512bf16'$",
     ),
     "simd off": ({"FASTOPT_CPU_SIMD": "off"}, {}, "FASTOPT_CPU_SIMD must be .* got 'off'$"),
     "lr_tensor of 2": ({}, {"lr": torch.ones(2)}, "lr_tensor must be a one-element float32"),

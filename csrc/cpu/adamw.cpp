@@ -274,19 +274,23 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
 
   // 8-bit and 16-bit states run in AVX-512 registers where the CPU has them
   // (adamw_avx512.h, adamw_avx512_16.h), in AVX2 registers where it has those alone
-  // (adamw_avx2_8.h, adamw_avx2_16.h). FASTOPT_CPU_SIMD=0 asks for the portable loops, =avx2
-  // for the AVX2 paths on an AVX-512 CPU (the tests compare them all).
+  // (adamw_avx2_8.h, adamw_avx2_16.h); the 16-bit path rounds to nearest with AVX512-BF16's
+  // conversion where the CPU has it. FASTOPT_CPU_SIMD=0 asks for the portable loops, =avx2 for
+  // the AVX2 paths on an AVX-512 CPU, =avx512 for the AVX-512 paths without AVX512-BF16 (the
+  // tests compare them all).
   const char* simd_env = std::getenv("FASTOPT_CPU_SIMD");
   const std::string_view simd_choice = simd_env != nullptr ? simd_env : "";
   FASTOPT_CHECK(simd_choice.empty() || simd_choice == "1" || simd_choice == "0" ||
-                    simd_choice == "avx2",
+                    simd_choice == "avx2" || simd_choice == "avx512",
                 "fastopt.adamw_: FASTOPT_CPU_SIMD must be unset or 1 (the best vector path this "
-                "CPU has), 0 (the portable loops) or avx2 (the AVX2 paths), got '",
+                "CPU has), 0 (the portable loops), avx2 (the AVX2 paths) or avx512 (the AVX-512 "
+                "paths without AVX512-BF16), got '",
                 simd_choice, "'");
   const bool portable = simd_choice == "0";
   const bool want_avx2 = simd_choice == "avx2";
   const bool simd = !portable && !want_avx2 && avx512::available();
   const bool simd_avx2 = !portable && !simd && avx2::available();
+  const bool bf16_cvt = simd && simd_choice != "avx512" && avx512::has_bf16_conversion();
   // Every check is done, and from here the step writes: each count advances by one, and the
   // update uses the advanced one (ops.cpp's schema).
   std::vector<float>& counts = scratch.counts;
@@ -377,8 +381,13 @@ void adamw_cpu(const TensorList& params, const TensorList& grads, const TensorLi
         }
         if (simd) {
           with_amsgrad([&](auto ams) {
-            avx512::adamw_chunk_16<P, G, S, kM, kSR, decltype(ams)::value>(
-                p, g, m, v, vmax, mw, begin, end, coeffs[t], key1, key2, first);
+            if (bf16_cvt) {
+              avx512::adamw_chunk_16<P, G, S, kM, kSR, decltype(ams)::value, true>(
+                  p, g, m, v, vmax, mw, begin, end, coeffs[t], key1, key2, first);
+            } else {
+              avx512::adamw_chunk_16<P, G, S, kM, kSR, decltype(ams)::value, false>(
+                  p, g, m, v, vmax, mw, begin, end, coeffs[t], key1, key2, first);
+            }
           });
           return;
         }
