@@ -45,6 +45,42 @@ inline int64_t check_partials(const char* op, const TensorInfo& slots, ScalarTyp
   return total;
 }
 
+// norm_partials_'s and norm_combine's arguments, read and checked.
+struct PartialsInputs {
+  TensorInfo slots;                 // the partials
+  std::vector<TensorInfo> tensors;  // what norm_partials_ measures (none for norm_combine)
+  NormKind kind;
+  int64_t total;  // the chunks `slots` holds partials for
+};
+
+// norm_partials_: `partials` of the kernel's `dtype` on a device of type `device_type`, the
+// tensors on the same device, cut into chunks of `chunk` elements each, from chunk `first`.
+inline PartialsInputs check_partials_inputs(const Tensor& partials, const TensorList& list,
+                                            int64_t first, double norm_type,
+                                            DeviceType device_type, ScalarType dtype,
+                                            int64_t chunk) {
+  constexpr const char* kOp = "norm_partials_";
+  PartialsInputs in{TensorInfo(partials, Access::kWrite), infos(list, Access::kRead),
+                    NormKind::kL2, 0};
+  check_device_type(kOp, "partials", in.slots, device_type);
+  in.kind = check_norm_inputs(in.tensors, in.slots.device, norm_type, kOp);
+  int64_t chunks = 0;
+  for (const auto& t : in.tensors) chunks += (t.numel + chunk - 1) / chunk;
+  in.total = check_partials(kOp, in.slots, dtype, in.slots.device, first, chunks);
+  return in;
+}
+
+// norm_combine: `partials` as above.
+inline PartialsInputs check_combine_inputs(const Tensor& partials, double norm_type,
+                                           DeviceType device_type, ScalarType dtype) {
+  constexpr const char* kOp = "norm_combine";
+  PartialsInputs in{TensorInfo(partials, Access::kRead), {}, NormKind::kL2, 0};
+  check_device_type(kOp, "partials", in.slots, device_type);
+  in.kind = check_norm_inputs({}, in.slots.device, norm_type, kOp);
+  in.total = check_partials(kOp, in.slots, dtype, in.slots.device, 0, 0);
+  return in;
+}
+
 // accumulate_'s tensor lists, read once.
 struct AccumulateInputs {
   std::vector<TensorInfo> accs, grads;

@@ -190,26 +190,18 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& list, double 
 // flags) from chunk `first` on; norm_combine then reads all of them.
 void norm_partials_cpu(const Tensor& partials, const TensorList& list, int64_t first,
                        double norm_type) {
-  const TensorInfo slots(partials, Access::kWrite);
-  check_device_type("norm_partials_", "partials", slots, DeviceType::CPU);
-  const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
-  const NormKind kind = check_norm_inputs(tensors, slots.device, norm_type, "norm_partials_");
-  const int64_t n = chunk_count(tensors);
-  const int64_t total =
-      check_partials("norm_partials_", slots, ScalarType::Double, slots.device, first, n);
-  double* values = static_cast<double*>(slots.data);
-  write_partials(tensors, kind, static_cast<float>(norm_type), values + first,
-                 values + total + first);
+  const PartialsInputs in = check_partials_inputs(partials, list, first, norm_type,
+                                                  DeviceType::CPU, ScalarType::Double, kChunk);
+  double* values = static_cast<double*>(in.slots.data);
+  write_partials(in.tensors, in.kind, static_cast<float>(norm_type), values + first,
+                 values + in.total + first);
 }
 
 std::tuple<Tensor, Tensor> norm_combine_cpu(const Tensor& partials, double norm_type) {
-  const TensorInfo slots(partials, Access::kRead);
-  check_device_type("norm_combine", "partials", slots, DeviceType::CPU);
-  const NormKind kind = check_norm_inputs({}, slots.device, norm_type, "norm_combine");
-  const int64_t total =
-      check_partials("norm_combine", slots, ScalarType::Double, slots.device, 0, 0);
-  const double* values = static_cast<const double*>(slots.data);
-  return combine_partials(kind, norm_type, values, values + total, total);
+  const PartialsInputs in =
+      check_combine_inputs(partials, norm_type, DeviceType::CPU, ScalarType::Double);
+  const double* values = static_cast<const double*>(in.slots.data);
+  return combine_partials(in.kind, norm_type, values, values + in.total, in.total);
 }
 
 template <typename G>

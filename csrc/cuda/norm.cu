@@ -269,27 +269,22 @@ std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& list, double
 // reads all of them.
 void norm_partials_cuda(const Tensor& partials, const TensorList& list, int64_t first,
                         double norm_type) {
-  const TensorInfo slots(partials, Access::kWrite);
-  check_device_type("norm_partials_", "partials", slots, DeviceType::CUDA);
-  const std::vector<TensorInfo> tensors = infos(list, Access::kRead);
-  const NormKind kind = check_norm_inputs(tensors, slots.device, norm_type, "norm_partials_");
-  const int64_t total = check_partials("norm_partials_", slots, ScalarType::Float, slots.device,
-                                       first, count_chunks(tensors));
-  if (tensors.empty()) return;
-  const torch::stable::accelerator::DeviceGuard guard(slots.device.index());
-  write_partials(tensors, kind, static_cast<float>(norm_type), static_cast<float*>(slots.data),
-                 total, first, current_stream(slots.device.index()), slots.device.index());
+  const PartialsInputs in = check_partials_inputs(partials, list, first, norm_type,
+                                                  DeviceType::CUDA, ScalarType::Float, kChunk);
+  if (in.tensors.empty()) return;
+  const int device = in.slots.device.index();
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  write_partials(in.tensors, in.kind, static_cast<float>(norm_type),
+                 static_cast<float*>(in.slots.data), in.total, first, current_stream(device),
+                 device);
 }
 
 std::tuple<Tensor, Tensor> norm_combine_cuda(const Tensor& partials, double norm_type) {
-  const TensorInfo slots(partials, Access::kRead);
-  check_device_type("norm_combine", "partials", slots, DeviceType::CUDA);
-  const NormKind kind = check_norm_inputs({}, slots.device, norm_type, "norm_combine");
-  const int64_t total =
-      check_partials("norm_combine", slots, ScalarType::Float, slots.device, 0, 0);
-  const torch::stable::accelerator::DeviceGuard guard(slots.device.index());
-  return combine_partials(static_cast<const float*>(slots.data), total, kind, norm_type,
-                          slots.device, current_stream(slots.device.index()));
+  const PartialsInputs in =
+      check_combine_inputs(partials, norm_type, DeviceType::CUDA, ScalarType::Float);
+  const torch::stable::accelerator::DeviceGuard guard(in.slots.device.index());
+  return combine_partials(static_cast<const float*>(in.slots.data), in.total, in.kind, norm_type,
+                          in.slots.device, current_stream(in.slots.device.index()));
 }
 
 // ---------------------------------------------------------------------------------------------
